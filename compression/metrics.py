@@ -1,0 +1,151 @@
+"""Size and MAC accounting of a (compressed) model.
+
+Size is what the weights take as stored:
+
+* a dense layer: ``numel · bits / 8`` (bits = 32 for float);
+* unstructured: the non-zeros plus a 1-bit-per-weight mask, or dense if smaller;
+* N:M: the non-zeros plus ``ceil(log2 M)`` bits of position per non-zero;
+* 1×N block: the kept weights plus a 1-bit-per-block mask;
+* quantized layers add one float32 scale per output channel;
+* every other tensor (biases, norms, embeddings, BN statistics) at 4 bytes.
+
+MACs count Conv2d, Linear and attention matrix products for one sample.
+``macs`` is the dense count of the (narrowed) model; ``effective_macs`` scales
+each layer by the fraction of its weights that are non-zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from compression.apply import CompressedModel, get_tensor
+from compression.graph import CONV, LINEAR
+
+aten = torch.ops.aten
+_MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """Cost figures of one model.
+
+    Attributes:
+        size_bytes: bytes as stored (see module docstring).
+        params: parameter elements kept (non-zeros of masked weights included as dense).
+        macs: dense multiply-accumulates for one sample.
+        effective_macs: MACs that touch a non-zero weight.
+    """
+
+    size_bytes: int
+    params: int
+    macs: int
+    effective_macs: int
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.layer_macs: dict[str, int] = {}
+        self.other_macs = 0
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        out = super().call_function(target, args, kwargs)
+        if target in CONV:
+            w = args[1]
+            per_out = w.shape[1] * w.shape[2] * w.shape[3]
+            self.layer_macs[self._name(w)] = int(out.numel() // out.shape[0] * per_out)
+        elif target in LINEAR:
+            w = args[1]
+            self.layer_macs[self._name(w)] = int(out.numel() // out.shape[0] * w.shape[1])
+        elif target in _MATMUL or target == aten.scaled_dot_product_attention.default:
+            self.other_macs += _matmul_macs(target, args, out)
+        return out
+
+    def _name(self, w: torch.Tensor) -> str:
+        for name, p in self.module.named_parameters():
+            if p is w:
+                return name
+        for name, b in self.module.named_buffers():
+            if b is w:
+                return name
+        return str(id(w))
+
+
+def _matmul_macs(target: Any, args: Any, out: torch.Tensor) -> int:
+    if target == aten.scaled_dot_product_attention.default:
+        q, k = args[0], args[1]
+        # QK^T and the weighted sum of V: two products of L×S×E per head.
+        return int(2 * q.numel() // q.shape[0] * k.shape[-2])
+    a = args[0]
+    return int(out.numel() // out.shape[0] * a.shape[-1])
+
+
+@torch.no_grad()
+def layer_macs(gm: fx.GraphModule, example: torch.Tensor) -> tuple[dict[str, int], int]:
+    """MACs per weight target (one sample) and MACs of weight-free matrix products."""
+    rec = _ShapeRecorder(gm)
+    rec.run(example[:1])
+    return rec.layer_macs, rec.other_macs
+
+
+def _weight_bytes(w: torch.Tensor, mask: torch.Tensor | None, bits: int | None, scheme: str,
+                  nm: tuple[int, int] | None, block: int | None) -> int:
+    b = bits or 32
+    numel = w.numel()
+    dense = math.ceil(numel * b / 8)
+    scales = 4 * w.shape[0] if bits else 0
+    if mask is None:
+        return dense + scales
+    nnz = int(mask.sum())
+    if scheme == "nm" and nm is not None:
+        sparse = math.ceil(nnz * b / 8) + math.ceil(nnz * math.ceil(math.log2(nm[1])) / 8)
+    elif scheme == "block" and block is not None:
+        n_blocks = math.ceil(w.shape[0] / block) * (numel // w.shape[0])
+        sparse = math.ceil(nnz * b / 8) + math.ceil(n_blocks / 8)
+    else:
+        sparse = math.ceil(nnz * b / 8) + math.ceil(numel / 8)
+    return min(dense, sparse) + scales
+
+
+def measure(cm: CompressedModel) -> ModelMetrics:
+    """Size, parameters and MACs of a compressed model."""
+    gm = cm.gm
+    per_layer, other = layer_macs(gm, cm.example_input())
+    weight_of = {v: k for k, v in cm.layer_weights.items()}
+    size = 0
+    params = 0
+    macs = other
+    eff = other
+    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if not tensor.is_floating_point():
+            continue
+        params += tensor.numel() if isinstance(tensor, torch.nn.Parameter) else 0
+        if name in weight_of:
+            lp = cm.policy.for_layer(weight_of[name])
+            mask = cm.masks.get(name)
+            size += _weight_bytes(tensor, mask, cm.bits.get(name), lp.scheme, lp.nm, lp.block)
+            m = per_layer.get(name, 0)
+            macs += m
+            density = float(mask.float().mean()) if mask is not None else 1.0
+            eff += round(m * density)
+        else:
+            size += 4 * tensor.numel()
+    return ModelMetrics(size_bytes=size, params=params, macs=macs, effective_macs=eff)
+
+
+def dense_metrics(cm_or_model: Any) -> ModelMetrics:
+    """Metrics of the uncompressed model (a CompressibleModel)."""
+    from compression.apply import apply_policy
+    from compression.policy import Policy
+
+    return measure(apply_policy(cm_or_model, Policy.dense()))
+
+
+def weight(cm: CompressedModel, layer: str) -> torch.Tensor:
+    """The compressed weight tensor of ``layer``."""
+    return get_tensor(cm.gm, cm.layer_weights[layer])

@@ -1,0 +1,245 @@
+"""Compression policies: what to do to each layer, as JSON-stable typed values.
+
+A ``Policy`` maps layer names (as found by :func:`compression.space_for`) to a
+``LayerPolicy``. The JSON form, which users write by hand and agents emit, is::
+
+    {"default": {"width": 0.5},
+     "layers": {"layer1.0.conv1": {"scheme": "nm", "nm": [2, 4], "bits": 8}},
+     "skip": ["layer2.1"],
+     "act_bits": null}
+
+``default`` applies to every layer not named in ``layers``. A named layer's
+fields override the default field by field (fields it does not name keep the
+default's value), so ``{"default": {"bits": 8}, "layers": {"fc": {"width": 1}}}``
+quantizes ``fc`` too. ``scheme: "channel"`` with a ``sparsity`` is accepted as a
+synonym of ``width = 1 - sparsity``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, cast
+
+Scheme = Literal["dense", "unstructured", "nm", "block"]
+SCHEMES: tuple[Scheme, ...] = ("dense", "unstructured", "nm", "block")
+MAX_SPARSITY = 0.95
+MIN_BITS, MAX_BITS = 2, 8
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be applied: names the layer and the field at fault."""
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """What happens to one prunable layer.
+
+    Attributes:
+        width: kept fraction of output channels (0, 1]; channels are physically removed.
+        scheme: fine-grained sparsity pattern applied to the (narrowed) weight.
+        sparsity: fraction of weights zeroed for ``unstructured`` and ``block``.
+        nm: ``(N, M)``: at most N non-zeros in every M consecutive input weights.
+        block: N of a 1×N block: N consecutive output channels at one input index.
+        bits: weight bit-width (2–8, symmetric per output channel), None = float32.
+    """
+
+    width: float = 1.0
+    scheme: Scheme = "dense"
+    sparsity: float = 0.0
+    nm: tuple[int, int] | None = None
+    block: int | None = None
+    bits: int | None = None
+
+    def validate(self, where: str = "default") -> LayerPolicy:
+        """Raise PolicyError naming ``where`` if any value is impossible."""
+        if not 0.0 < self.width <= 1.0:
+            raise PolicyError(f"{where}: width must be in (0, 1], got {self.width}")
+        if self.scheme not in SCHEMES:
+            raise PolicyError(f"{where}: unknown scheme {self.scheme!r}; use one of {SCHEMES}")
+        if not 0.0 <= self.sparsity <= MAX_SPARSITY:
+            raise PolicyError(
+                f"{where}: sparsity must be in [0, {MAX_SPARSITY}], got {self.sparsity}"
+            )
+        if self.scheme == "nm":
+            if self.nm is None:
+                raise PolicyError(f"{where}: scheme 'nm' needs nm: [N, M]")
+            n, m = self.nm
+            if not (1 <= n < m <= 64):
+                raise PolicyError(f"{where}: nm needs 1 <= N < M <= 64, got [{n}, {m}]")
+        if self.scheme == "block":
+            if self.block is None or not 2 <= self.block <= 64:
+                raise PolicyError(f"{where}: scheme 'block' needs block N in [2, 64], got {self.block}")
+        if self.bits is not None and not MIN_BITS <= self.bits <= MAX_BITS:
+            raise PolicyError(
+                f"{where}: bits must be in [{MIN_BITS}, {MAX_BITS}] or null (float), got {self.bits}"
+            )
+        return self
+
+    @property
+    def target_sparsity(self) -> float:
+        """Fraction of the narrowed weight that the scheme zeroes."""
+        if self.scheme == "nm" and self.nm is not None:
+            return 1.0 - self.nm[0] / self.nm[1]
+        if self.scheme in ("unstructured", "block"):
+            return self.sparsity
+        return 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Full JSON form (every field, canonical types)."""
+        return {
+            "width": self.width,
+            "scheme": self.scheme,
+            "sparsity": self.sparsity,
+            "nm": list(self.nm) if self.nm is not None else None,
+            "block": self.block,
+            "bits": self.bits,
+        }
+
+    def merged(self, overrides: Mapping[str, Any], where: str) -> LayerPolicy:
+        """This policy with the fields named in ``overrides`` (JSON form) replaced."""
+        return _parse_layer(overrides, where, base=self)
+
+
+_FIELD_NAMES = {f.name for f in fields(LayerPolicy)}
+
+
+def _num(value: Any, where: str, name: str, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError(f"{where}: {name} must be a number, got {value!r}")
+    if kind is int and float(value) != int(value):
+        raise PolicyError(f"{where}: {name} must be an integer, got {value!r}")
+    return kind(value)
+
+
+def _parse_layer(raw: Mapping[str, Any], where: str, base: LayerPolicy) -> LayerPolicy:
+    if not isinstance(raw, Mapping):
+        raise PolicyError(f"{where}: expected an object, got {type(raw).__name__}")
+    unknown = set(raw) - _FIELD_NAMES
+    if unknown:
+        raise PolicyError(f"{where}: unknown field(s) {sorted(unknown)}; allowed {sorted(_FIELD_NAMES)}")
+    kw: dict[str, Any] = {}
+    if "width" in raw:
+        kw["width"] = _num(raw["width"], where, "width", float)
+    if "sparsity" in raw:
+        kw["sparsity"] = _num(raw["sparsity"], where, "sparsity", float)
+    if "scheme" in raw:
+        scheme = raw["scheme"]
+        if scheme == "channel":  # structured pruning expressed as kept width
+            kw["width"] = 1.0 - float(kw.pop("sparsity", raw.get("sparsity", 0.0)))
+            kw["sparsity"] = 0.0
+            scheme = "dense"
+        if scheme not in SCHEMES:
+            raise PolicyError(f"{where}: unknown scheme {scheme!r}; use one of {SCHEMES + ('channel',)}")
+        kw["scheme"] = scheme
+    if "nm" in raw:
+        nm = raw["nm"]
+        if nm is None:
+            kw["nm"] = None
+        else:
+            if not isinstance(nm, (list, tuple)) or len(nm) != 2:
+                raise PolicyError(f"{where}: nm must be [N, M], got {nm!r}")
+            kw["nm"] = (_num(nm[0], where, "nm[0]", int), _num(nm[1], where, "nm[1]", int))
+    if "block" in raw:
+        kw["block"] = None if raw["block"] is None else _num(raw["block"], where, "block", int)
+    if "bits" in raw:
+        bits = raw["bits"]
+        if bits is not None and _num(bits, where, "bits", int) in (16, 32):
+            bits = None  # float
+        kw["bits"] = None if bits is None else _num(bits, where, "bits", int)
+    policy = replace(base, **kw)
+    # Fields of other schemes are irrelevant; normalise so equal policies hash equal.
+    if policy.scheme != "nm":
+        policy = replace(policy, nm=None)
+    if policy.scheme != "block":
+        policy = replace(policy, block=None)
+    if policy.scheme in ("dense", "nm"):
+        policy = replace(policy, sparsity=0.0)
+    return policy.validate(where)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A whole-model policy: per-layer choices, skipped blocks, activation bits.
+
+    Attributes:
+        default: applies to every layer not in ``layers``.
+        layers: per-layer policies (already merged with ``default``).
+        skip: residual blocks replaced by identity.
+        act_bits: 8 to fake-quantize the inputs of every quantized layer, else None.
+    """
+
+    default: LayerPolicy = field(default_factory=LayerPolicy)
+    layers: Mapping[str, LayerPolicy] = field(default_factory=dict)
+    skip: frozenset[str] = frozenset()
+    act_bits: int | None = None
+
+    def for_layer(self, name: str) -> LayerPolicy:
+        """The policy that applies to layer ``name``."""
+        return self.layers.get(name, self.default)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Canonical JSON form: full layer entries, sorted names."""
+        return {
+            "default": self.default.to_dict(),
+            "layers": {k: self.layers[k].to_dict() for k in sorted(self.layers)},
+            "skip": sorted(self.skip),
+            "act_bits": self.act_bits,
+        }
+
+    def to_json(self) -> str:
+        """Deterministic JSON string (sorted keys, no whitespace)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def hash(self) -> str:
+        """Stable 16-hex-digit identity of the policy, for caching."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Policy) and self.to_json() == other.to_json()
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Policy:
+        """Parse the JSON form; raises PolicyError on anything malformed."""
+        if not isinstance(raw, Mapping):
+            raise PolicyError(f"policy must be a JSON object, got {type(raw).__name__}")
+        unknown = set(raw) - {"default", "layers", "skip", "act_bits"}
+        if unknown:
+            raise PolicyError(
+                f"policy: unknown key(s) {sorted(unknown)}; allowed default, layers, skip, act_bits"
+            )
+        default = _parse_layer(raw.get("default") or {}, "default", LayerPolicy())
+        layers_raw = raw.get("layers") or {}
+        if not isinstance(layers_raw, Mapping):
+            raise PolicyError("policy: layers must be an object of layer name -> settings")
+        layers = {
+            str(name): _parse_layer(spec, f"layer {name!r}", default)
+            for name, spec in layers_raw.items()
+        }
+        skip_raw = raw.get("skip") or []
+        if not isinstance(skip_raw, (list, tuple)) or not all(isinstance(s, str) for s in skip_raw):
+            raise PolicyError("policy: skip must be a list of block names")
+        act_bits = raw.get("act_bits")
+        if act_bits is not None and act_bits != 8:
+            raise PolicyError(f"policy: act_bits must be 8 or null, got {act_bits!r}")
+        return cls(default=default, layers=layers, skip=frozenset(skip_raw), act_bits=act_bits)
+
+    @classmethod
+    def from_json(cls, text: str) -> Policy:
+        """Parse a JSON string; malformed JSON raises PolicyError."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PolicyError(f"policy is not valid JSON: {exc}") from exc
+        return cls.from_dict(cast(Mapping[str, Any], raw))
+
+    @classmethod
+    def dense(cls) -> Policy:
+        """The identity policy (nothing compressed)."""
+        return cls()

@@ -1,0 +1,24 @@
+"""The ``modeltailor`` command line: one typer app, one module per command family."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="modeltailor",
+    help="Search per-layer compression policies for a model on a target device.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Each command family lives in its own module and registers itself on ``app``.
+    from modeltailor.cli import compress  # noqa: F401
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register()
+    app()

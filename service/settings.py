@@ -1,0 +1,65 @@
+"""Service configuration from the environment, read once when the app or CLI starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".modeltailor"
+
+
+class Settings(BaseSettings):
+    """Everything the server, the worker and the CLI's admin commands need to know.
+
+    Attributes:
+        data_dir: uploaded files, artifacts, the SQLite database and the local API key.
+        database_url: SQLAlchemy URL; default a SQLite file in ``data_dir``.
+        executor: where candidate evaluations run: a local process pool or Ray.
+        workers: processes of the local pool (the CLI's ``--workers``).
+        ray_address: Ray cluster to join; None starts a local Ray for the process.
+        max_upload_bytes: largest model or data set upload accepted.
+        run_jobs: run the job runner inside the API process (the embedded default).
+        runner_slots: jobs one process runs at once.
+        lease_s: job lease length; a dead runner's job is resumed after this long.
+        poll_s: how often an idle runner looks for queued jobs.
+        create_local_tenant: on first start, create tenant "local" and save its key.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELTAILOR_", extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("database_url", "DATABASE_URL", "MODELTAILOR_DATABASE_URL"),
+    )
+    executor: Literal["local", "ray"] = "local"
+    workers: int = Field(default=1, ge=1, le=256)
+    ray_address: str | None = Field(
+        default=None, validation_alias=AliasChoices("ray_address", "RAY_ADDRESS", "MODELTAILOR_RAY_ADDRESS")
+    )
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    run_jobs: bool = True
+    runner_slots: int = Field(default=1, ge=1, le=64)
+    lease_s: float = Field(default=30.0, gt=0)
+    poll_s: float = Field(default=1.0, gt=0)
+    create_local_tenant: bool = True
+
+    @property
+    def db_url(self) -> str:
+        """The database URL in effect."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'modeltailor.db'}"
+
+    @property
+    def local_key_path(self) -> Path:
+        """Where the embedded default's API key is written (mode 0600)."""
+        return self.data_dir / "local_api_key"
+
+    def ensure_dirs(self) -> None:
+        """Create the data directory tree (files land in sub-folders by kind)."""
+        for sub in ("", "models", "datasets", "artifacts", "tmp"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
