@@ -142,11 +142,14 @@ def _select(score: torch.Tensor, width: float, tied: int) -> torch.Tensor:
 
 def _skip_blocks(gm: fx.GraphModule, graph: ModelGraph, names: Iterable[str]) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
-    for name in names:
-        block = next(b for b in graph.blocks if b.name == name)
+    by_name = {b.name: b for b in graph.blocks}
+    # Skip in graph order: a later block's input may be an earlier block's add.
+    for block in sorted((by_name[n] for n in names), key=lambda b: list(nodes).index(b.add_node)):
         add = nodes[block.add_node]
-        add.replace_all_uses_with(nodes[block.input_node])
+        replacement = nodes[block.input_node]
+        add.replace_all_uses_with(replacement)
         gm.graph.erase_node(add)
+        nodes[block.add_node] = replacement
     gm.graph.eliminate_dead_code()
 
 

@@ -290,6 +290,8 @@ class _Analyzer:
             return self.visit_squeeze(node)
         if t in REDUCE:
             return self.visit_reduce(node)
+        if t in (aten.select.int, aten.slice.Tensor):
+            return self.visit_index(node)
         if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
             src = self.sp(node.args[0])
             shape = _shape(node)
@@ -566,6 +568,20 @@ class _Analyzer:
             dims_n = {int(d) % len(ins) for d in dims}  # type: ignore[call-overload]
         kept_before = src.dim - sum(1 for d in dims_n if d < src.dim and ins[d] == 1)
         return src.with_dim(kept_before)
+
+    def visit_index(self, node: fx.Node) -> ChanSpace | None:
+        """``x[:, 0]`` (select) or ``x[:, a:b]`` (slice) along a non-channel dim."""
+        src = self.sp(node.args[0])
+        ins = _shape(node.args[0])
+        if src is None or ins is None:
+            return None
+        dim = int(node.args[1]) % len(ins)  # type: ignore[arg-type]
+        if dim == src.dim:
+            self.groups.block(src, f"indexing along channels at {node.name}")
+            return None
+        if node.target == aten.select.int and dim < src.dim:
+            return src.with_dim(src.dim - 1)
+        return src
 
     def visit_reduce(self, node: fx.Node) -> ChanSpace | None:
         src = self.sp(node.args[0])

@@ -83,6 +83,11 @@ class LayerSpace:
         nm_choices: allowed (N, M) for scheme ``nm``.
         block_choices: allowed N for scheme ``block``.
         bits_choices: allowed weight bit-widths (None = float32).
+        in_segments: where the input channels come from, as (leader layer name or
+            None for channels never pruned, channel count) runs; with ``in_expand``
+            (positions per channel after a flatten) this lets a latency predictor
+            compute the narrowed input of a layer from a policy without building it.
+        in_expand: positions per input channel (H·W after a flatten, else 1).
     """
 
     name: str
@@ -93,6 +98,8 @@ class LayerSpace:
     nm_choices: tuple[tuple[int, int], ...]
     block_choices: tuple[int, ...]
     bits_choices: tuple[int | None, ...]
+    in_segments: tuple[tuple[str | None, int], ...] = ()
+    in_expand: int = 1
 
     @property
     def decides_width(self) -> bool:
@@ -260,6 +267,8 @@ class SearchSpace:
                     "nm_choices": [list(x) for x in ls.nm_choices],
                     "block_choices": list(ls.block_choices),
                     "bits_choices": list(ls.bits_choices),
+                    "in_segments": [list(x) for x in ls.in_segments],
+                    "in_expand": ls.in_expand,
                 }
                 for ls in self.layers
             ],

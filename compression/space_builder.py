@@ -33,6 +33,14 @@ def space_for(model: CompressibleModel, options: SpaceOptions | None = None) -> 
         gid = graph.group_of(info)
         prunable = opts.width and graph.width_prunable(info)
         leader = graph.group_leader(gid) if prunable and gid is not None else None
+        in_segments: list[tuple[str | None, int]] = []
+        if info.in_space is not None:
+            for seg in info.in_space.segments:
+                root = graph.groups.find(seg.group) if seg.group is not None else None
+                free = opts.width and root is not None and not graph.groups.data(root).blocked_by
+                in_segments.append((graph.group_leader(root) if free and root is not None else None, seg.length))
+        else:
+            in_segments.append((None, f.in_channels))
         layers.append(
             LayerSpace(
                 name=info.name,
@@ -43,6 +51,8 @@ def space_for(model: CompressibleModel, options: SpaceOptions | None = None) -> 
                 nm_choices=nm,
                 block_choices=blocks,
                 bits_choices=tuple(opts.bits) or (None,),
+                in_segments=tuple(in_segments),
+                in_expand=info.in_space.expand if info.in_space is not None else 1,
             )
         )
     blocks_out = tuple(BlockSpace(b.name, tuple(b.layers)) for b in graph.blocks) if opts.depth else ()

@@ -80,9 +80,7 @@ def renew_lease(session: Session, *, job_id: int, owner: str, lease_s: float) ->
     return _rowcount(result) == 1
 
 
-def release_job(
-    session: Session, *, job_id: int, owner: str, status: str, error: str | None = None
-) -> bool:
+def release_job(session: Session, *, job_id: int, owner: str, status: str, error: str | None = None) -> bool:
     """Finish ``owner``'s job with ``status`` (or requeue it with ``"queued"``). Commits.
 
     Only the lease holder can release, so a runner that lost its lease never overwrites

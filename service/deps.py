@@ -47,6 +47,11 @@ def current_tenant(
     tenant = tenant_for_key(session, key=credentials.credentials)
     if tenant is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key", headers=challenge)
+    # End the lookup's transaction now: on SQLite every transaction holds the write lock
+    # (BEGIN IMMEDIATE), so a slow handler (an upload check, an event stream) must not
+    # start with one open. Expunged, the tenant keeps its loaded values.
+    session.expunge(tenant)
+    session.rollback()
     return tenant
 
 

@@ -33,6 +33,11 @@ class LeNet5(nn.Module):
         self.fc2 = nn.Linear(120, 84)
         self.relu4 = nn.ReLU()
         self.fc3 = nn.Linear(84, num_classes)
+        # He init (PyTorch's default is tuned for tanh-like nets) lets ReLU LeNet learn in a few epochs.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pool1(self.relu1(self.conv1(x)))

@@ -28,8 +28,12 @@ def _seed_jobs(url: str, n: int) -> list[int]:
         s.flush()
         jobs = [
             Job(
-                tenant_id=tenant.id, model_id=model.id, dataset_id=data.id, device_id=device.id,
-                algorithm="random", spec={},
+                tenant_id=tenant.id,
+                model_id=model.id,
+                dataset_id=data.id,
+                device_id=device.id,
+                algorithm="random",
+                spec={},
             )
             for _ in range(n)
         ]
@@ -50,7 +54,7 @@ def test_two_concurrent_claimers_exactly_one_wins(db_url: str) -> None:
     for r in range(rounds):
         barrier = threading.Barrier(2)
 
-        def claimer(i: int) -> None:
+        def claimer(i: int, barrier: threading.Barrier = barrier, r: int = r) -> None:
             with factories[i]() as s:
                 barrier.wait()
                 # Each round races for job r+1 only, so the race is on one row.

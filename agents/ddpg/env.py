@@ -1,0 +1,177 @@
+"""The AMC environment: one episode walks the layers in order and decides each one.
+
+The state of a step is a named :class:`StepState` (never a list with magic indices); the
+action is a :class:`~agents.actions.LayerAction` as a vector in [0, 1]^4. An optional
+:class:`ActionWall` clips each action so a resource budget stays reachable, as in AMC:
+whatever the actor does, the finished policy meets the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from agents.actions import ACTION_DIM, MOST_COMPRESSED, LayerAction, policy_from_actions
+from agents.cost import MacsEstimator
+from compression.policy import Policy
+from compression.space import LayerFeatures, SearchSpace
+
+CostFn = Callable[[Policy], float]
+WALL_STEPS = 8  # bisection steps: the kept fraction is exact to 1/256
+
+
+def normalised_features(space: SearchSpace) -> np.ndarray:
+    """Layer features scaled to [0, 1] per column (log for counts), rows in layer order."""
+    x = space.feature_matrix().astype(np.float64)
+    names = LayerFeatures.vector_names()
+    for j, name in enumerate(names):
+        if not name.startswith("op_") and name != "position":
+            x[:, j] = np.log1p(np.maximum(x[:, j], 0.0))
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return ((x - lo) / span).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What the agent sees before deciding one layer.
+
+    Attributes:
+        layer_index: which layer is being decided (position in ``space.layers``).
+        features: the layer's normalised static features.
+        reduced_so_far: fraction of the dense MACs removed by the layers already decided.
+        remaining: fraction of the dense MACs in this and the later layers.
+        previous_action: the action taken at the previous layer (zeros at the first).
+    """
+
+    layer_index: int
+    features: np.ndarray
+    reduced_so_far: float
+    remaining: float
+    previous_action: np.ndarray
+
+    def dynamic_vector(self) -> np.ndarray:
+        """The part that changes within an episode (the static part is looked up by index)."""
+        return np.concatenate(
+            [np.asarray([self.reduced_so_far, self.remaining], dtype=np.float32), self.previous_action]
+        ).astype(np.float32)
+
+    def as_vector(self) -> np.ndarray:
+        return np.concatenate([self.features, self.dynamic_vector()]).astype(np.float32)
+
+
+DYNAMIC_DIM = 2 + ACTION_DIM
+
+
+class ActionWall:
+    """Clips actions so that ``cost_fn(policy) <= budget`` stays reachable (AMC's action space limit).
+
+    At each layer it assumes every later layer will be compressed as much as allowed; if even
+    then the budget would be exceeded with the proposed action, the action is shrunk towards
+    full compression by bisection until it fits. ``cost_fn`` must not increase when an action
+    is shrunk (fewer channels, fewer weights, fewer bits, more skips).
+    """
+
+    def __init__(self, space: SearchSpace, cost_fn: CostFn, budget: float) -> None:
+        self.space = space
+        self.cost_fn = cost_fn
+        self.budget = budget
+
+    def _fits(self, decided: dict[int, LayerAction]) -> bool:
+        return self.cost_fn(policy_from_actions(self.space, decided, rest=MOST_COMPRESSED)) <= self.budget
+
+    def clip(self, decided: dict[int, LayerAction], index: int, action: LayerAction) -> LayerAction:
+        """``action`` for layer ``index``, shrunk just enough to keep the budget reachable."""
+        if self._fits({**decided, index: action}):
+            return action
+        lo, hi = 0.0, 1.0
+        for _ in range(WALL_STEPS):
+            mid = (lo + hi) / 2
+            if self._fits({**decided, index: action.shrunk(mid)}):
+                lo = mid
+            else:
+                hi = mid
+        clipped = action.shrunk(lo)
+        if not self._fits({**decided, index: clipped}):
+            clipped = LayerAction(clipped.keep_width, clipped.keep_weights, clipped.bits, 1.0)
+        return clipped
+
+
+class CompressionEnv(gym.Env[np.ndarray, np.ndarray]):
+    """Gymnasium environment: ``len(space.layers)`` steps, one layer each, policy at the end.
+
+    The reward is 0 until the last step, then ``reward_fn(policy)`` if one was given (agents
+    that evaluate outside the environment, as in ask/tell, leave it None and read
+    ``info["policy"]``).
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        wall: ActionWall | None = None,
+        reward_fn: Callable[[Policy], float] | None = None,
+    ) -> None:
+        if not space.layers:
+            raise ValueError("the search space has no layers to decide")
+        self.space = space
+        self.wall = wall
+        self.reward_fn = reward_fn
+        self.features = normalised_features(space)
+        self.estimator = MacsEstimator(space)
+        self._dense_share = self.estimator.dense / self.estimator.total
+        dim = self.features.shape[1] + DYNAMIC_DIM
+        self.observation_space = gym.spaces.Box(-1.0, 2.0, shape=(dim,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(0.0, 1.0, shape=(ACTION_DIM,), dtype=np.float32)
+        self._decided: dict[int, LayerAction] = {}
+        self._index = 0
+        self._previous = np.zeros(ACTION_DIM, dtype=np.float32)
+
+    @property
+    def state(self) -> StepState:
+        """The state before deciding the current layer."""
+        i = self._index
+        policy = policy_from_actions(self.space, self._decided)
+        reduced = 1.0 - self.estimator.fraction(policy)
+        return StepState(
+            layer_index=i,
+            features=self.features[min(i, len(self.space.layers) - 1)],
+            reduced_so_far=float(reduced),
+            remaining=float(self._dense_share[i:].sum()),
+            previous_action=self._previous.copy(),
+        )
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self._decided = {}
+        self._index = 0
+        self._previous = np.zeros(ACTION_DIM, dtype=np.float32)
+        state = self.state
+        return state.as_vector(), {"state": state}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        act = LayerAction.from_array(np.asarray(action, dtype=np.float64).ravel())
+        if self.wall is not None:
+            act = self.wall.clip(self._decided, self._index, act)
+        self._decided[self._index] = act
+        self._previous = act.as_array()
+        self._index += 1
+        done = self._index >= len(self.space.layers)
+        info: dict[str, Any] = {"action": act}
+        reward = 0.0
+        if done:
+            policy = policy_from_actions(self.space, self._decided)
+            info["policy"] = policy
+            if self.reward_fn is not None:
+                reward = float(self.reward_fn(policy))
+        state = self.state
+        info["state"] = state
+        return state.as_vector(), reward, done, False, info

@@ -1,0 +1,206 @@
+"""Rule-based compression: each kind of layer gets its rule, each rule group one searched ratio.
+
+The rules encode what tends to hold across CNNs and transformers: the first and last layers
+are fragile (only bits, never pruned); depthwise convs have too few weights to sparsify
+(bits, width follows their producer); 1x1 and 3x3 convs and linear / attention projections
+lose channels (width) where they lead a channel group and otherwise take the fine-grained
+pattern that suits them (N:M for convs, 1xN blocks for linear layers). One "keep ratio" per
+group is then chosen by a short 1-D search over asks: a uniform sweep first, then
+coordinate steps per group that halve after each round. Cheap, strong, and a warm start
+for the other agents.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agents.actions import LayerAction, layer_policy
+from agents.base import Agent
+from agents.objective import Objective, Score
+from compression.policy import LayerPolicy, Policy, Scheme
+from compression.space import LayerSpace, SearchSpace
+
+Group = Literal["first", "last", "pointwise", "depthwise", "linear", "conv", "blocks"]
+SWEEP = (0.85, 0.7, 0.55, 0.4, 0.25)
+FIRST_STEP = 0.15
+MIN_STEP = 0.02
+Config = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a group turns its keep ratio into layer choices.
+
+    Attributes:
+        width: narrow layers that lead a channel group.
+        prefer: fine-grained schemes in order of preference (first allowed one is used).
+        swept: follows the uniform sweep (first and last layers stay at 1 until searched).
+    """
+
+    width: bool
+    prefer: tuple[Scheme, ...]
+    swept: bool = True
+
+
+RULES: dict[Group, Rule] = {
+    "first": Rule(width=False, prefer=(), swept=False),
+    "last": Rule(width=False, prefer=(), swept=False),
+    "depthwise": Rule(width=False, prefer=()),
+    "pointwise": Rule(width=True, prefer=("nm", "block", "unstructured")),
+    "conv": Rule(width=True, prefer=("nm", "unstructured", "block")),
+    "linear": Rule(width=True, prefer=("block", "nm", "unstructured")),
+    "blocks": Rule(width=False, prefer=()),
+}
+
+
+def group_of(ls: LayerSpace, n_layers: int) -> Group:
+    """The rule group of one layer."""
+    f = ls.features
+    if f.index == 0:
+        return "first"
+    if f.index == n_layers - 1:
+        return "last"
+    if f.op == "dwconv":
+        return "depthwise"
+    if f.op == "linear":
+        return "linear"
+    return "pointwise" if f.kernel == 1 else "conv"
+
+
+class RuleAgent(Agent):
+    """Per-group rules with a coordinate search over one keep ratio per group."""
+
+    name = "rule"
+
+    def __init__(self, space: SearchSpace, objective: Objective, seed: int = 0) -> None:
+        super().__init__(space, objective, seed)
+        n = len(space.layers)
+        self.layer_groups: list[Group] = [group_of(ls, n) for ls in space.layers]
+        present = set(self.layer_groups) | ({"blocks"} if space.options.depth and space.blocks else set())
+        self.groups: list[str] = [g for g in RULES if g in present]
+        self.min_ratio = space.options.min_width if space.options.width else 0.05
+        self.rng = random.Random(seed)
+        self.best: Config = {g: 1.0 for g in self.groups}
+        self.best_reward = float("-inf")
+        self.queue: list[Config] = [self._uniform(r) for r in SWEEP]
+        self.proposed: set[str] = set()
+        self.pending: dict[str, Config] = {}
+        self.cursor = 0  # next group of the coordinate search
+        self.step = FIRST_STEP
+
+    # ------------------------------------------------------------------ mapping
+
+    def _uniform(self, ratio: float) -> Config:
+        return {g: (ratio if RULES[g].swept else 1.0) for g in self.groups}  # type: ignore[index]
+
+    def _layer(self, ls: LayerSpace, group: Group, ratio: float) -> LayerPolicy:
+        o = self.space.options
+        rule = RULES[group]
+        uses_width = rule.width and o.width and ls.decides_width
+        scheme = next((s for s in rule.prefer if s in ls.schemes), None)
+        bits_sorted = sorted(ls.bits_choices, key=lambda b: 99 if b is None else b)
+        if uses_width or scheme is not None:
+            # Compressed by structure or pattern: bits stay at 8 where allowed (else the most precise).
+            bits_level = (bits_sorted.index(8) + 0.5) / len(bits_sorted) if 8 in bits_sorted else 1.0
+        else:
+            bits_level = ratio  # nothing else to turn: the ratio picks the bit-width
+        keep_width = (ratio - o.min_width) / (1.0 - o.min_width) if uses_width else 1.0
+        keep_weights = 1.0 if uses_width or scheme is None else ratio
+        action = LayerAction(max(0.0, keep_width), keep_weights, bits_level)
+        return layer_policy(ls, o, action, scheme)
+
+    def policy(self, config: Config) -> Policy:
+        """The policy of one ratio per group."""
+        layers = {
+            ls.name: self._layer(ls, g, config.get(g, 1.0))
+            for ls, g in zip(self.space.layers, self.layer_groups, strict=True)
+        }
+        skip: frozenset[str] = frozenset()
+        if "blocks" in config:
+            # Later blocks first: in residual stages the last blocks are the most redundant.
+            n_skip = round((1.0 - config["blocks"]) * len(self.space.blocks))
+            skip = (
+                frozenset(b.name for b in self.space.blocks[len(self.space.blocks) - n_skip :])
+                if n_skip
+                else skip
+            )
+        return Policy(layers=layers, skip=skip)
+
+    # ------------------------------------------------------------------ search
+
+    def _refill(self) -> None:
+        """Next coordinate step: the current group at best ± step; halve the step after a round."""
+        for _ in range(4 * max(1, len(self.groups))):
+            g = self.groups[self.cursor]
+            self.cursor += 1
+            if self.cursor == len(self.groups):
+                self.cursor = 0
+                self.step = max(MIN_STEP, self.step / 2)
+            for delta in (-self.step, self.step):
+                r = round(min(1.0, max(self.min_ratio, self.best[g] + delta)), 4)
+                cand = {**self.best, g: r}
+                if self._key(cand) not in self.proposed:
+                    self.queue.append(cand)
+            if self.queue:
+                return
+        # Every coordinate step was tried: perturb all groups at once.
+        self.queue.append(
+            {
+                g: round(min(1.0, max(self.min_ratio, r + self.rng.gauss(0.0, self.step))), 4)
+                for g, r in self.best.items()
+            }
+        )
+
+    @staticmethod
+    def _key(config: Config) -> str:
+        return ",".join(f"{k}={v:.4f}" for k, v in sorted(config.items()))
+
+    def ask(self, n: int = 1) -> list[Policy]:
+        self._check_n(n)
+        out: list[Policy] = []
+        while len(out) < n:
+            if not self.queue:
+                self._refill()
+            config = self.queue.pop(0)
+            self.proposed.add(self._key(config))
+            policy = self.policy(config)
+            self.pending[policy.hash] = config
+            out.append(policy)
+        return out
+
+    def tell(self, policies: Sequence[Policy], scores: Sequence[Score]) -> None:
+        self._check_tell(policies, scores)
+        for policy, score in zip(policies, scores, strict=True):
+            config = self.pending.pop(policy.hash, None)
+            if config is None:
+                continue
+            reward = self.objective.reward(score)
+            if reward > self.best_reward:
+                self.best_reward, self.best = reward, dict(config)
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "agent": self.name,
+            "best": self.best,
+            "best_reward": self.best_reward if self.best_reward > float("-inf") else None,
+            "queue": self.queue,
+            "proposed": sorted(self.proposed),
+            "pending": self.pending,
+            "cursor": self.cursor,
+            "step": self.step,
+            "rng": [version, list(internal), gauss],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = dict(state["best"])
+        self.best_reward = float("-inf") if state["best_reward"] is None else float(state["best_reward"])
+        self.queue = [dict(c) for c in state["queue"]]
+        self.proposed = set(state["proposed"])
+        self.pending = {h: dict(c) for h, c in state["pending"].items()}
+        self.cursor, self.step = int(state["cursor"]), float(state["step"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))

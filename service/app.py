@@ -1,0 +1,123 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; nothing happens at import.
+
+Start-up (the lifespan) creates the data directory, applies Alembic migrations, adds
+the built-in local devices, creates the local tenant on a first start (printing its
+key) and, in the embedded default, starts the job runner inside the API process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+import modeltailor
+from db.engine import make_engine, make_session_factory
+from db.migrate import upgrade
+from service import queries
+from service.auth import ensure_local_tenant
+from service.routers import artifacts, candidates, datasets, devices, jobs, models
+from service.runner import Runner, SearchFn
+from service.search_bridge import ExportContext, ExportResult
+from service.search_bridge import export_candidate as default_exporter
+from service.settings import Settings
+
+log = logging.getLogger("modeltailor.service")
+Exporter = Callable[[ExportContext], ExportResult]
+
+
+def _loc(loc: Any) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """422 whose ``detail`` is one readable sentence; the raw list stays in ``errors``."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    text = "; ".join(f"{_loc(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
+    safe = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")} for e in errors
+    ]
+    return JSONResponse(
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        content={"detail": f"invalid request: {text}", "errors": safe},
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    search: SearchFn | None = None,
+    exporter: Exporter | None = None,
+    announce: Callable[[str], None] = print,
+) -> FastAPI:
+    """Build the app for ``settings``.
+
+    Args:
+        settings: read once by the caller (``Settings()`` reads the environment).
+        search: job search entry point; default ``search_bridge.run_job``.
+        exporter: candidate export; default ``search_bridge.export_candidate``.
+        announce: where the first-start API key is printed.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.ensure_dirs()
+        upgrade(settings.db_url)
+        engine = make_engine(settings.db_url)
+        factory = make_session_factory(engine)
+        app.state.session_factory = factory
+        with factory() as session:
+            queries.ensure_builtin_devices(session)
+        if settings.create_local_tenant:
+            key = ensure_local_tenant(factory, settings)
+            if key is not None:
+                announce(f"Created tenant 'local'; its API key is saved in {settings.local_key_path}:\n{key}")
+        runner: Runner | None = None
+        if settings.run_jobs:
+            runner = Runner(factory, settings, search=search)
+            runner.start(settings.runner_slots)
+        app.state.runner = runner
+        try:
+            yield
+        finally:
+            if runner is not None:
+                runner.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="modeltailor",
+        version=modeltailor.__version__,
+        description=(
+            "Search per-layer compression policies of a trained model for one edge device. "
+            "Every `/v1` call needs `Authorization: Bearer <api key>`."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.exporter = exporter or default_exporter
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+    v1 = APIRouter(prefix="/v1")
+    for module in (models, datasets, devices, jobs, candidates, artifacts):
+        v1.include_router(module.router)
+    v1.include_router(devices.predictors_router)
+    app.include_router(v1)
+
+    @app.get("/healthz", tags=["meta"])
+    def healthz() -> dict[str, str]:
+        """Liveness probe (no auth)."""
+        return {"status": "ok"}
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory service.app:app_from_env``: settings from the environment."""
+    return create_app(Settings())

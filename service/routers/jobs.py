@@ -1,0 +1,169 @@
+"""``/v1/jobs``: submit, watch (JSON or server-sent events), cancel, read candidates and the front."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import TERMINAL_JOB_STATUSES, Candidate, Job
+from service import queries
+from service.deps import CurrentTenant, SessionDep
+from service.routers.models import ERRORS
+from service.schemas import (
+    CandidatePublic,
+    CandidatesPublic,
+    JobAccepted,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+SSE_POLL_S = 0.5
+SSE_KEEPALIVE_S = 15.0
+
+
+def to_candidate(candidate: Candidate) -> CandidatePublic:
+    return CandidatePublic.model_validate(candidate, from_attributes=True)
+
+
+def to_public(session: Session, job: Job, *, with_best: bool = True) -> JobPublic:
+    best = [to_candidate(c) for c in queries.best_candidates(session, job=job)] if with_best else []
+    return JobPublic(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        algorithm=job.algorithm,
+        model_id=job.model_id,
+        dataset_id=job.dataset_id,
+        device_id=job.device_id,
+        spec=job.spec,
+        progress=job.progress,
+        baseline=job.baseline,
+        best=best,
+        cancel_requested=job.cancel_requested,
+        attempts=job.attempts,
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def _job_or_404(session: Session, tenant_id: int, job_id: int) -> Job:
+    job = queries.get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return job
+
+
+@router.post("", response_model=JobAccepted, status_code=status.HTTP_201_CREATED, responses=ERRORS)
+def create_job(body: JobCreate, session: SessionDep, tenant: CurrentTenant) -> JobAccepted:
+    """Queue a search job; the spec is fully validated before anything is stored."""
+    if queries.get_model(session, tenant_id=tenant.id, model_id=body.model_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {body.model_id} not found")
+    if queries.get_dataset(session, tenant_id=tenant.id, dataset_id=body.dataset_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {body.dataset_id} not found")
+    if queries.get_device(session, tenant_id=tenant.id, device_id=body.device_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {body.device_id} not found")
+    job = queries.add_job(session, tenant_id=tenant.id, spec=body.model_dump(mode="json"))
+    session.commit()
+    return JobAccepted(id=job.id, status=job.status)
+
+
+@router.get("", response_model=JobsPublic, responses=ERRORS)
+def list_jobs(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    status_: Annotated[str | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobsPublic:
+    """Your jobs, newest first."""
+    rows, total = queries.list_jobs(session, tenant_id=tenant.id, status=status_, limit=limit, offset=offset)
+    return JobsPublic(data=[to_public(session, j, with_best=False) for j in rows], count=total)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
+def get_job(job_id: int, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+    """Status, progress (done / total, best so far, ETA), the best front points and any error."""
+    return to_public(session, _job_or_404(session, tenant.id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS)
+def cancel_job(job_id: int, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+    """Stop a job; its candidates are kept. A running job stops within seconds."""
+    job = queries.request_cancel(session, job=_job_or_404(session, tenant.id, job_id))
+    return to_public(session, job)
+
+
+@router.get("/{job_id}/candidates", response_model=CandidatesPublic, responses=ERRORS)
+def list_candidates(
+    job_id: int,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> CandidatesPublic:
+    """Evaluated candidates in evaluation order, with policy and every score."""
+    job = _job_or_404(session, tenant.id, job_id)
+    rows = queries.list_candidates(session, job_id=job.id, limit=limit, offset=offset)
+    return CandidatesPublic(
+        data=[to_candidate(c) for c in rows], count=queries.count_candidates(session, job_id=job.id)
+    )
+
+
+@router.get("/{job_id}/pareto", response_model=CandidatesPublic, responses=ERRORS)
+def get_pareto(job_id: int, session: SessionDep, tenant: CurrentTenant) -> CandidatesPublic:
+    """The non-dominated feasible candidates under the job's objectives."""
+    front = queries.pareto(session, job=_job_or_404(session, tenant.id, job_id))
+    return CandidatesPublic(data=[to_candidate(c) for c in front], count=len(front))
+
+
+def _sse(factory: sessionmaker[Session], job_id: int, after: int) -> Iterator[str]:
+    """Stream stored events from ``after``; ends once the job is finished and drained."""
+    last_sent = time.monotonic()
+    while True:
+        with factory() as session:
+            events = queries.events_after(session, job_id=job_id, after_id=after)
+            job = session.get(Job, job_id)
+            finished = job is None or job.status in TERMINAL_JOB_STATUSES
+            payload = [(e.id, e.kind, e.data) for e in events]
+        for event_id, kind, data in payload:
+            after = event_id
+            yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+            last_sent = time.monotonic()
+        if finished and not payload:
+            yield "event: end\ndata: {}\n\n"
+            return
+        if not payload:
+            if time.monotonic() - last_sent > SSE_KEEPALIVE_S:
+                yield ": keepalive\n\n"
+                last_sent = time.monotonic()
+            time.sleep(SSE_POLL_S)
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
+)
+def job_events(
+    job_id: int,
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    last_event_id: Annotated[int | None, Header()] = None,
+) -> StreamingResponse:
+    """Progress as server-sent events (``status``, ``progress``, ``phase``...); resumes from Last-Event-ID."""
+    _job_or_404(session, tenant.id, job_id)
+    session.close()  # the stream opens a short session per poll; hold no transaction meanwhile
+    return StreamingResponse(
+        _sse(request.app.state.session_factory, job_id, last_event_id or 0),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,338 @@
+"""The job runner: claims jobs with a lease, runs the search, keeps the lease alive, stops on cancel.
+
+One :class:`Runner` per process (the API process in the embedded default, or
+``modeltailor worker``). Each claimed job gets a watcher thread that renews the lease
+every third of its length and polls the cancel flag every second; ``should_stop()``
+turns true within about a second of a cancel, an exhausted budget, a lost lease or a
+shutdown. A runner killed with SIGKILL simply stops renewing: when the lease expires
+another runner claims the job and resumes it from its stored agent state and candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.leases import claim_job, release_job, renew_lease
+from db.models import Candidate, Dataset, Device, Job, Model
+from service import queries
+from service.executors import Executor, make_executor
+from service.search_bridge import (
+    DatasetRef,
+    DeviceRef,
+    DoneCandidate,
+    JobContext,
+    ModelRef,
+    Scores,
+)
+from service.search_bridge import run_job as default_search
+from service.settings import Settings
+
+log = logging.getLogger("modeltailor.runner")
+SearchFn = Callable[[JobContext], None]
+CANCEL_POLL_S = 1.0
+
+
+def job_refs(session: Session, job: Job) -> tuple[ModelRef, DatasetRef, DeviceRef]:
+    """The job's model, data set and device as plain values for the search or an export."""
+    from pathlib import Path
+
+    model = session.get(Model, job.model_id)
+    dataset = session.get(Dataset, job.dataset_id)
+    device = session.get(Device, job.device_id)
+    if model is None or dataset is None or device is None:
+        raise RuntimeError("the job's model, data set or device was deleted")
+    return (
+        ModelRef(model.id, model.name, Path(model.path) if model.path else None, model.zoo, model.sha256),
+        DatasetRef(dataset.id, dataset.name, Path(dataset.path) if dataset.path else None, dataset.builtin),
+        DeviceRef(device.id, device.name, device.kind, device.runtime, device.threads, dict(device.settings)),
+    )
+
+
+def candidate_scores(c: Candidate) -> Scores:
+    """A stored candidate's scores as the search sees them."""
+    return Scores(
+        accuracy=c.accuracy,
+        latency_ms=c.latency_ms,
+        predictor_version=c.predictor_version,
+        measured_latency_ms=c.measured_latency_ms,
+        size_bytes=c.size_bytes,
+        macs=c.macs,
+        eval_seconds=c.eval_seconds,
+        extra=dict(c.extra or {}),
+    )
+
+
+class _Watch:
+    """Per-job state shared by the search thread and the lease watcher."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.lease_lost = threading.Event()
+        self.done = threading.Event()
+
+
+class Runner:
+    """Claims and runs jobs until stopped.
+
+    Args:
+        factory: session factory of the service database.
+        settings: lease length, poll interval, executor choice.
+        search: the search entry point (``search_bridge.run_job``; tests pass a fake).
+        owner: lease owner id; default host:pid:random, unique per runner.
+    """
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        settings: Settings,
+        *,
+        search: SearchFn | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.search = search or default_search
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # --- loop -----------------------------------------------------------------------
+
+    def start(self, slots: int = 1) -> None:
+        """Run ``slots`` claim loops in daemon threads."""
+        for i in range(slots):
+            t = threading.Thread(target=self.run_forever, name=f"runner-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask every loop to stop; a running job is requeued for the next runner."""
+        self.stopping.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    def run_forever(self) -> None:
+        """Claim and run jobs until :meth:`stop`."""
+        while not self.stopping.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # the loop must survive a database hiccup
+                log.exception("runner loop error")
+                ran = False
+            if not ran:
+                self.stopping.wait(self.settings.poll_s)
+
+    def run_once(self) -> bool:
+        """Claim one job and run it to its end; False if nothing was claimable."""
+        with self.factory() as session:
+            job_id = claim_job(session, owner=self.owner, lease_s=self.settings.lease_s)
+        if job_id is None:
+            return False
+        self.run_claimed(job_id)
+        return True
+
+    # --- one job --------------------------------------------------------------------
+
+    def run_claimed(self, job_id: int) -> None:
+        """Run a job this runner holds the lease on, then release it with its outcome."""
+        watch = _Watch()
+        watcher = threading.Thread(
+            target=self._watch, args=(job_id, watch), daemon=True, name=f"lease-{job_id}"
+        )
+        watcher.start()
+        error: str | None = None
+        try:
+            ctx = self._context(job_id, watch)
+            self._event(job_id, "status", {"status": "running", "resumed_from": len(ctx.done)})
+            self.search(ctx)
+        except NotImplementedError as exc:
+            error = str(exc) or "not implemented"
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            error = f"{type(exc).__name__}: {exc}"
+            log.debug("%s", traceback.format_exc())
+        finally:
+            watch.done.set()
+            watcher.join()
+        self._finish(job_id, watch, error)
+
+    def _finish(self, job_id: int, watch: _Watch, error: str | None) -> None:
+        if watch.lease_lost.is_set():
+            log.warning("job %s: lease lost; another runner owns it now", job_id)
+            return
+        with self.factory() as session:
+            job = session.get(Job, job_id)
+            cancelled = job is not None and job.cancel_requested
+        if cancelled:
+            status = "cancelled"
+        elif error is not None:
+            status = "failed"
+        elif self.stopping.is_set() and not self._budget_spent(job_id):
+            status = "queued"  # shutting down: hand the job to the next runner now
+        else:
+            status = "succeeded"
+        with self.factory() as session:
+            if release_job(session, job_id=job_id, owner=self.owner, status=status, error=error):
+                job = session.get(Job, job_id)
+                if job is not None:
+                    job.progress = {**job.progress, "phase": status}
+                queries.add_event(
+                    session, job_id=job_id, kind="status", data={"status": status, "error": error}
+                )
+                session.commit()
+
+    def _budget_spent(self, job_id: int) -> bool:
+        with self.factory() as session:
+            job = session.get(Job, job_id)
+            return job is None or self._over_budget(session, job)
+
+    @staticmethod
+    def _over_budget(session: Session, job: Job) -> bool:
+        budget = job.spec.get("budget", {})
+        if budget.get("seconds") is not None and queries.seconds_since(job.started_at) >= budget["seconds"]:
+            return True
+        n = budget.get("candidates")
+        return n is not None and queries.count_candidates(session, job_id=job.id) >= n
+
+    def _watch(self, job_id: int, watch: _Watch) -> None:
+        """Renew the lease and poll the cancel flag until the job's search returns."""
+        renew_every = max(0.05, self.settings.lease_s / 3)
+        next_renew = time.monotonic() + renew_every
+        while not watch.done.wait(min(CANCEL_POLL_S, renew_every)):
+            try:
+                with self.factory() as session:
+                    if time.monotonic() >= next_renew:
+                        if not renew_lease(
+                            session, job_id=job_id, owner=self.owner, lease_s=self.settings.lease_s
+                        ):
+                            watch.lease_lost.set()
+                        next_renew = time.monotonic() + renew_every
+                    flag = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+                    if flag:
+                        watch.cancelled.set()
+            except Exception:  # keep trying: a transient DB error must not kill the lease
+                log.exception("lease watcher error for job %s", job_id)
+
+    def _context(self, job_id: int, watch: _Watch) -> JobContext:
+        with self.factory() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise RuntimeError(f"job {job_id} vanished")
+            model, dataset, device = job_refs(session, job)
+            done = [
+                DoneCandidate(c.index, dict(c.policy), c.policy_hash, candidate_scores(c))
+                for c in session.scalars(
+                    select(Candidate).where(Candidate.job_id == job_id).order_by(Candidate.index)
+                )
+            ]
+            spec, algorithm, state = dict(job.spec), job.algorithm, job.agent_state
+
+        def should_stop() -> bool:
+            if watch.cancelled.is_set() or watch.lease_lost.is_set() or self.stopping.is_set():
+                return True
+            with self.factory() as session:
+                current = session.get(Job, job_id)
+                return current is None or self._over_budget(session, current)
+
+        def make(initializer: Callable[..., Any], initargs: tuple[Any, ...] = ()) -> Executor:
+            return make_executor(self.settings, initializer, initargs)
+
+        return JobContext(
+            job_id=job_id,
+            algorithm=algorithm,
+            spec=spec,
+            model=model,
+            dataset=dataset,
+            device=device,
+            data_dir=self.settings.data_dir,
+            agent_state=state,
+            done=done,
+            persist_candidate=lambda *a, **kw: self._persist(job_id, watch, *a, **kw),
+            progress=lambda kind, data: self._event(job_id, kind, data),
+            set_baseline=lambda scores: self._set_baseline(job_id, scores),
+            should_stop=should_stop,
+            make_executor=make,
+        )
+
+    def _persist(
+        self,
+        job_id: int,
+        watch: _Watch,
+        policy: dict[str, Any],
+        policy_hash: str,
+        scores: Scores,
+        agent_state: bytes | None = None,
+    ) -> bool:
+        """Store a candidate + agent state + progress in one transaction (only while leased)."""
+        if watch.lease_lost.is_set():
+            return False
+        with self.factory() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.lease_owner != self.owner:
+                watch.lease_lost.set()
+                return False
+            done = queries.count_candidates(session, job_id=job_id)
+            elapsed = queries.seconds_since(job.started_at)
+            total = job.spec.get("budget", {}).get("candidates")
+            progress = self._progress(session, job, done + 1, total, elapsed)
+            job.progress = progress
+            queries.add_event(session, job_id=job_id, kind="progress", data=progress)
+            stored = queries.add_candidate(
+                session,
+                job=job,
+                policy=policy,
+                policy_hash=policy_hash,
+                scores=scores,
+                agent_state=agent_state,
+            )
+            return stored is not None
+
+    @staticmethod
+    def _progress(session: Session, job: Job, done: int, total: int | None, elapsed: float) -> dict[str, Any]:
+        seconds = job.spec.get("budget", {}).get("seconds")
+        eta: float | None = None
+        if total:
+            eta = elapsed / max(done, 1) * max(total - done, 0)
+        if seconds is not None:
+            eta = min(eta, max(seconds - elapsed, 0.0)) if eta is not None else max(seconds - elapsed, 0.0)
+        best = session.scalar(
+            select(Candidate.accuracy)
+            .where(Candidate.job_id == job.id, Candidate.feasible.is_(True), Candidate.accuracy.is_not(None))
+            .order_by(Candidate.accuracy.desc())
+            .limit(1)
+        )
+        return {
+            "phase": "searching",
+            "done": done,
+            "total": total,
+            "elapsed_s": round(elapsed, 2),
+            "eta_s": None if eta is None else round(eta, 1),
+            "best_accuracy": best,
+        }
+
+    def _event(self, job_id: int, kind: str, data: dict[str, Any]) -> None:
+        with self.factory() as session:
+            if kind == "phase":
+                job = session.get(Job, job_id)
+                if job is not None:
+                    job.progress = {**job.progress, **data}
+            queries.add_event(session, job_id=job_id, kind=kind, data=data)
+            session.commit()
+
+    def _set_baseline(self, job_id: int, scores: Scores) -> None:
+        with self.factory() as session:
+            job = session.get(Job, job_id)
+            if job is not None and job.lease_owner == self.owner:
+                job.baseline = {k: v for k, v in vars(scores).items() if v is not None and k != "extra"}
+                session.commit()

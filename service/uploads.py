@@ -1,0 +1,162 @@
+"""Uploads are data, never code: size-limited, hashed, content-checked, then stored.
+
+A file is streamed to ``<data_dir>/tmp``, checked (``torch.export`` archives through
+:func:`compression.model_io.load_pt2`, .npz through :func:`compression.data.load_npz`,
+both of which refuse pickles) and only then moved to its content-addressed place, so a
+rejected upload leaves nothing behind and never touches what was stored before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException, Request, status
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service.settings import Settings
+
+CHUNK = 1024 * 1024
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class UploadError(ValueError):
+    """The uploaded file is not acceptable; the message tells the user why."""
+
+
+@dataclass
+class Received:
+    """A validated upload waiting in the tmp folder."""
+
+    tmp_path: Path
+    sha256: str
+    size_bytes: int
+    name: str
+    filename: str
+
+
+async def receive_file(request: Request, settings: Settings, *, suffix: str) -> Received:
+    """Read the multipart ``file`` (+ optional ``name``) field into a tmp file, within limits."""
+    length = request.headers.get("content-length")
+    if length is None:
+        raise HTTPException(status.HTTP_411_LENGTH_REQUIRED, "uploads need a Content-Length header")
+    if not length.isdigit() or int(length) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"upload larger than the limit of {settings.max_upload_bytes} bytes",
+        )
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:  # malformed multipart bodies raise parser-specific errors
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed multipart body: {exc}") from None
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, "multipart field 'file' (the uploaded file) is required"
+        )
+    raw_name = form.get("name")
+    filename = Path(upload.filename or f"upload{suffix}").name
+    name = (raw_name if isinstance(raw_name, str) and raw_name.strip() else Path(filename).stem).strip()[:200]
+    tmp = settings.data_dir / "tmp" / f"{uuid.uuid4().hex}{suffix}"
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with tmp.open("wb") as out:
+            while chunk := await upload.read(CHUNK):
+                size += len(chunk)
+                if size > settings.max_upload_bytes:
+                    raise HTTPException(
+                        status.HTTP_413_CONTENT_TOO_LARGE,
+                        f"upload larger than the limit of {settings.max_upload_bytes} bytes",
+                    )
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        discard(tmp)
+        raise
+    finally:
+        await upload.close()
+    if size == 0:
+        discard(tmp)
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the uploaded file is empty")
+    return Received(tmp_path=tmp, sha256=digest.hexdigest(), size_bytes=size, name=name, filename=filename)
+
+
+def discard(path: Path) -> None:
+    """Remove a tmp file if it is still there."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def store(received: Received, folder: Path, suffix: str) -> Path:
+    """Move a validated upload to ``folder/<sha256><suffix>``; identical content is kept once."""
+    final = folder / f"{received.sha256}{suffix}"
+    if final.exists():
+        discard(received.tmp_path)
+    else:
+        os.replace(received.tmp_path, final)
+    return final
+
+
+def inspect_model(path: Path) -> dict[str, Any]:
+    """Load a .pt2 with ``torch.export`` and describe it; raises UploadError if it is not one."""
+    from compression.model_io import ModelLoadError, load_pt2
+
+    try:
+        model = load_pt2(path, name=path.stem)
+    except ModelLoadError as exc:
+        raise UploadError(str(exc).replace(str(path), "uploaded file")) from None
+    except Exception as exc:  # anything else a hostile archive provokes is still a bad upload
+        raise UploadError(
+            f"uploaded file is not a usable torch.export archive: {type(exc).__name__}: {exc}"
+        ) from None
+    params = sum(int(p.numel()) for p in model.gm.parameters())
+    layers: list[dict[str, Any]] = []
+    macs: int | None = None
+    try:
+        graph = model.graph
+        for info in graph.layers:
+            layers.append({"name": info.name, **info.features.to_dict()})
+        macs = sum(int(layer["macs"]) for layer in layers)
+    except Exception as exc:
+        raise UploadError(
+            f"the model loads but its graph cannot be analysed for compression: {exc}"
+        ) from None
+    return {"params": params, "macs": macs, "layers": layers, "input_shape": list(model.input_shape)}
+
+
+def inspect_dataset(path: Path) -> dict[str, Any]:
+    """Validate a .npz data set; returns the shapes of its splits; raises UploadError."""
+    from compression.data import DataError, load_npz
+
+    try:
+        data = load_npz(path, name=path.stem)
+    except DataError as exc:
+        raise UploadError(str(exc).replace(str(path), "uploaded file")) from None
+    except Exception as exc:
+        raise UploadError(
+            f"uploaded file is not a valid .npz data set: {type(exc).__name__}: {exc}"
+        ) from None
+    shapes: dict[str, Any] = {}
+    for key in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        arr = getattr(data, key, None)
+        if arr is not None:
+            shapes[key] = list(arr.shape)
+    shapes["num_classes"] = int(max(int(data.y_train.max()), int(data.y_val.max())) + 1)
+    return shapes
+
+
+async def checked(fn: Any, path: Path) -> dict[str, Any]:
+    """Run a blocking inspector off the event loop; UploadError becomes a 400."""
+    try:
+        result: dict[str, Any] = await run_in_threadpool(fn, path)
+    except UploadError as exc:
+        discard(path)
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    return result
