@@ -27,8 +27,8 @@ class GraphEncoder(nn.Module):
         super().__init__()
         self.register_buffer("features", features.float())
         self.register_buffer("edge_index", edges)
-        self.conv1 = GCNConv(features.shape[1], hidden)
-        self.conv2 = GCNConv(hidden, hidden)
+        self.conv1 = GCNConv(features.shape[1], hidden, cached=True)  # the graph never changes
+        self.conv2 = GCNConv(hidden, hidden, cached=True)
         self.out_dim = hidden + dynamic_dim
 
     def embed(self) -> torch.Tensor:

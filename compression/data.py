@@ -234,9 +234,9 @@ def make_dataset(
             raise DataError(
                 f"x_{split} images have shape {clean[f'x_{split}'].shape[1:]} (C, H, W) but x_train has {ref}"
             )
-    if int(clean["y_train"].max()) < 1:
+    if len(np.unique(clean["y_train"])) < 2:
         raise DataError("y_train holds a single class; classification needs at least two")
-    return Dataset(name=name, **clean)  # type: ignore[arg-type]
+    return Dataset(name=name, **clean)
 
 
 # --------------------------------------------------------------------------- built-ins

@@ -148,10 +148,8 @@ def _shape(node: Any) -> list[int] | None:
         return None
     out = []
     for s in val.shape:
-        try:
-            out.append(int(s))
-        except (TypeError, ValueError, RuntimeError):
-            out.append(_SYMBOLIC)
+        # int() of a SymInt may return its example hint; a symbolic dim must stay symbolic.
+        out.append(_SYMBOLIC if isinstance(s, torch.SymInt) else int(s))
     return out
 
 

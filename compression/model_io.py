@@ -78,10 +78,7 @@ def _input_shape(gm: fx.GraphModule) -> tuple[list[int], bool]:
                 break
             dims: list[int] = []
             for s in val.shape:
-                try:
-                    dims.append(int(s))
-                except (TypeError, ValueError, RuntimeError):
-                    dims.append(-1)
+                dims.append(-1 if isinstance(s, torch.SymInt) else int(s))
             return dims, has_symbolic_batch(gm)
     raise ModelLoadError("the exported program has no tensor input")
 

@@ -30,6 +30,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -44,6 +45,7 @@ __all__ = [
     "AgentError",
     "DirectoryTransport",
     "HttpTransport",
+    "TaskRejection",
     "Transport",
     "TransportError",
     "agent_device",
@@ -67,8 +69,8 @@ class TransportError(RuntimeError):
 class Transport(Protocol):
     """Where tasks come from and results go."""
 
-    def fetch_tasks(self) -> list[MeasurementTask]:
-        """Tasks to run now (claimed for this agent); malformed ones are reported, not returned."""
+    def fetch_tasks(self) -> list[MeasurementTask | TaskRejection]:
+        """Tasks to run now (claimed for this agent); malformed ones come back as rejections."""
         ...
 
     def read_model(self, ref: ModelRef) -> bytes:
@@ -80,11 +82,20 @@ class Transport(Protocol):
         ...
 
 
-def _bad_task_result(raw: Any, exc: Exception, device: str) -> MeasurementResult | None:
+@dataclass(frozen=True)
+class TaskRejection:
+    """A task that could not be parsed; the agent answers it with an ``error`` result."""
+
+    task_id: str
+    error: str
+
+
+def _reject(raw: Any, exc: Exception) -> TaskRejection | None:
+    """A rejection if the malformed task at least has an id to answer to."""
     task_id = raw.get("id") if isinstance(raw, dict) else None
     if not isinstance(task_id, str) or not task_id:
         return None
-    return MeasurementResult(task_id, device, "error", error=f"malformed task: {exc}", agent=_agent_info())
+    return TaskRejection(task_id, f"malformed task: {exc}")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -99,9 +110,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class DirectoryTransport:
     """Tasks and results as files in one folder (two processes on one machine)."""
 
-    def __init__(self, root: Path, device: str = "local") -> None:
+    def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.device = device
         self.tasks_dir = self.root / "tasks"
         self.claimed_dir = self.root / "claimed"
         self.results_dir = self.root / "results"
@@ -131,9 +141,9 @@ class DirectoryTransport:
         return found
 
     # agent side ------------------------------------------------------------
-    def fetch_tasks(self) -> list[MeasurementTask]:
+    def fetch_tasks(self) -> list[MeasurementTask | TaskRejection]:
         """Claim every queued task by renaming it into ``claimed/``."""
-        tasks: list[MeasurementTask] = []
+        tasks: list[MeasurementTask | TaskRejection] = []
         for path in sorted(self.tasks_dir.glob("*.json")):
             claimed = self.claimed_dir / path.name
             try:
@@ -146,10 +156,12 @@ class DirectoryTransport:
                 task = MeasurementTask.from_dict(raw)
             except (TaskError, json.JSONDecodeError) as exc:
                 log.error("rejected task file %s: %s", path.name, exc)
-                bad = _bad_task_result(raw, exc, self.device)
-                if bad is not None:
-                    self._claimed[bad.task_id] = claimed
-                    self.post_result(bad)
+                rejection = _reject(raw, exc)
+                if rejection is None:
+                    claimed.rename(claimed.with_suffix(".unreadable"))  # keep it for a person to read
+                else:
+                    self._claimed[rejection.task_id] = claimed
+                    tasks.append(rejection)
                 continue
             self._claimed[task.id] = claimed
             tasks.append(task)
@@ -234,7 +246,7 @@ class HttpTransport:
             return response
         raise TransportError(f"{method} {url}: gave up after {self.max_retries + 1} attempts ({last})")
 
-    def fetch_tasks(self) -> list[MeasurementTask]:
+    def fetch_tasks(self) -> list[MeasurementTask | TaskRejection]:
         """GET the device's pending tasks."""
         response = self._request("GET", f"/v1/devices/{self.device_id}/tasks")
         try:
@@ -244,15 +256,15 @@ class HttpTransport:
         items = body.get("tasks") if isinstance(body, dict) else body
         if not isinstance(items, list):
             raise AgentError(f"task list must be a JSON array, got {type(body).__name__}")
-        tasks: list[MeasurementTask] = []
+        tasks: list[MeasurementTask | TaskRejection] = []
         for raw in items:
             try:
                 tasks.append(MeasurementTask.from_dict(raw))
             except TaskError as exc:
                 log.error("rejected task: %s", exc)
-                bad = _bad_task_result(raw, exc, self.device_id)
-                if bad is not None:
-                    self.post_result(bad)
+                rejection = _reject(raw, exc)
+                if rejection is not None:
+                    tasks.append(rejection)
         return tasks
 
     def read_model(self, ref: ModelRef) -> bytes:
@@ -402,8 +414,15 @@ def run_agent(
             time.sleep(poll_s)
             continue
         for task in tasks:
-            log.info("measuring task %s (model %s)", task.id, task.model.sha256[:12])
-            pending.append(execute_task(task, transport, device, cache, noise))
+            if isinstance(task, TaskRejection):
+                pending.append(
+                    MeasurementResult(
+                        task.task_id, device.name, "error", error=task.error, agent=_agent_info()
+                    )
+                )
+            else:
+                log.info("measuring task %s (model %s)", task.id, task.model.sha256[:12])
+                pending.append(execute_task(task, transport, device, cache, noise))
             try:
                 flush()
             except TransportError as exc:
@@ -456,7 +475,7 @@ def serve(
         transport = HttpTransport(server, device, token)
     else:
         assert directory is not None
-        transport = DirectoryTransport(directory, device)
+        transport = DirectoryTransport(directory)
     stopping = False
 
     def on_term(signum: int, frame: FrameType | None) -> None:

@@ -160,6 +160,11 @@ class PairMeasurement:
         """Median latency of model b."""
         return self.b.median_ms
 
+    @property
+    def speedup_p10(self) -> float:
+        """a's p10 / b's p10: the fast tail, less hit by other processes on a loaded machine."""
+        return self.a.p10_ms / self.b.p10_ms
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return {"a": self.a.to_dict(), "b": self.b.to_dict(), "speedup": self.speedup}

@@ -8,7 +8,8 @@ then every step of the episode gets the episode's reward minus a moving-average 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -69,6 +70,17 @@ def feature_encoder(space: SearchSpace, features: torch.Tensor, dynamic_dim: int
     return FeatureEncoder(features, dynamic_dim)
 
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run tiny networks on one thread: on a busy CPU, more threads make them many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class DDPGAgent(Agent):
     """AMC: DDPG whose episodes decide every layer's action in turn.
 
@@ -119,7 +131,8 @@ class DDPGAgent(Agent):
         self._check_n(n)
         out = []
         for _ in range(n):
-            policy, steps = self._episode()
+            with single_thread():
+                policy, steps = self._episode()
             self.pending.append((policy.hash, steps))
             out.append(policy)
         return out
@@ -170,8 +183,9 @@ class DDPGAgent(Agent):
                 self.buffer.add(layer, dyn, action, reward - self.baseline, next_layer, next_dyn, done)
             self.episodes_told += 1
             if self.episodes_told > self.config.warmup_episodes:
-                for _ in range(len(steps)):
-                    self._update()
+                with single_thread():
+                    for _ in range(len(steps)):
+                        self._update()
 
     def _pop_pending(self, policy_hash: str) -> list[Step] | None:
         for i, (h, steps) in enumerate(self.pending):

@@ -15,10 +15,15 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each command family lives in its own module and registers itself on ``app``.
-    from modeltailor.cli import service_cmds  # noqa: F401
+    from modeltailor.cli import compress, service_cmds  # noqa: F401
 
 
 def main() -> None:
     """Console-script entry point."""
+    import warnings
+
+    # torch's export internals emit deprecation chatter that users cannot act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     _register()
     app()

@@ -79,7 +79,9 @@ sys.exit(rc or (3 if loaded else 0))
 """
 
 
-def test_two_processes_exchange_a_task_through_a_folder(tmp_path: Path, onnx_models: tuple[Path, Path]) -> None:
+def test_two_processes_exchange_a_task_through_a_folder(
+    tmp_path: Path, onnx_models: tuple[Path, Path]
+) -> None:
     wide, _ = onnx_models
     root = tmp_path / "exchange"
     server = DirectoryTransport(root)
@@ -110,11 +112,13 @@ def test_two_processes_exchange_a_task_through_a_folder(tmp_path: Path, onnx_mod
 
 def test_bad_tasks_become_error_results(tmp_path: Path, onnx_models: tuple[Path, Path]) -> None:
     wide, _ = onnx_models
-    transport = DirectoryTransport(tmp_path / "x", device="cpu-ort-1t")
+    transport = DirectoryTransport(tmp_path / "x")
     wrong = ModelRef("0" * 64, onnx_base64=base64.b64encode(wide.read_bytes()).decode())
     transport.submit(MeasurementTask("bad-sha", wrong))
     (transport.tasks_dir / "bad-json.json").write_text(json.dumps({"id": "bad-json", "model": {}}))
-    done = run_agent(transport, agent_device("cpu-ort-1t"), stop_after=2, poll_s=0.05, cache_dir=tmp_path / "c")
+    done = run_agent(
+        transport, agent_device("cpu-ort-1t"), stop_after=2, poll_s=0.05, cache_dir=tmp_path / "c"
+    )
     assert done == 2
     sha = transport.result("bad-sha")
     malformed = transport.result("bad-json")
@@ -193,9 +197,12 @@ def service(onnx_models: tuple[Path, Path]) -> Iterator[_FakeService]:
     tasks = [
         MeasurementTask("h-1", ModelRef.embed(narrow), runs=40, warmup=5).to_dict(),
         MeasurementTask(
-            "h-2", ModelRef(sha256_file(wide), url="/files/wide.onnx"), runs=40, warmup=5,
+            "h-2",
+            ModelRef(sha256_file(wide), url="/files/wide.onnx"),
+            runs=40,
+            warmup=5,
             baseline=ModelRef.embed(narrow),
-        ).to_dict(),  # fmt: skip
+        ).to_dict(),
     ]
     svc = _FakeService(tasks, {"/files/wide.onnx": wide.read_bytes()}, token="s3cret")
     yield svc
@@ -230,7 +237,9 @@ def test_http_agent_stops_on_bad_token_and_survives_outages(service: _FakeServic
     down = HttpTransport(url, "board-1", "s3cret", max_retries=1, backoff_s=0.01)
     polls = iter(range(3))
     start = time.monotonic()
-    done = run_agent(down, agent_device("board-1"), poll_s=0.01, should_stop=lambda: next(polls, None) is None)
+    done = run_agent(
+        down, agent_device("board-1"), poll_s=0.01, should_stop=lambda: next(polls, None) is None
+    )
     down.close()
     assert done == 0 and time.monotonic() - start < 30
 

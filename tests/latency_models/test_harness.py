@@ -46,7 +46,9 @@ class ResNetLike(nn.Module):
         c1, c2 = int(16 * width), int(32 * width)
         self.stem = nn.Sequential(nn.Conv2d(3, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU())
         self.stage1 = nn.Sequential(_Block(c1), _Block(c1))
-        self.down = nn.Sequential(nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU())
+        self.down = nn.Sequential(
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU()
+        )
         self.stage2 = nn.Sequential(_Block(c2), _Block(c2))
         self.fc = nn.Linear(c2, 10)
 

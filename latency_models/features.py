@@ -1,0 +1,326 @@
+"""Kernel-level features of a compressed model, computed from (SearchSpace, Policy) alone.
+
+The latency predictors see a compressed model as the list of kernels the runtime executes.
+ONNX Runtime fuses Conv+BatchNorm+ReLU (and Gemm+activation), so one prunable layer of the
+search space is one kernel; ops without weights (adds, pooling, softmax) are left to the
+per-model overhead. Building and exporting the compressed model takes ~0.1-1 s, far too slow
+for search, so everything here is derived from the space's index arrays and batched numpy:
+thousands of ResNet-20 policies per second on one core.
+
+The channel rule is the one ``compression.apply`` uses: a layer keeps
+``max(1, round(width * out))`` output channels, ``width`` being its ``width_leader``'s; its
+input channels are the sum over ``in_segments`` of the same rule with each segment's leader,
+times ``in_expand`` (positions per channel after a flatten). Depthwise convolutions keep one
+group per kept channel. Layers inside a skipped block are not kernels at all.
+
+How ``bits`` map to this runtime (``runtime_int8``): ONNX Runtime on this CPU runs a model
+either in fp32 or as a static int8 QDQ model. A policy runs as int8 QDQ when layers holding at
+least half of the kept MACs have ``bits`` set (any of 2-8: lower bit-widths are stored in int8
+containers, ORT has no faster kernel for them); otherwise it runs in fp32 (the fake-quantized
+weights are just float values). The sampler exports models by this very rule, so the
+predictors learn what int8 costs per kernel shape instead of assuming a speedup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from compression.policy import LayerPolicy, Policy
+from compression.space import (
+    OP_TYPES,
+    BlockSpace,
+    LayerFeatures,
+    LayerSpace,
+    SearchSpace,
+    SpaceOptions,
+)
+
+__all__ = [
+    "INT8_MAC_FRACTION",
+    "KERNEL_FEATURES",
+    "MODEL_FEATURES",
+    "SCHEME_CODES",
+    "KernelBatch",
+    "SpaceIndex",
+    "kernel_features",
+    "runtime_int8",
+    "space_from_dict",
+]
+
+SCHEME_CODES: dict[str, int] = {"dense": 0, "unstructured": 1, "nm": 2, "block": 3}
+#: A policy runs as int8 QDQ when layers with ``bits`` set hold at least this share of the MACs.
+INT8_MAC_FRACTION = 0.5
+
+KERNEL_FEATURES: tuple[str, ...] = (
+    "op_conv",
+    "op_dwconv",
+    "op_gconv",
+    "op_linear",
+    "in_channels",
+    "out_channels",
+    "kernel",
+    "stride",
+    "groups",
+    "in_h",
+    "in_w",
+    "out_h",
+    "out_w",
+    "macs",
+    "params",
+    "scheme_dense",
+    "scheme_unstructured",
+    "scheme_nm",
+    "scheme_block",
+    "sparsity",
+    "nm_n",
+    "nm_m",
+    "block",
+    "bits",
+    "int8",
+    "in_numel",
+    "out_numel",
+    "position",
+)
+MODEL_FEATURES: tuple[str, ...] = (
+    "total_macs",
+    "n_kernels",
+    "input_numel",
+    "int8",
+    "total_out_numel",
+    "total_params",
+)
+_K = {name: i for i, name in enumerate(KERNEL_FEATURES)}
+
+
+def _layer_tuple(lp: LayerPolicy) -> tuple[float, int, float, int, int, int, int]:
+    nm = lp.nm or (0, 0)
+    return (
+        lp.width,
+        SCHEME_CODES[lp.scheme],
+        lp.target_sparsity,
+        nm[0],
+        nm[1],
+        lp.block or 0,
+        lp.bits or 0,
+    )
+
+
+@dataclass(frozen=True)
+class KernelBatch:
+    """Kernel features of P policies of one space (L = layers of the space).
+
+    Attributes:
+        x: (P, L, F) float64 features named by ``KERNEL_FEATURES``; rows of absent kernels
+            are kept (zero MACs) so every policy has the same layout.
+        present: (P, L) bool, False for layers in skipped blocks.
+        op: (L,) op type index into ``OP_TYPES``.
+        model: (P, M) per-model features named by ``MODEL_FEATURES``.
+    """
+
+    x: np.ndarray
+    present: np.ndarray
+    op: np.ndarray
+    model: np.ndarray
+
+    @property
+    def int8(self) -> np.ndarray:
+        """(P,) whether each policy runs as int8 QDQ (see ``runtime_int8``)."""
+        return self.model[:, MODEL_FEATURES.index("int8")] > 0.5
+
+
+class SpaceIndex:
+    """Index arrays of one SearchSpace, computed once; ``features`` batches policies."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        layers = space.layers
+        self.names = [ls.name for ls in layers]
+        pos = {n: i for i, n in enumerate(self.names)}
+        self.n_layers = len(layers)
+        f = [ls.features for ls in layers]
+        self.op = np.array([OP_TYPES.index(x.op) for x in f], dtype=np.int64)
+        self.cout = np.array([x.out_channels for x in f], dtype=np.float64)
+        self.kernel = np.array([x.kernel for x in f], dtype=np.float64)
+        self.stride = np.array([x.stride for x in f], dtype=np.float64)
+        self.groups = np.array([x.groups for x in f], dtype=np.float64)
+        self.in_h = np.array([x.in_h for x in f], dtype=np.float64)
+        self.in_w = np.array([x.in_w for x in f], dtype=np.float64)
+        self.out_h = np.array([x.out_h for x in f], dtype=np.float64)
+        self.out_w = np.array([x.out_w for x in f], dtype=np.float64)
+        self.position = np.array([x.position for x in f], dtype=np.float64)
+        self.is_dw = self.op == OP_TYPES.index("dwconv")
+        self.leader = np.array(
+            [pos[ls.width_leader] if ls.width_leader is not None else -1 for ls in layers], dtype=np.int64
+        )
+        seg_layer, seg_leader, seg_len = [], [], []
+        for i, ls in enumerate(layers):
+            for leader, length in ls.in_segments or ((None, ls.features.in_channels),):
+                seg_layer.append(i)
+                seg_leader.append(pos[leader] if leader is not None else -1)
+                seg_len.append(length)
+        self.seg_leader = np.array(seg_leader, dtype=np.int64)
+        self.seg_len = np.array(seg_len, dtype=np.float64)
+        self.seg_to_layer = np.zeros((len(seg_layer), self.n_layers))
+        self.seg_to_layer[np.arange(len(seg_layer)), seg_layer] = 1.0
+        self.expand = np.array([ls.in_expand for ls in layers], dtype=np.float64)
+        self.block_names = {b.name: j for j, b in enumerate(space.blocks)}
+        self.block_layers = np.zeros((len(space.blocks), self.n_layers), dtype=bool)
+        for j, b in enumerate(space.blocks):
+            for name in b.layers:
+                if name in pos:
+                    self.block_layers[j, pos[name]] = True
+        first = f[0] if f else None
+        self.input_numel = float(first.in_channels * first.in_h * first.in_w) if first else 0.0
+
+    def encode(self, policies: Sequence[Policy]) -> tuple[np.ndarray, np.ndarray]:
+        """Policies as a (P, L, 7) array (width, scheme, sparsity, N, M, block, bits) + (P, B) skips.
+
+        One flat list of LayerPolicy objects, then one list comprehension per field: this
+        Python loop is the cost of prediction, so it touches each attribute once.
+        """
+        names = self.names
+        lps: list[LayerPolicy] = []
+        skips = np.zeros((len(policies), len(self.block_names)), dtype=bool)
+        for p, policy in enumerate(policies):
+            get, default = policy.layers.get, policy.default
+            lps.extend([get(name, default) for name in names])
+            for b in policy.skip:
+                j = self.block_names.get(b)
+                if j is not None:
+                    skips[p, j] = True
+        enc = np.zeros((len(lps), 7))
+        if lps:
+            codes = SCHEME_CODES
+            enc[:, 0] = [lp.width for lp in lps]
+            scheme = np.array([codes[lp.scheme] for lp in lps], dtype=np.int64)
+            enc[:, 1] = scheme
+            nm = np.array([lp.nm or (0, 0) for lp in lps], dtype=np.float64)
+            enc[:, 3:5] = nm
+            enc[:, 5] = [lp.block or 0 for lp in lps]
+            enc[:, 6] = [lp.bits or 0 for lp in lps]
+            raw = np.array([lp.sparsity for lp in lps])
+            nm_sparsity = 1.0 - nm[:, 0] / np.maximum(nm[:, 1], 1.0)
+            enc[:, 2] = np.where(scheme == 2, nm_sparsity, np.where(scheme == 0, 0.0, raw))
+        return enc.reshape(len(policies), self.n_layers, 7), skips
+
+    def features(self, policies: Sequence[Policy]) -> KernelBatch:
+        """Kernel and model features of every policy (batched; no model is built)."""
+        enc, skips = self.encode(policies)
+        n_pol = len(policies)
+        width = enc[:, :, 0]
+        has_leader = self.leader >= 0
+        lead_w = np.where(has_leader, width[:, np.maximum(self.leader, 0)], 1.0)
+        cout = np.where(has_leader, np.maximum(1.0, np.round(lead_w * self.cout)), self.cout)
+        seg_has = self.seg_leader >= 0
+        seg_w = np.where(seg_has, width[:, np.maximum(self.seg_leader, 0)], 1.0)
+        seg_kept = np.where(seg_has, np.maximum(1.0, np.round(seg_w * self.seg_len)), self.seg_len)
+        cin = (seg_kept @ self.seg_to_layer) * self.expand
+        groups = np.where(self.is_dw, cout, self.groups)
+        present = ~((skips.astype(np.float64) @ self.block_layers.astype(np.float64)) > 0)
+        k2 = self.kernel * self.kernel
+        params = cin / groups * cout * k2
+        macs = params * self.out_h * self.out_w * present
+        x = np.zeros((n_pol, self.n_layers, len(KERNEL_FEATURES)))
+        x[:, np.arange(self.n_layers), self.op] = 1.0
+        x[:, :, _K["in_channels"]] = cin
+        x[:, :, _K["out_channels"]] = cout
+        x[:, :, _K["kernel"]] = self.kernel
+        x[:, :, _K["stride"]] = self.stride
+        x[:, :, _K["groups"]] = groups
+        x[:, :, _K["in_h"]] = self.in_h
+        x[:, :, _K["in_w"]] = self.in_w
+        x[:, :, _K["out_h"]] = self.out_h
+        x[:, :, _K["out_w"]] = self.out_w
+        x[:, :, _K["macs"]] = macs
+        x[:, :, _K["params"]] = params
+        scheme = enc[:, :, 1].astype(np.int64)
+        for code in range(4):
+            x[:, :, _K["scheme_dense"] + code] = scheme == code
+        x[:, :, _K["sparsity"]] = enc[:, :, 2]
+        x[:, :, _K["nm_n"]] = enc[:, :, 3]
+        x[:, :, _K["nm_m"]] = enc[:, :, 4]
+        x[:, :, _K["block"]] = enc[:, :, 5]
+        bits = enc[:, :, 6]
+        x[:, :, _K["bits"]] = bits
+        total_macs = macs.sum(axis=1)
+        quant_macs = (macs * (bits > 0)).sum(axis=1)
+        int8 = quant_macs >= INT8_MAC_FRACTION * np.maximum(total_macs, 1e-9)
+        x[:, :, _K["int8"]] = int8[:, None]
+        x[:, :, _K["in_numel"]] = cin * self.in_h * self.in_w
+        out_numel = cout * self.out_h * self.out_w
+        x[:, :, _K["out_numel"]] = out_numel
+        x[:, :, _K["position"]] = self.position
+        x *= present[:, :, None]
+        model = np.stack(
+            [
+                total_macs,
+                present.sum(axis=1).astype(np.float64),
+                np.full(n_pol, self.input_numel),
+                int8.astype(np.float64),
+                (out_numel * present).sum(axis=1),
+                (params * present).sum(axis=1),
+            ],
+            axis=1,
+        )
+        return KernelBatch(x=x, present=present, op=self.op, model=model)
+
+
+_INDEX_CACHE: dict[int, SpaceIndex] = {}
+
+
+def _index(space: SearchSpace) -> SpaceIndex:
+    """The SpaceIndex of ``space``, cached by identity (spaces are frozen)."""
+    idx = _INDEX_CACHE.get(id(space))
+    if idx is None or idx.space is not space:
+        if len(_INDEX_CACHE) > 256:
+            _INDEX_CACHE.clear()
+        idx = _INDEX_CACHE[id(space)] = SpaceIndex(space)
+    return idx
+
+
+def kernel_features(space: SearchSpace, policies: Sequence[Policy]) -> KernelBatch:
+    """Kernel features of ``policies`` over ``space`` (batched, index arrays cached per space)."""
+    return _index(space).features(policies)
+
+
+def runtime_int8(space: SearchSpace, policy: Policy) -> bool:
+    """Whether this runtime executes ``policy`` as an int8 QDQ model (see module docstring)."""
+    return bool(kernel_features(space, [policy]).int8[0])
+
+
+def space_from_dict(raw: Mapping[str, Any]) -> SearchSpace:
+    """Inverse of ``SearchSpace.to_dict`` (calibration data stores the spaces it measured)."""
+    layers = []
+    for d in raw["layers"]:
+        layers.append(
+            LayerSpace(
+                name=d["name"],
+                features=LayerFeatures(**d["features"]),
+                width_prunable=bool(d["width_prunable"]),
+                width_leader=d["width_leader"],
+                schemes=tuple(d["schemes"]),
+                nm_choices=tuple((int(a), int(b)) for a, b in d["nm_choices"]),
+                block_choices=tuple(int(b) for b in d["block_choices"]),
+                bits_choices=tuple(None if b is None else int(b) for b in d["bits_choices"]),
+                in_segments=tuple((s[0], int(s[1])) for s in d.get("in_segments", [])),
+                in_expand=int(d.get("in_expand", 1)),
+            )
+        )
+    blocks = tuple(BlockSpace(b["name"], tuple(b["layers"])) for b in raw["blocks"])
+    opts = dict(raw["options"])
+    options = SpaceOptions(
+        schemes=tuple(opts["schemes"]),
+        bits=tuple(None if b is None else int(b) for b in opts["bits"]),
+        width=bool(opts["width"]),
+        depth=bool(opts["depth"]),
+        min_width=float(opts["min_width"]),
+        max_sparsity=float(opts["max_sparsity"]),
+        nm_choices=tuple((int(a), int(b)) for a, b in opts["nm_choices"]),
+        block_choices=tuple(int(b) for b in opts["block_choices"]),
+    )
+    edges = tuple((int(a), int(b)) for a, b in raw["edges"])
+    return SearchSpace(layers=tuple(layers), blocks=blocks, edges=edges, options=options)

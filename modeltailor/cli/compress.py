@@ -1,0 +1,89 @@
+"""``modeltailor compress``: apply one policy, measure it, export it — no server needed."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from modeltailor.cli import app
+
+err = Console(stderr=True)
+
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="A .pt2 archive (torch.export.save) or a zoo name (resnet20, ...).")],
+    policy: Annotated[Path, typer.Option("--policy", help="Policy JSON file.", exists=True, dir_okay=False)],
+    data: Annotated[str, typer.Option("--data", help="An .npz (x_train, y_train, x_val, y_val) or mnist / digits.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the ONNX model.")],
+    int8: Annotated[bool, typer.Option("--int8", help="Export int8 QDQ ONNX (static, calibrated).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for zoo training and calibration batches.")] = 0,
+    calib_batches: Annotated[int, typer.Option(help="BatchNorm recalibration batches of 64.")] = 8,
+) -> None:
+    """Apply POLICY to MODEL, recalibrate BatchNorm, evaluate on x_val, export ONNX; print one JSON line."""
+    from compression import Policy, PolicyError, compress as apply_and_calibrate, measure
+    from compression.apply import apply_policy
+    from compression.data import DataError, calibration_batches, load_dataset
+    from compression.evaluate import accuracy
+    from compression.model_io import ModelLoadError, ModelTraceError
+    from compression.onnx_export import ExportError, export_onnx, onnx_accuracy
+    from compression.resolve import resolve_model
+
+    try:
+        dataset = load_dataset(data)
+        pol = Policy.from_json(policy.read_text())
+        with err.status(f"loading {model} (a zoo model trains on first use)"):
+            cmodel = resolve_model(model, dataset, seed=seed)
+        calib = calibration_batches(dataset, calib_batches, 64, seed=seed)
+        with err.status("applying the policy and recalibrating BatchNorm"):
+            dense = apply_policy(cmodel, Policy.dense())
+            dense_acc = accuracy(dense.gm, dataset.x_val, dataset.y_val)
+            dense_m = measure(dense)
+            estimate_policy = pol
+            if int8:  # the fake-quant estimate of what int8 ONNX Runtime will run
+                raw = pol.to_dict()
+                raw["default"]["bits"] = raw["default"]["bits"] or 8
+                for spec in raw["layers"].values():
+                    spec["bits"] = spec["bits"] or 8
+                raw["act_bits"] = 8
+                estimate_policy = Policy.from_dict(raw)
+            cm = apply_and_calibrate(cmodel, estimate_policy, calib)
+            acc = accuracy(cm.gm, dataset.x_val, dataset.y_val)
+            m = measure(cm)
+        with err.status(f"exporting {'int8 QDQ' if int8 else 'fp32'} ONNX"):
+            float_cm = apply_and_calibrate(cmodel, pol, calib) if int8 else cm
+            example = cmodel.example_input(2)
+            if int8:
+                from compression.quantize_onnx import quantize_int8
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    fp32 = export_onnx(float_cm.gm, example, Path(tmp) / "fp32.onnx")
+                    quantize_int8(fp32, (b.numpy() for b in calib), out)
+            else:
+                export_onnx(float_cm.gm, example, out)
+            onnx_acc = onnx_accuracy(out, dataset.x_val, dataset.y_val)
+    except (PolicyError, DataError, ModelLoadError, ModelTraceError, ExportError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    result = {
+        "model": cmodel.name,
+        "policy_hash": pol.hash,
+        "accuracy": round(acc, 5),
+        "dense_accuracy": round(dense_acc, 5),
+        "onnx_accuracy": round(onnx_acc, 5),
+        "macs": m.macs,
+        "effective_macs": m.effective_macs,
+        "dense_macs": dense_m.macs,
+        "size_bytes": m.size_bytes,
+        "dense_size_bytes": dense_m.size_bytes,
+        "params": m.params,
+        "int8": int8,
+        "onnx": str(out),
+    }
+    sys.stdout.write(json.dumps(result) + "\n")

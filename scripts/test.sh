@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up (venv, torch pinned), start PostgreSQL if needed, then ruff, mypy and pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/ensure_postgres.sh
+.venv/bin/ruff check .
+.venv/bin/mypy compression latency_models agents service db modeltailor
+.venv/bin/pytest -n 2 --dist loadfile -p no:cacheprovider "$@"

@@ -1,0 +1,1 @@
+"""The web dashboard: a dependency-free single-page app served by the API at ``/``."""

@@ -1,0 +1,805 @@
+/* modeltailor dashboard: a dependency-free single-page app over the /v1 REST API.
+ *
+ * Routes (location.hash): #/jobs, #/jobs/ID, #/candidates/ID, #/devices, #/devices/ID.
+ * The API key is asked for once and kept in sessionStorage (this tab only).
+ * Test hooks: body[data-page] and body[data-ready="1"] once a page is drawn; the job
+ * scatter carries data-front-count / data-total / data-shown / data-render-ms.
+ */
+"use strict";
+
+const KEY_STORE = "modeltailor.apiKey";
+const FRONT_NAME = "Pareto front";
+const COLORS = {
+  accent: "#4f46e5", faint: "rgba(100,116,139,0.28)", infeasible: "rgba(220,38,38,0.22)",
+  baseline: "#0f172a", constraint: "#dc2626", ok: "#059669",
+  schemes: { dense: "#94a3b8", unstructured: "#f59e0b", nm: "#4f46e5", block: "#0891b2" },
+};
+const PLOT_CONFIG = { displaylogo: false, responsive: true,
+  modeBarButtonsToRemove: ["lasso2d", "select2d", "autoScale2d", "toggleSpikelines"] };
+const BASE_LAYOUT = {
+  margin: { l: 64, r: 24, t: 16, b: 52 }, paper_bgcolor: "#fff", plot_bgcolor: "#fff",
+  font: { family: "-apple-system, BlinkMacSystemFont, Segoe UI, Roboto, sans-serif", size: 12, color: "#374151" },
+  hoverlabel: { bgcolor: "#0f172a", bordercolor: "#0f172a", font: { color: "#f8fafc", size: 12 } },
+  legend: { orientation: "h", y: 1.08, x: 0, bgcolor: "rgba(0,0,0,0)" },
+};
+
+// ---------------------------------------------------------------- state and helpers
+
+let view = { token: 0, cleanups: [] };   // the page on screen; async work checks its token
+
+function newView() {
+  for (const fn of view.cleanups) { try { fn(); } catch (_) { /* already gone */ } }
+  view = { token: view.token + 1, cleanups: [] };
+  document.body.dataset.ready = "0";
+  return view.token;
+}
+const current = (token) => token === view.token;
+const $ = (sel, root = document) => root.querySelector(sel);
+const app = () => $("#app");
+
+function esc(value) {
+  return String(value ?? "").replace(/[&<>"']/g, (c) => (
+    { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+const fmt = {
+  pct: (v, d = 2) => (v == null ? "—" : `${(100 * v).toFixed(d)} %`),
+  ms: (v) => (v == null ? "—" : `${v < 10 ? v.toFixed(3) : v.toFixed(2)} ms`),
+  bytes: (v) => {
+    if (v == null) return "—";
+    const units = ["B", "KB", "MB", "GB"];
+    let i = 0; let x = v;
+    while (x >= 1024 && i < units.length - 1) { x /= 1024; i += 1; }
+    return `${x.toFixed(i ? 1 : 0)} ${units[i]}`;
+  },
+  int: (v) => (v == null ? "—" : Number(v).toLocaleString("en-US")),
+  num: (v, d = 3) => (v == null ? "—" : Number(v).toFixed(d)),
+  macs: (v) => (v == null ? "—" : v >= 1e9 ? `${(v / 1e9).toFixed(2)} G` : v >= 1e6 ? `${(v / 1e6).toFixed(2)} M` : `${(v / 1e3).toFixed(1)} k`),
+  secs: (v) => (v == null ? "—" : v < 90 ? `${Math.round(v)} s` : `${Math.round(v / 60)} min`),
+  when: (iso) => (iso ? new Date(`${iso}${iso.endsWith("Z") ? "" : "Z"}`).toLocaleString() : "—"),
+};
+const badge = (status) => `<span class="badge ${esc(status)}">${esc(status)}</span>`;
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+function apiKey() { return sessionStorage.getItem(KEY_STORE); }
+
+async function api(path, options = {}) {
+  const headers = { Authorization: `Bearer ${apiKey()}`, ...(options.headers || {}) };
+  if (options.json !== undefined) headers["Content-Type"] = "application/json";
+  const res = await fetch(path, {
+    method: options.method || "GET", headers, signal: options.signal,
+    body: options.json !== undefined ? JSON.stringify(options.json) : undefined,
+  });
+  if (res.status === 401) {
+    sessionStorage.removeItem(KEY_STORE);
+    showLogin("Your API key was not accepted; please enter it again.");
+    throw new ApiError(401, "unauthorized");
+  }
+  if (!res.ok) {
+    let detail = res.statusText;
+    try { detail = (await res.json()).detail || detail; } catch (_) { /* not JSON */ }
+    throw new ApiError(res.status, `${res.status}: ${detail}`);
+  }
+  return options.raw ? res : res.json();
+}
+
+function setPage(name) {
+  document.body.dataset.page = name;
+  for (const a of document.querySelectorAll("#nav a[data-nav]")) {
+    a.classList.toggle("active", a.dataset.nav === name.split("-")[0] || (name.startsWith("candidate") && a.dataset.nav === "jobs"));
+  }
+}
+function ready(token) { if (current(token)) document.body.dataset.ready = "1"; }
+function showError(token, err) {
+  if (!current(token) || err.status === 401) return;
+  app().innerHTML = `<div class="card"><h2>Something went wrong</h2><p class="error">${esc(err.message)}</p>
+    <p><a href="#/jobs">Back to jobs</a></p></div>`;
+  ready(token);
+}
+function every(ms, fn) {
+  const id = setInterval(fn, ms);
+  view.cleanups.push(() => clearInterval(id));
+}
+function plotlyReady() {
+  return new Promise((resolve) => {
+    if (window.Plotly) { resolve(); return; }
+    const wait = setInterval(() => { if (window.Plotly) { clearInterval(wait); resolve(); } }, 10);
+  });
+}
+function purgeOnLeave(div) { view.cleanups.push(() => { if (window.Plotly) Plotly.purge(div); }); }
+
+// ---------------------------------------------------------------- login
+
+function showLogin(message) {
+  newView();
+  setPage("login");
+  $("#session").hidden = true;
+  app().replaceChildren($("#login-template").content.cloneNode(true));
+  const error = $("#login-error");
+  if (message) { error.textContent = message; error.hidden = false; }
+  $("#api-key").focus();
+  $("#login-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const key = $("#api-key").value.trim();
+    sessionStorage.setItem(KEY_STORE, key);
+    try {
+      await api("/v1/jobs?limit=1");
+      route();
+    } catch (err) {
+      if (err.status !== 401) { error.textContent = err.message; error.hidden = false; }
+    }
+  });
+  document.body.dataset.ready = "1";
+}
+
+// ---------------------------------------------------------------- jobs list
+
+async function pageJobs(token) {
+  setPage("jobs");
+  const active = await drawJobs(token);
+  if (!current(token)) return;
+  ready(token);
+  if (active) {
+    let busy = false;
+    every(3000, async () => {
+      if (busy || !current(token)) return;
+      busy = true;
+      try { await drawJobs(token); } catch (_) { /* next tick retries */ }
+      busy = false;
+    });
+  }
+}
+
+/* Draw the jobs table; returns whether any job is still queued or running. */
+async function drawJobs(token) {
+  const [jobs, devices] = await Promise.all([api("/v1/jobs?limit=200"), api("/v1/devices")]);
+  if (!current(token)) return false;
+  const deviceName = Object.fromEntries(devices.data.map((d) => [d.id, d.name]));
+  const rows = jobs.data.map((job) => {
+    const p = job.progress || {};
+    const done = p.done ?? 0;
+    const total = p.total;
+    const share = total ? Math.min(1, done / total) : job.status === "succeeded" ? 1 : 0;
+    const eta = job.status === "running" && p.eta_s != null ? ` · ETA ${fmt.secs(p.eta_s)}` : "";
+    return `<tr class="link" data-href="#/jobs/${job.id}" data-job="${job.id}">
+      <td class="mono">#${job.id}</td>
+      <td>${badge(job.status)}</td>
+      <td><div class="progress-cell"><div class="bar"><span style="width:${(100 * share).toFixed(1)}%"></span></div>
+        <small>${fmt.int(done)}${total ? ` / ${fmt.int(total)}` : ""} candidates${esc(eta)}${p.phase && job.status === "running" ? ` · ${esc(p.phase)}` : ""}</small></div></td>
+      <td><span class="chip">${esc(job.algorithm)}</span></td>
+      <td>${esc(deviceName[job.device_id] || `device ${job.device_id}`)}</td>
+      <td class="best" data-best="${job.id}">${p.best_accuracy != null ? `${fmt.pct(p.best_accuracy)}` : "—"}</td>
+      <td class="muted">${esc(fmt.when(job.created_at))}</td>
+    </tr>`;
+  }).join("");
+  const active = jobs.data.some((j) => j.status === "running" || j.status === "queued");
+  app().innerHTML = `
+    <div class="page-head"><h1>Search jobs</h1><span class="muted">${fmt.int(jobs.count)} total</span>
+      <span class="spacer"></span>${active ? '<span class="live">live</span>' : ""}</div>
+    <div class="card table-card">${jobs.data.length ? `<table id="jobs-table">
+      <thead><tr><th>Job</th><th>Status</th><th>Progress</th><th>Algorithm</th><th>Device</th>
+        <th>Best point</th><th>Submitted</th></tr></thead><tbody>${rows}</tbody></table>`
+      : `<div class="empty">No jobs yet. Submit one with <code>modeltailor submit</code>, the SDK or
+         <code>POST /v1/jobs</code>; it appears here.</div>`}</div>`;
+  for (const tr of document.querySelectorAll("tr.link")) {
+    tr.addEventListener("click", () => { location.hash = tr.dataset.href; });
+  }
+  // The best front point (accuracy at latency) needs the job's detail: fill it in afterwards.
+  for (const job of jobs.data.slice(0, 25)) {
+    if (job.status === "queued") continue;
+    api(`/v1/jobs/${job.id}`).then((full) => {
+      const cell = document.querySelector(`[data-best="${job.id}"]`);
+      const best = full.best && full.best[0];
+      if (!current(token) || !cell || !best) return;
+      cell.innerHTML = `<b>${fmt.pct(best.accuracy)}</b> <span class="muted">@ ${fmt.ms(best.latency_ms)}</span>`;
+    }).catch(() => {});
+  }
+  return active;
+}
+
+// ---------------------------------------------------------------- one job
+
+function constraintShapes(scatter, metric) {
+  const shapes = [];
+  const notes = [];
+  const c = scatter.constraints || {};
+  const line = (axis, value, label) => {
+    if (axis === "x") {
+      shapes.push({ type: "line", xref: "x", yref: "paper", x0: value, x1: value, y0: 0, y1: 1,
+        line: { color: COLORS.constraint, width: 1.5, dash: "dash" } });
+      notes.push({ xref: "x", yref: "paper", x: value, y: 1, text: label, showarrow: false,
+        xanchor: "left", yanchor: "top", font: { color: COLORS.constraint, size: 11 }, xshift: 4 });
+    } else {
+      shapes.push({ type: "line", xref: "paper", yref: "y", x0: 0, x1: 1, y0: value, y1: value,
+        line: { color: COLORS.constraint, width: 1.5, dash: "dash" } });
+      notes.push({ xref: "paper", yref: "y", x: 1, y: value, text: label, showarrow: false,
+        xanchor: "right", yanchor: "bottom", font: { color: COLORS.constraint, size: 11 } });
+    }
+  };
+  if (c[metric] && c[metric].max != null) {
+    line("x", c[metric].max, metric === "latency_ms" ? `latency ≤ ${c[metric].max} ms` : `size ≤ ${fmt.bytes(c[metric].max)}`);
+  }
+  if (c.accuracy && c.accuracy.min != null) line("y", c.accuracy.min, `accuracy ≥ ${fmt.pct(c.accuracy.min, 1)}`);
+  const base = scatter.baseline && scatter.baseline.accuracy;
+  if (c.accuracy_drop && c.accuracy_drop.max != null && base != null) {
+    line("y", base - c.accuracy_drop.max, `accuracy drop ≤ ${fmt.pct(c.accuracy_drop.max, 1)}`);
+  }
+  return { shapes, annotations: notes };
+}
+
+function pick(points, indices) {
+  const out = {};
+  for (const key of Object.keys(points)) out[key] = indices.map((i) => points[key][i]);
+  return out;
+}
+
+function scatterTraces(scatter, metric) {
+  const others = scatter.others;
+  const xTitle = metric === "latency_ms" ? "predicted latency" : "size";
+  const xFmt = metric === "latency_ms" ? "%{x:.3f} ms" : "%{x:,.0f} B";
+  const hover = `<b>candidate %{customdata}</b><br>accuracy %{y:.2%} · ${xTitle} ${xFmt}<br>%{text}<extra></extra>`;
+  const idx = { ok: [], bad: [] };
+  others.feasible.forEach((f, i) => idx[f ? "ok" : "bad"].push(i));
+  const cloud = (pts, name, color) => ({
+    type: "scattergl", mode: "markers", name, x: pts[metric], y: pts.accuracy, customdata: pts.id,
+    text: pts.summary, hovertemplate: hover, marker: { size: 5, color },
+  });
+  let front;
+  if (metric === "latency_ms") {
+    front = scatter.front;
+  } else {   // the accuracy-vs-size front: look its points up among everything sent
+    const all = {};
+    for (const pts of [scatter.front, others]) pts.id.forEach((id, i) => { all[id] = [pts, i]; });
+    front = { id: [], accuracy: [], latency_ms: [], size_bytes: [], summary: [] };
+    for (const id of scatter.size_front_ids) {
+      const [pts, i] = all[id];
+      for (const key of Object.keys(front)) front[key].push(pts[key][i]);
+    }
+  }
+  const order = front.id.map((_, i) => i).sort((a, b) => front[metric][a] - front[metric][b]);
+  const sorted = pick(front, order);
+  const traces = [
+    cloud(pick(others, idx.ok), "candidates", COLORS.faint),
+    cloud(pick(others, idx.bad), "violates a constraint", COLORS.infeasible),
+    { type: "scattergl", mode: "lines+markers", name: metric === "latency_ms" ? FRONT_NAME : `${FRONT_NAME} (size)`,
+      x: sorted[metric], y: sorted.accuracy, customdata: sorted.id, text: sorted.summary, hovertemplate: hover,
+      line: { shape: "hv", color: COLORS.accent, width: 1.5 },
+      marker: { size: 9, color: COLORS.accent, line: { color: "#fff", width: 1.5 } } },
+  ];
+  const base = scatter.baseline || {};
+  if (base.accuracy != null && base[metric] != null) {
+    traces.push({ type: "scatter", mode: "markers", name: "dense model", x: [base[metric]], y: [base.accuracy],
+      hovertemplate: `<b>dense model</b><br>accuracy %{y:.2%} · ${xFmt}<extra></extra>`,
+      marker: { size: 14, symbol: "star", color: COLORS.baseline } });
+  }
+  return traces;
+}
+
+async function drawScatter(div, scatter, metric) {
+  await plotlyReady();
+  const started = performance.now();
+  const { shapes, annotations } = constraintShapes(scatter, metric);
+  const layout = {
+    ...BASE_LAYOUT, shapes, annotations, hovermode: "closest", uirevision: metric,
+    xaxis: { title: { text: metric === "latency_ms" ? "predicted latency (ms)" : "size", standoff: 8 },
+      gridcolor: "#f1f5f9", zeroline: false, ...(metric === "size_bytes" ? { tickformat: "~s", ticksuffix: "B" } : {}) },
+    yaxis: { title: { text: "accuracy", standoff: 8 }, tickformat: ".1%", gridcolor: "#f1f5f9", zeroline: false },
+  };
+  await Plotly.react(div, scatterTraces(scatter, metric), layout, PLOT_CONFIG);
+  const front = div.data.find((t) => t.name && t.name.startsWith(FRONT_NAME));
+  div.dataset.frontCount = String(front ? front.x.length : 0);
+  div.dataset.total = String(scatter.total);
+  div.dataset.shown = String(scatter.shown);
+  div.dataset.view = metric;
+  div.dataset.renderMs = (performance.now() - started).toFixed(1);
+  if (!div.dataset.clickBound) {
+    div.dataset.clickBound = "1";
+    div.on("plotly_click", (ev) => {
+      const point = ev.points && ev.points[0];
+      if (point && point.customdata != null) location.hash = `#/candidates/${point.customdata}`;
+    });
+  }
+}
+
+function jobStats(job, scatter, deviceName) {
+  const p = job.progress || {};
+  const share = p.total ? Math.min(1, (p.done || 0) / p.total) : job.status === "succeeded" ? 1 : 0;
+  const best = job.best && job.best[0];
+  const base = job.baseline || {};
+  const speedup = best && base.latency_ms && best.latency_ms ? base.latency_ms / best.latency_ms : null;
+  return `
+    <div class="card stat"><div class="label">Progress</div>
+      <div class="value">${fmt.int(p.done ?? scatter.total)}${p.total ? `<span class="muted" style="font-size:14px"> / ${fmt.int(p.total)}</span>` : ""}</div>
+      <div class="bar" style="margin-top:8px"><span style="width:${(100 * share).toFixed(1)}%"></span></div>
+      <div class="sub">${esc(p.phase || job.status)}${job.status === "running" && p.eta_s != null ? ` · ETA ${fmt.secs(p.eta_s)}` : ""}</div></div>
+    <div class="card stat"><div class="label">Candidates</div><div class="value">${fmt.int(scatter.total)}</div>
+      <div class="sub">${fmt.int(scatter.feasible_total)} meet the constraints</div></div>
+    <div class="card stat"><div class="label">Pareto front</div><div class="value" id="front-count">${fmt.int(scatter.front.id.length)}</div>
+      <div class="sub">non-dominated, feasible</div></div>
+    <div class="card stat"><div class="label">Most accurate on front</div>
+      <div class="value">${best ? fmt.pct(best.accuracy) : "—"}</div>
+      <div class="sub">${best ? `${fmt.ms(best.latency_ms)}${speedup ? ` · ${speedup.toFixed(2)}× faster than dense` : ""}` : "no feasible candidate yet"}</div></div>
+    <div class="card stat"><div class="label">Dense model</div><div class="value">${fmt.pct(base.accuracy)}</div>
+      <div class="sub">${fmt.ms(base.latency_ms)} on ${esc(deviceName)}</div></div>`;
+}
+
+function frontTable(scatter, baseline) {
+  const f = scatter.front;
+  if (!f.id.length) return '<div class="empty">No feasible candidate yet.</div>';
+  const rows = f.id.map((id, i) => {
+    const speed = baseline.latency_ms && f.latency_ms[i] ? `${(baseline.latency_ms / f.latency_ms[i]).toFixed(2)}×` : "—";
+    return `<tr class="link" data-href="#/candidates/${id}"><td class="mono">#${id}</td>
+      <td class="num">${fmt.pct(f.accuracy[i])}</td><td class="num">${fmt.ms(f.latency_ms[i])}</td>
+      <td class="num">${speed}</td><td class="num">${fmt.bytes(f.size_bytes[i])}</td>
+      <td class="summary">${esc(f.summary[i])}</td></tr>`;
+  }).join("");
+  return `<table id="front-table"><thead><tr><th>Candidate</th><th class="num">Accuracy</th>
+    <th class="num">Pred. latency</th><th class="num">Speedup</th><th class="num">Size</th><th>Policy</th></tr></thead>
+    <tbody>${rows}</tbody></table>`;
+}
+
+async function pageJob(token, jobId) {
+  setPage("job");
+  const [job, scatter, devices] = await Promise.all([
+    api(`/v1/jobs/${jobId}`), api(`/v1/jobs/${jobId}/scatter?max_points=4000`), api("/v1/devices"),
+  ]);
+  if (!current(token)) return;
+  const device = devices.data.find((d) => d.id === job.device_id);
+  const deviceName = device ? device.name : `device ${job.device_id}`;
+  let metric = "latency_ms";
+  app().innerHTML = `
+    <div class="crumbs"><a href="#/jobs">Jobs</a> / job ${job.id}</div>
+    <div class="page-head"><h1>Job #${job.id}</h1>${badge(job.status)}<span class="chip">${esc(job.algorithm)}</span>
+      <span class="muted">on <a href="#/devices/${job.device_id}">${esc(deviceName)}</a> · model ${job.model_id} · data set ${job.dataset_id}</span>
+      <span class="spacer"></span><span id="job-live"></span></div>
+    ${job.error ? `<div class="banner">${esc(job.error)}</div>` : ""}
+    <div class="grid stats" id="job-stats">${jobStats(job, scatter, deviceName)}</div>
+    <div class="card">
+      <div class="plot-head"><h2 id="plot-title">Accuracy vs predicted latency</h2><span class="spacer"></span>
+        <div class="tabs" role="tablist"><button class="active" data-metric="latency_ms" type="button">Latency</button>
+          <button data-metric="size_bytes" type="button">Size</button></div></div>
+      <div id="scatter" class="plot"></div>
+      <div class="note" id="scatter-note"></div>
+    </div>
+    <div class="card table-card"><h2>Pareto front</h2><div id="front-card">${frontTable(scatter, job.baseline || {})}</div></div>`;
+  const div = $("#scatter");
+  purgeOnLeave(div);
+  const bindRows = () => {
+    for (const tr of document.querySelectorAll("#front-table tr.link")) {
+      tr.addEventListener("click", () => { location.hash = tr.dataset.href; });
+    }
+  };
+  const note = (s) => {
+    $("#scatter-note").textContent = s.decimated
+      ? `Showing ${fmt.int(s.shown)} of ${fmt.int(s.total)} candidates: every front point, dominated points thinned on a grid. Click a point to open it.`
+      : `${fmt.int(s.total)} candidates. Click a point to open it; drag to zoom, double-click to reset.`;
+  };
+  bindRows();
+  note(scatter);
+  let latest = scatter;
+  await drawScatter(div, scatter, metric);
+  if (!current(token)) return;
+  for (const button of document.querySelectorAll(".tabs button")) {
+    button.addEventListener("click", async () => {
+      metric = button.dataset.metric;
+      for (const b of document.querySelectorAll(".tabs button")) b.classList.toggle("active", b === button);
+      $("#plot-title").textContent = metric === "latency_ms" ? "Accuracy vs predicted latency" : "Accuracy vs model size";
+      await drawScatter(div, latest, metric);
+    });
+  }
+  ready(token);
+  if (job.status === "running" || job.status === "queued") {
+    liveJob(token, jobId, async () => {
+      const [j, s] = await Promise.all([api(`/v1/jobs/${jobId}`), api(`/v1/jobs/${jobId}/scatter?max_points=4000`)]);
+      if (!current(token)) return j;
+      latest = s;
+      $("#job-stats").innerHTML = jobStats(j, s, deviceName);
+      $("#front-card").innerHTML = frontTable(s, j.baseline || {});
+      bindRows();
+      note(s);
+      await drawScatter(div, s, metric);
+      if (j.status !== "running" && j.status !== "queued") {
+        document.querySelector(".page-head .badge").outerHTML = badge(j.status);
+      }
+      return j;
+    });
+  }
+}
+
+/* Live updates: read the job's server-sent events with fetch (EventSource cannot send the
+ * API key) and refresh at most every 1.5 s; fall back to polling if the stream breaks. */
+function liveJob(token, jobId, refresh) {
+  const controller = new AbortController();
+  view.cleanups.push(() => controller.abort());
+  $("#job-live").innerHTML = '<span class="live">live</span>';
+  let pending = false;
+  let last = 0;
+  let finished = false;
+  const kick = async () => {
+    if (pending || finished || !current(token)) return;
+    pending = true;
+    const wait = Math.max(0, 1500 - (performance.now() - last));
+    setTimeout(async () => {
+      try {
+        const job = await refresh();
+        last = performance.now();
+        if (job && job.status !== "running" && job.status !== "queued") stop();
+      } catch (_) { /* next event retries */ }
+      pending = false;
+    }, wait);
+  };
+  const stop = () => { finished = true; if (current(token)) $("#job-live").innerHTML = ""; controller.abort(); };
+  (async () => {
+    try {
+      const res = await api(`/v1/jobs/${jobId}/events`, { raw: true, signal: controller.signal });
+      const reader = res.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + 2);
+          const kind = (block.match(/^event: (.*)$/m) || [])[1];
+          if (kind === "end") { await refresh(); stop(); return; }
+          if (kind) kick();
+        }
+      }
+    } catch (_) { /* aborted or broken: poll below */ }
+    if (!finished && current(token)) every(3000, kick);
+  })();
+}
+
+// ---------------------------------------------------------------- one candidate
+
+function layerRows(candidate, model) {
+  const policy = candidate.policy || {};
+  const def = { width: 1, scheme: "dense", sparsity: 0, nm: null, block: null, bits: null, ...(policy.default || {}) };
+  const overrides = policy.layers || {};
+  const names = (model && model.layers && model.layers.length) ? model.layers.map((l) => l.name) : Object.keys(overrides);
+  for (const name of Object.keys(overrides)) if (!names.includes(name)) names.push(name);
+  const skip = policy.skip || [];
+  return names.map((name) => {
+    const spec = { ...def, ...(overrides[name] || {}) };
+    const block = skip.find((b) => name === b || name.startsWith(`${b}.`));
+    return { name, ...spec, skipped: block || null };
+  });
+}
+
+function schemeLabel(r) {
+  if (r.scheme === "nm" && r.nm) return `${r.nm[0]}:${r.nm[1]}`;
+  if (r.scheme === "block") return `1×${r.block} ${Math.round(100 * (r.sparsity || 0))}%`;
+  if (r.scheme === "unstructured") return `unstr. ${Math.round(100 * (r.sparsity || 0))}%`;
+  return "dense";
+}
+
+async function drawLayers(div, rows) {
+  await plotlyReady();
+  const names = rows.map((r) => r.name);
+  const traces = Object.keys(COLORS.schemes).map((scheme) => {
+    const sel = rows.map((r, i) => [r, i]).filter(([r]) => r.scheme === scheme && !r.skipped);
+    return {
+      type: "bar", name: scheme === "nm" ? "N:M" : scheme, x: sel.map(([r]) => r.name), y: sel.map(([r]) => r.width),
+      marker: { color: COLORS.schemes[scheme] }, text: sel.map(([r]) => schemeLabel(r)), textposition: "inside",
+      insidetextanchor: "end", textfont: { color: "#fff", size: 10 },
+      hovertemplate: "<b>%{x}</b><br>width %{y:.2f}<br>%{text}<extra></extra>",
+    };
+  }).filter((t) => t.x.length);
+  const skipped = rows.filter((r) => r.skipped);
+  if (skipped.length) {
+    traces.push({ type: "bar", name: "skipped block", x: skipped.map((r) => r.name), y: skipped.map(() => 1),
+      marker: { color: "rgba(220,38,38,0.12)", line: { color: COLORS.constraint, width: 1 }, pattern: { shape: "/", fgcolor: COLORS.constraint } },
+      hovertemplate: "<b>%{x}</b><br>removed (block skipped)<extra></extra>" });
+  }
+  traces.push({ type: "scatter", mode: "markers", name: "weight bits", x: names,
+    y: rows.map((r) => (r.skipped ? null : r.bits ?? 32)), yaxis: "y2",
+    marker: { symbol: "diamond", size: 9, color: "#0f172a" },
+    hovertemplate: "<b>%{x}</b><br>%{y} bit weights<extra></extra>" });
+  const layout = {
+    ...BASE_LAYOUT, barmode: "overlay", bargap: 0.25, margin: { l: 56, r: 56, t: 40, b: 110 },
+    legend: { ...BASE_LAYOUT.legend, y: 1.16 },
+    xaxis: { tickangle: -45, categoryorder: "array", categoryarray: names, automargin: true, tickfont: { size: 10 } },
+    yaxis: { title: { text: "kept width" }, range: [0, 1.08], tickformat: ".0%", gridcolor: "#f1f5f9" },
+    yaxis2: { title: { text: "weight bits" }, overlaying: "y", side: "right", type: "log",
+      range: [Math.log10(1.6), Math.log10(44)], tickvals: [2, 4, 8, 16, 32], ticktext: ["2", "4", "8", "16", "fp32"],
+      showgrid: false },
+  };
+  await Plotly.react(div, traces, layout, PLOT_CONFIG);
+  div.dataset.layers = String(rows.length);
+  div.dataset.skipped = String(skipped.length);
+}
+
+async function drawLatency(div, candidate, job, artifact) {
+  await plotlyReady();
+  const base = job.baseline || {};
+  const bars = [
+    ["dense (predicted)", base.latency_ms, "#94a3b8"],
+    ["predicted", candidate.latency_ms, COLORS.accent],
+    ["measured (search)", candidate.measured_latency_ms, COLORS.ok],
+  ];
+  if (artifact && artifact.dense_latency_ms != null) bars.push(["dense (export run)", artifact.dense_latency_ms, "#64748b"]);
+  if (artifact && artifact.measured_latency_ms != null) bars.push(["measured (export)", artifact.measured_latency_ms, "#047857"]);
+  const shown = bars.filter((b) => b[1] != null);
+  await Plotly.react(div, [{ type: "bar", orientation: "h", y: shown.map((b) => b[0]), x: shown.map((b) => b[1]),
+    marker: { color: shown.map((b) => b[2]) }, text: shown.map((b) => fmt.ms(b[1])), textposition: "outside",
+    cliponaxis: false, hovertemplate: "%{y}: %{x:.3f} ms<extra></extra>" }],
+  { ...BASE_LAYOUT, margin: { l: 130, r: 70, t: 8, b: 40 }, showlegend: false,
+    xaxis: { title: { text: "latency (ms)" }, gridcolor: "#f1f5f9", rangemode: "tozero" },
+    yaxis: { autorange: "reversed" } }, PLOT_CONFIG);
+}
+
+function artifactBox(a) {
+  const rows = [
+    ["Artifact", `#${a.id} · ${esc(a.format)}${a.int8 ? " int8" : " fp32"}${a.finetune_epochs ? ` · fine-tuned ${a.finetune_epochs} epochs` : ""}`],
+  ];
+  if (a.status === "ready") {
+    rows.push(["Measured latency", fmt.ms(a.measured_latency_ms)], ["Dense, same run", fmt.ms(a.dense_latency_ms)],
+      ["Speedup", a.speedup != null ? `<b>${a.speedup.toFixed(2)}×</b>` : "—"],
+      ["Predicted latency", fmt.ms(a.predicted_latency_ms)], ["Accuracy", fmt.pct(a.accuracy)],
+      ["Size", fmt.bytes(a.size_bytes)], ["sha256", `<span class="mono">${esc((a.sha256 || "").slice(0, 16))}…</span>`]);
+  }
+  const head = { pending: "Exporting… building, writing and measuring the model.", ready: "Export ready.",
+    failed: "Export failed." }[a.status] || a.status;
+  return `<div class="result ${esc(a.status)}" id="export-result" data-status="${esc(a.status)}">
+    <b>${esc(head)}</b>${a.error ? `<div id="export-error" style="margin-top:6px">${esc(a.error)}</div>` : ""}
+    <dl>${rows.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("")}</dl>
+    ${a.status === "ready" ? `<p style="margin:10px 0 0"><button class="btn" id="download" type="button">Download ONNX</button></p>` : ""}
+  </div>`;
+}
+
+async function pageCandidate(token, candidateId) {
+  setPage("candidate");
+  const candidate = await api(`/v1/candidates/${candidateId}`);
+  const job = await api(`/v1/jobs/${candidate.job_id}`);
+  let model = null;
+  try { model = await api(`/v1/models/${job.model_id}`); } catch (err) { if (err.status === 401) throw err; }
+  if (!current(token)) return;
+  const base = job.baseline || {};
+  const drop = base.accuracy != null && candidate.accuracy != null ? candidate.accuracy - base.accuracy : null;
+  const onFront = (job.best || []).some((c) => c.id === candidate.id);
+  const speed = base.latency_ms && candidate.latency_ms ? base.latency_ms / candidate.latency_ms : null;
+  const rows = layerRows(candidate, model);
+  app().innerHTML = `
+    <div class="crumbs"><a href="#/jobs">Jobs</a> / <a href="#/jobs/${job.id}">job ${job.id}</a> / candidate ${candidate.id}</div>
+    <div class="page-head"><h1>Candidate #${candidate.id}</h1>
+      ${candidate.feasible ? "" : '<span class="badge failed plain">violates a constraint</span>'}
+      ${onFront ? '<span class="chip">on the Pareto front</span>' : ""}
+      <span class="muted">evaluation #${candidate.index + 1} of job ${job.id}${model ? ` · ${esc(model.name)}` : ""}</span></div>
+    <div class="grid stats">
+      <div class="card stat"><div class="label">Accuracy</div><div class="value">${fmt.pct(candidate.accuracy)}</div>
+        <div class="sub ${drop != null && drop < -0.01 ? "bad" : ""}">${drop != null ? `${drop >= 0 ? "+" : ""}${(100 * drop).toFixed(2)} pts vs dense` : ""}</div></div>
+      <div class="card stat"><div class="label">Predicted latency</div><div class="value">${fmt.ms(candidate.latency_ms)}</div>
+        <div class="sub">${speed ? `${speed.toFixed(2)}× vs dense · ` : ""}predictor v${candidate.predictor_version ?? "—"}</div></div>
+      <div class="card stat"><div class="label">Measured latency</div><div class="value">${fmt.ms(candidate.measured_latency_ms)}</div>
+        <div class="sub">${candidate.measured_latency_ms != null ? "re-measured on the device" : "export to measure"}</div></div>
+      <div class="card stat"><div class="label">Size</div><div class="value">${fmt.bytes(candidate.size_bytes)}</div>
+        <div class="sub">${candidate.macs != null ? `${fmt.macs(candidate.macs)}MACs` : ""}</div></div>
+    </div>
+    <div class="card"><h2>Per-layer policy</h2>
+      <div id="layer-chart" class="plot small"></div>
+      <div class="note">Bars: kept fraction of output channels, coloured by sparsity scheme; diamonds: weight bits; hatched: blocks replaced by identity.</div></div>
+    <div class="grid two" style="margin-top:18px">
+      <div class="card"><h2>Latency: predicted vs measured</h2><div id="latency-chart" class="plot small" style="height:230px"></div></div>
+      <div class="card"><h2>Export</h2>
+        <div class="export-form">
+          <label><input type="checkbox" id="export-int8"> int8 (QDQ)</label>
+          <label>fine-tune epochs <input type="number" id="export-epochs" value="0" min="0" max="100"></label>
+          <button class="btn btn-primary" id="export-button" type="button">Export ONNX</button>
+        </div>
+        <div class="muted">Builds the compressed model, measures it on the job's device next to the dense model and reports the speedup.</div>
+        <div id="export-status"></div></div>
+    </div>
+    <div class="card table-card"><h2>Layers</h2><table id="layer-table"><thead><tr><th>Layer</th><th class="num">Width</th><th>Scheme</th><th class="num">Bits</th><th>Skipped</th></tr></thead>
+      <tbody>${rows.map((r) => `<tr><td class="mono">${esc(r.name)}</td><td class="num">${r.skipped ? "—" : Number(r.width).toFixed(2)}</td>
+        <td>${r.skipped ? "—" : esc(schemeLabel(r))}</td><td class="num">${r.skipped ? "—" : r.bits ?? "fp32"}</td>
+        <td>${r.skipped ? `<span class="badge failed plain">skipped with ${esc(r.skipped)}</span>` : ""}</td></tr>`).join("")}</tbody></table></div>`;
+  const layerDiv = $("#layer-chart");
+  const latDiv = $("#latency-chart");
+  purgeOnLeave(layerDiv);
+  purgeOnLeave(latDiv);
+  await Promise.all([drawLayers(layerDiv, rows), drawLatency(latDiv, candidate, job, null)]);
+  if (!current(token)) return;
+  $("#export-button").addEventListener("click", () => exportCandidate(token, candidate, job, latDiv));
+  ready(token);
+}
+
+async function exportCandidate(token, candidate, job, latDiv) {
+  const button = $("#export-button");
+  const status = $("#export-status");
+  button.disabled = true;
+  status.innerHTML = '<div class="result pending" id="export-result" data-status="submitting"><b>Submitting…</b></div>';
+  try {
+    const accepted = await api(`/v1/candidates/${candidate.id}/export`, {
+      method: "POST", json: { format: "onnx", int8: $("#export-int8").checked,
+        finetune_epochs: Number($("#export-epochs").value || 0) },
+    });
+    let artifact = { id: accepted.artifact_id, status: accepted.status, format: "onnx", int8: $("#export-int8").checked,
+      finetune_epochs: Number($("#export-epochs").value || 0) };
+    while (current(token)) {
+      status.innerHTML = artifactBox(artifact);
+      if (artifact.status !== "pending") break;
+      await new Promise((r) => setTimeout(r, 700));
+      artifact = await api(`/v1/artifacts/${accepted.artifact_id}`);
+    }
+    if (!current(token)) return;
+    if (artifact.status === "ready") {
+      await drawLatency(latDiv, candidate, job, artifact);
+      $("#download").addEventListener("click", async () => {
+        const res = await api(`/v1/artifacts/${artifact.id}/download`, { raw: true });
+        const url = URL.createObjectURL(await res.blob());
+        const a = Object.assign(document.createElement("a"), { href: url, download: `candidate-${candidate.id}.onnx` });
+        a.click();
+        setTimeout(() => URL.revokeObjectURL(url), 1000);
+      });
+    }
+  } catch (err) {
+    if (!current(token)) return;
+    status.innerHTML = `<div class="result failed" id="export-result" data-status="error"><b>The server refused the export.</b>
+      <div id="export-error" style="margin-top:6px">${esc(err.message)}</div></div>`;
+  } finally {
+    if (current(token)) button.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------- devices
+
+async function pageDevices(token, deviceId) {
+  setPage(deviceId ? "device" : "devices");
+  const devices = await api("/v1/devices");
+  if (!current(token)) return;
+  const list = devices.data.map((d) => `<tr class="link ${d.id === deviceId ? "selected" : ""}" data-href="#/devices/${d.id}">
+      <td><b>${esc(d.name)}</b></td><td>${esc(d.kind)}</td><td>${esc(d.runtime)}</td><td class="num">${d.threads}</td>
+      <td>${d.shared ? '<span class="chip">built-in</span>' : "yours"}</td></tr>`).join("");
+  app().innerHTML = `
+    <div class="page-head"><h1>Devices</h1><span class="muted">latency targets, their measurements and predictors</span></div>
+    <div class="card table-card"><table id="devices-table"><thead><tr><th>Name</th><th>Kind</th><th>Runtime</th>
+      <th class="num">Threads</th><th></th></tr></thead><tbody>${list}</tbody></table></div>
+    <div id="device-detail">${deviceId ? "" : '<div class="card empty" style="margin-top:18px">Pick a device to see its measurements and latency predictor.</div>'}</div>`;
+  for (const tr of document.querySelectorAll("tr.link")) {
+    tr.addEventListener("click", () => { location.hash = tr.dataset.href; });
+  }
+  if (!deviceId) { ready(token); return; }
+  const device = devices.data.find((d) => d.id === deviceId);
+  if (!device) throw new ApiError(404, `device ${deviceId} not found`);
+  const [measurements, predictors] = await Promise.all([
+    api(`/v1/devices/${deviceId}/measurements?limit=2000`), api(`/v1/predictors?device_id=${deviceId}`),
+  ]);
+  if (!current(token)) return;
+  await deviceDetail(token, device, measurements, predictors);
+  ready(token);
+}
+
+function holdoutPairs(metrics) {
+  const h = (metrics && metrics.holdout) || null;
+  if (!h) return null;
+  if (Array.isArray(h)) return { measured: h.map((p) => p.measured_ms), predicted: h.map((p) => p.predicted_ms), names: h.map((p) => p.name || "") };
+  if (h.measured_ms && h.predicted_ms) return { measured: h.measured_ms, predicted: h.predicted_ms, names: h.names || h.measured_ms.map(() => "") };
+  return null;
+}
+
+function metricLabel(key) {
+  const labels = { rmse_ms: "RMSE", mape: "MAPE", within_5pct: "within ±5 %", within_10pct: "within ±10 %",
+    n_train: "trained on", n_holdout: "held-out", n_test: "held-out" };
+  return labels[key] || key.replace(/_/g, " ");
+}
+function metricValue(key, v) {
+  if (typeof v !== "number") return esc(String(v));
+  if (key.startsWith("within") || key === "mape") return v <= 1 ? fmt.pct(v, 1) : `${v.toFixed(1)} %`;
+  if (key.endsWith("_ms")) return fmt.ms(v);
+  return Number.isInteger(v) ? fmt.int(v) : v.toFixed(4);
+}
+
+async function deviceDetail(token, device, measurements, predictors) {
+  const done = measurements.data.filter((m) => m.status === "done" && m.latency_ms != null);
+  const counts = {};
+  for (const m of measurements.data) counts[m.status] = (counts[m.status] || 0) + 1;
+  const latest = predictors.data[predictors.data.length - 1];
+  const scalar = latest ? Object.entries(latest.metrics || {}).filter(([, v]) => typeof v !== "object") : [];
+  const within = latest && latest.metrics ? latest.metrics.within_10pct : null;
+  $("#device-detail").innerHTML = `
+    <div class="page-head" style="margin-top:22px"><h1>${esc(device.name)}</h1><span class="chip">${esc(device.runtime)} · ${device.threads} thread${device.threads > 1 ? "s" : ""}</span></div>
+    <div class="grid stats">
+      <div class="card stat"><div class="label">Measurements</div><div class="value" id="measurement-count">${fmt.int(measurements.count)}</div>
+        <div class="sub">${Object.entries(counts).map(([k, v]) => `${v} ${esc(k)}`).join(" · ") || "none yet"}</div></div>
+      <div class="card stat"><div class="label">Predictor</div><div class="value">${latest ? `v${latest.version}` : "—"}</div>
+        <div class="sub">${latest ? esc(latest.kind) : "calibrate the device to train one"}</div></div>
+      <div class="card stat"><div class="label">Held-out within ±10 %</div><div class="value">${within != null ? metricValue("within_10pct", within) : "—"}</div>
+        <div class="sub">on architectures not seen in training</div></div>
+      <div class="card stat"><div class="label">Median latency</div><div class="value">${done.length ? fmt.ms(median(done.map((m) => m.latency_ms))) : "—"}</div>
+        <div class="sub">of ${fmt.int(done.length)} measured models</div></div>
+    </div>
+    <div class="grid two">
+      <div class="card"><h2>Predicted vs measured (held out)</h2><div id="predictor-chart" class="plot small"></div>
+        <div class="note" id="predictor-note"></div></div>
+      <div class="card"><h2>Predictor versions</h2>${predictors.data.length ? `<table id="predictor-table"><thead><tr><th>Version</th><th>Kind</th>
+        ${scalar.map(([k]) => `<th class="num">${esc(metricLabel(k))}</th>`).join("")}</tr></thead><tbody>
+        ${predictors.data.slice().reverse().map((p) => `<tr><td>v${p.version}</td><td>${esc(p.kind)}</td>
+          ${scalar.map(([k]) => `<td class="num">${p.metrics && p.metrics[k] != null ? metricValue(k, p.metrics[k]) : "—"}</td>`).join("")}</tr>`).join("")}
+        </tbody></table>` : '<div class="empty">No predictor yet.</div>'}</div>
+    </div>
+    <div class="card"><h2>Measured latency</h2><div id="measurement-chart" class="plot small"></div></div>
+    <div class="card table-card"><h2>Latest measurements <span class="muted" style="font-weight:400">(${Math.min(15, measurements.data.length)} of ${fmt.int(measurements.count)})</span></h2><table id="measurement-table"><thead><tr><th>#</th><th>Status</th><th>Purpose</th>
+      <th class="num">Latency</th><th class="num">MACs</th><th>Measured</th></tr></thead><tbody>
+      ${measurements.data.slice(0, 15).map((m) => `<tr><td class="mono">${m.id}</td><td><span class="badge ${{ done: "succeeded", failed: "failed", claimed: "running" }[m.status] || "queued"}">${esc(m.status)}</span></td>
+        <td>${esc(m.purpose)}</td><td class="num">${fmt.ms(m.latency_ms)}</td><td class="num">${fmt.macs((m.features || {}).macs)}</td>
+        <td class="muted">${esc(fmt.when(m.measured_at))}${m.error ? ` <span class="error">${esc(m.error)}</span>` : ""}</td></tr>`).join("")
+        || '<tr><td colspan="6" class="empty">No measurements yet.</td></tr>'}
+      </tbody></table></div>`;
+  await plotlyReady();
+  if (!current(token)) return;
+  const predDiv = $("#predictor-chart");
+  const measDiv = $("#measurement-chart");
+  purgeOnLeave(predDiv);
+  purgeOnLeave(measDiv);
+  const pairs = latest ? holdoutPairs(latest.metrics) : null;
+  if (pairs && pairs.measured.length) {
+    const hi = Math.max(...pairs.measured, ...pairs.predicted) * 1.08;
+    const inBand = pairs.measured.map((m, i) => Math.abs(pairs.predicted[i] - m) <= 0.1 * m);
+    await Plotly.react(predDiv, [
+      { x: [0, hi, hi, 0], y: [0, 1.1 * hi, 0.9 * hi, 0], fill: "toself", mode: "lines", name: "±10 %",
+        fillcolor: "rgba(5,150,105,0.10)", line: { width: 0 }, hoverinfo: "skip" },
+      { x: [0, hi], y: [0, hi], mode: "lines", name: "exact", line: { color: "#94a3b8", dash: "dot", width: 1 }, hoverinfo: "skip" },
+      { type: "scatter", mode: "markers", name: "held-out model", x: pairs.measured, y: pairs.predicted, text: pairs.names,
+        marker: { size: 7, color: inBand.map((ok) => (ok ? COLORS.ok : COLORS.constraint)), line: { color: "#fff", width: 1 } },
+        hovertemplate: "%{text}<br>measured %{x:.3f} ms<br>predicted %{y:.3f} ms<extra></extra>" },
+    ], { ...BASE_LAYOUT, xaxis: { title: { text: "measured (ms)" }, range: [0, hi], gridcolor: "#f1f5f9" },
+      yaxis: { title: { text: "predicted (ms)" }, range: [0, hi], gridcolor: "#f1f5f9" } }, PLOT_CONFIG);
+    predDiv.dataset.points = String(pairs.measured.length);
+    predDiv.dataset.inBand = String(inBand.filter(Boolean).length);
+    $("#predictor-note").textContent = `${inBand.filter(Boolean).length} of ${inBand.length} held-out predictions within ±10 % (predictor v${latest.version}).`;
+  } else {
+    predDiv.innerHTML = `<div class="empty">${latest ? "This predictor version stored no held-out pairs." : "No predictor trained for this device yet."}</div>`;
+    predDiv.dataset.points = "0";
+  }
+  if (done.length) {
+    const withMacs = done.filter((m) => (m.features || {}).macs != null);
+    const useMacs = withMacs.length === done.length;
+    await Plotly.react(measDiv, [{
+      type: "scattergl", mode: "markers", x: useMacs ? done.map((m) => m.features.macs) : done.map((m) => m.id),
+      y: done.map((m) => m.latency_ms), marker: { size: 6, color: COLORS.accent, opacity: 0.7 },
+      text: done.map((m) => m.purpose), hovertemplate: `measurement %{text}<br>%{y:.3f} ms<extra></extra>`,
+    }], { ...BASE_LAYOUT, showlegend: false,
+      xaxis: { title: { text: useMacs ? "MACs" : "measurement id" }, tickformat: useMacs ? "~s" : "", gridcolor: "#f1f5f9" },
+      yaxis: { title: { text: "latency (ms)" }, gridcolor: "#f1f5f9", rangemode: "tozero" } }, PLOT_CONFIG);
+  } else {
+    measDiv.innerHTML = '<div class="empty">No finished measurements yet.</div>';
+  }
+  measDiv.dataset.points = String(done.length);
+}
+
+function median(values) {
+  const s = values.slice().sort((a, b) => a - b);
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
+}
+
+// ---------------------------------------------------------------- router
+
+async function route() {
+  if (!apiKey()) { showLogin(); return; }
+  const token = newView();
+  $("#session").hidden = false;
+  $("#key-hint").textContent = `key ${apiKey().slice(0, 6)}…`;
+  const parts = (location.hash.replace(/^#\/?/, "") || "jobs").split("/");
+  const id = parts[1] ? Number(parts[1]) : null;
+  app().innerHTML = '<div class="empty">Loading…</div>';
+  try {
+    if (parts[0] === "jobs" && id) await pageJob(token, id);
+    else if (parts[0] === "candidates" && id) await pageCandidate(token, id);
+    else if (parts[0] === "devices") await pageDevices(token, id);
+    else await pageJobs(token);
+  } catch (err) {
+    showError(token, err);
+  }
+}
+
+window.addEventListener("hashchange", route);
+document.addEventListener("DOMContentLoaded", () => {
+  $("#sign-out").addEventListener("click", () => { sessionStorage.removeItem(KEY_STORE); showLogin(); });
+  route();
+});
