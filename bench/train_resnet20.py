@@ -1,6 +1,6 @@
 """Time the ResNet-20 recipe on the MNIST split: the issue asks >= 98.5 % val in <= 5 min on 2 cores.
 
-Run: ``.venv/bin/python bench/train_resnet20.py [--epochs N] [--seed S]``. Prints one line
+Run from the repository root: ``.venv/bin/python -m bench.train_resnet20 [--epochs N] [--seed S]``. Prints one line
 per epoch (with ``--per-epoch``) and a final JSON line with epochs, wall seconds, process
 CPU seconds and validation / test accuracy. On a shared machine wall time grows with the
 load; CPU seconds / threads is the time the run takes on idle cores.

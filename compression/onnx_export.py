@@ -159,6 +159,10 @@ def export_onnx(
         if method in ("auto", "torchscript"):
             try:
                 _export_torchscript(gm, example, path, opset)
+                if check and method == "auto":
+                    # Tracing can bake the example's batch size into shape ops (e.g. a
+                    # class token's expand); a file that fails the check goes to dynamo.
+                    check_onnx_matches(gm, path, example)
                 exported = True
             except Exception as exc:  # any exporter failure: try the other one, keep the reason
                 errors.append(f"torchscript exporter: {type(exc).__name__}: {exc}")

@@ -154,12 +154,12 @@ def job_scatter(session: Session, *, job: Job, max_points: int = DEFAULT_MAX_POI
     size_ids = size_front(rows)
     always = set(front_ids) | set(size_ids)
     others = [r for r in rows if r.id not in always]
-    if len(others) > max_points:
-        cells = max(1, int(math.sqrt(max_points / 4)))
+    kept = others
+    cells = max(2, int(math.sqrt(max_points)))
+    while len(kept) > max_points and cells >= 2:  # coarsen the grid until the cloud fits
         keep = _grid_keep(others, "latency_ms", cells) | _grid_keep(others, "size_bytes", cells)
         kept = [r for r in others if r.id in keep]
-    else:
-        kept = others
+        cells = int(cells * 0.8)
     by_id = {r.id: r for r in rows}
     wanted = [r.id for r in kept] + [i for i in size_ids if i not in front_ids]
     policies = _policies(session, wanted)

@@ -7,6 +7,7 @@ policy space with scores that trade accuracy for latency, deterministic by seed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -251,7 +252,7 @@ def add_candidates(
             policy = make_policy(rng)
             scores = score_policy(policy, rng)
             if boost:
-                scores.accuracy = min(0.999, (scores.accuracy or 0) + boost)
+                scores = dataclasses.replace(scores, accuracy=min(0.999, (scores.accuracy or 0) + boost))
             values.append({
                 "job_id": job_id, "index": start + i, "policy": policy, "policy_hash": f"{seed}-{start + i}",
                 "accuracy": scores.accuracy, "latency_ms": scores.latency_ms, "size_bytes": scores.size_bytes,

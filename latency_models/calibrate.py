@@ -1,0 +1,195 @@
+"""Calibrate a device: measure sampled compressed models, then fit and version its predictors.
+
+Each sample (``latency_models.sampling``) is compressed with ``apply_policy``, exported to
+ONNX, converted to int8 QDQ when the policy runs as int8 on this runtime
+(``latency_models.features.runtime_int8``), and timed with ``measure_pair`` interleaved with
+the dense model and the harness's reference model in one run: so each record carries its
+absolute latency, its ratio to the reference, and its speedup over the dense model, all
+from one quiet stretch of the machine. The first time a model is seen its dense timing is
+also stored as a record of its own.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compression.apply import apply_policy
+from compression.onnx_export import export_onnx
+from compression.policy import Policy
+from compression.quantize_onnx import quantize_int8
+from latency_models.devices import Device, get_device
+from latency_models.features import runtime_int8
+from latency_models.harness import measure_pair
+from latency_models.predictors import KINDS, REGISTRY, LatencyRecord, Predictor, holdout_metrics
+from latency_models.predictors.base import Target
+from latency_models.sampling import CalibrationSample, sample_plan
+from latency_models.store import DeviceStore
+
+__all__ = ["Progress", "calibrate", "fit_predictors", "measure_sample"]
+
+#: ``progress(done, total, what)`` after each measured sample.
+Progress = Callable[[int, int, str], None]
+
+
+def _calibration_batches(shape: tuple[int, ...]) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((8, *shape)).astype(np.float32) for _ in range(4)]
+
+
+def measure_sample(
+    sample: CalibrationSample,
+    device: Device,
+    workdir: Path,
+    *,
+    runs: int = 100,
+    warmup: int = 10,
+    dense_cache: dict[str, Any] | None = None,
+) -> list[LatencyRecord]:
+    """Measure one sample (and its dense model, the first time) on ``device``."""
+    dense_cache = {} if dense_cache is None else dense_cache
+    cm = sample.model
+    example = cm.example_input(1)
+    int8 = device.runtime == "onnxruntime" and runtime_int8(sample.space, sample.policy)
+    compressed = apply_policy(cm, sample.policy)
+    first = sample.space_id not in dense_cache
+    if device.runtime == "onnxruntime":
+        safe = sample.space_id.replace("@", "_")
+        if first:
+            dense_cache[sample.space_id] = export_onnx(
+                cm.gm, example, workdir / f"{safe}-dense.onnx", check=False
+            )
+        model_b: Any = export_onnx(
+            compressed.gm, example, workdir / f"{safe}-{sample.policy.hash}.onnx", check=False
+        )
+        if int8:
+            model_b = quantize_int8(
+                model_b,
+                _calibration_batches(cm.input_shape),
+                workdir / f"{safe}-{sample.policy.hash}-int8.onnx",
+            )
+        model_a, shape = dense_cache[sample.space_id], None
+    else:
+        dense_cache.setdefault(sample.space_id, cm.gm)
+        model_a, model_b, shape = cm.gm, compressed.gm, (1, *cm.input_shape)
+    pair = measure_pair(
+        model_a, model_b, device, runs=runs, warmup=warmup, input_shape=shape, with_reference=True
+    )
+    a, b = pair.a, pair.b
+    common = {"arch_id": sample.arch_id, "space_id": sample.space_id, "space": sample.space}
+    out = [
+        LatencyRecord(
+            policy=sample.policy,
+            latency_ms=b.median_ms,
+            ratio=b.ratio_to_reference,
+            reference_ms=b.reference_median_ms,
+            dense_latency_ms=a.median_ms,
+            dense_ratio=a.ratio_to_reference,
+            speedup=pair.speedup,
+            int8=int8,
+            measurement={"compressed": b.to_dict(), "dense": a.to_dict()},
+            **common,
+        )
+    ]
+    if first:
+        out.append(
+            LatencyRecord(
+                policy=Policy.dense(),
+                latency_ms=a.median_ms,
+                ratio=a.ratio_to_reference,
+                reference_ms=a.reference_median_ms,
+                dense_latency_ms=a.median_ms,
+                dense_ratio=a.ratio_to_reference,
+                speedup=1.0,
+                int8=False,
+                measurement={"dense": a.to_dict()},
+                **common,
+            )
+        )
+    return out
+
+
+def calibrate(
+    device: Device | str,
+    samples: int = 200,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+    runs: int = 100,
+    warmup: int = 10,
+    store: DeviceStore | None = None,
+    zoo_fraction: float = 0.3,
+) -> list[LatencyRecord]:
+    """Measure ``samples`` compressed models on ``device``; returns the records.
+
+    With ``store`` each sample's records are appended as soon as measured, so an
+    interrupted calibration keeps what it timed. A sample whose export or quantization
+    fails is skipped (and reported through ``progress``), never fatal.
+    """
+    dev = device if isinstance(device, Device) else get_device(device)
+    if not dev.is_local:
+        raise ValueError(f"device {dev.name} is remote: its device agent measures, not this process")
+    records: list[LatencyRecord] = []
+    dense_cache: dict[str, Any] = {}
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory(prefix="mt-calib-") as tmp:
+        for i, sample in enumerate(sample_plan(samples, seed=seed, zoo_fraction=zoo_fraction)):
+            try:
+                new = measure_sample(
+                    sample, dev, Path(tmp), runs=runs, warmup=warmup, dense_cache=dense_cache
+                )
+            except Exception as exc:  # one bad model must not end a long calibration
+                if progress:
+                    progress(i + 1, samples, f"skipped {sample.space_id}: {type(exc).__name__}: {exc}"[:200])
+                continue
+            records.extend(new)
+            if store is not None:
+                store.append(new)
+            if progress:
+                progress(i + 1, samples, f"{sample.space_id} {new[0].latency_ms:.3f} ms")
+    return records
+
+
+def fit_predictors(
+    records: Sequence[LatencyRecord],
+    *,
+    kinds: Sequence[str] = KINDS,
+    target: Target = "ratio",
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    store: DeviceStore | None = None,
+) -> tuple[dict[str, Predictor], dict[str, Any], int | None]:
+    """Held-out metrics of every kind (architecture split), then each kind refitted on all records.
+
+    The default kind is the one with the most held-out predictions within ±10 %.
+    Returns (predictors, metrics document, stored version or None).
+    """
+    per_kind: dict[str, dict[str, float]] = {}
+    fitted: dict[str, Predictor] = {}
+    for kind in kinds:
+        cls = REGISTRY[kind]
+        m = holdout_metrics(
+            lambda c=cls: c(target=target, seed=seed), records, test_fraction=test_fraction, seed=seed
+        )
+        per_kind[kind] = m
+        p = cls(target=target, seed=seed).fit(records)
+        p.metrics = m
+        fitted[kind] = p
+    default = max(
+        per_kind, key=lambda k: (per_kind[k].get("within_10pct", 0.0), -per_kind[k].get("mape", 0.0))
+    )
+    doc = {
+        "target": target,
+        "records": len(records),
+        "architectures": len({r.arch_id for r in records}),
+        "test_fraction": test_fraction,
+        "split": "held-out architectures (group split by arch_id)",
+        "predictors": per_kind,
+    }
+    version = store.save_version(fitted, doc, default) if store is not None else None
+    return fitted, {**doc, "default": default}, version

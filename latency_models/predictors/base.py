@@ -1,0 +1,279 @@
+"""One interface for every latency predictor, the calibration record, and held-out metrics.
+
+A predictor learns, per device, ``latency_ms`` of a compressed model from (SearchSpace,
+Policy). Its ``target`` is either the absolute median (``"ms"``) or the ratio to the harness's
+reference model (``"ratio"``): this machine's speed drifts 7-20 % between processes while
+ratios taken in one run are steady, so training on ratios removes most of the drift; such a
+predictor answers in ms by multiplying with the reference latency seen during calibration.
+
+Accuracy is reported on architectures the predictor never saw (a group split by
+``arch_id``), never on other policies of a training architecture: that is the question a new
+user's model asks.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from compression.policy import Policy
+from compression.space import SearchSpace
+from latency_models.features import KernelBatch, kernel_features
+
+__all__ = [
+    "REGISTRY",
+    "LatencyRecord",
+    "Predictor",
+    "Target",
+    "error_metrics",
+    "evaluate",
+    "group_split",
+    "holdout_metrics",
+    "load_predictor",
+]
+
+Target = Literal["ms", "ratio"]
+
+
+@dataclass(frozen=True, eq=False)
+class LatencyRecord:
+    """One measured compressed model (what calibration produces and predictors learn from).
+
+    Attributes:
+        arch_id: architecture family (zoo name or random generator seed); held-out splits
+            group by it, so no resolution or policy of a test architecture is seen in training.
+        space_id: the exact model measured (architecture at one input resolution).
+        space: its search space (the predictors' view of the model).
+        policy: the policy applied.
+        latency_ms: measured median batch-1 latency.
+        ratio: ``latency_ms`` / the reference model's, timed interleaved (None if not timed).
+        reference_ms: the reference model's median in that run.
+        dense_latency_ms / dense_ratio: the uncompressed model, timed in the same run.
+        speedup: dense / compressed median, timed interleaved in one run.
+        int8: whether the model ran as int8 QDQ.
+        measurement: the harness's full record (reproducibility).
+    """
+
+    arch_id: str
+    space_id: str
+    space: SearchSpace
+    policy: Policy
+    latency_ms: float
+    ratio: float | None = None
+    reference_ms: float | None = None
+    dense_latency_ms: float | None = None
+    dense_ratio: float | None = None
+    speedup: float | None = None
+    int8: bool = False
+    measurement: dict[str, Any] = field(default_factory=dict)
+
+
+def by_space(records: Sequence[LatencyRecord]) -> list[tuple[SearchSpace, np.ndarray]]:
+    """Records grouped by space (identity), as (space, indices into ``records``)."""
+    groups: dict[int, tuple[SearchSpace, list[int]]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(id(r.space), (r.space, []))[1].append(i)
+    return [(s, np.asarray(ix, dtype=np.int64)) for s, ix in groups.values()]
+
+
+def record_features(records: Sequence[LatencyRecord]) -> list[tuple[np.ndarray, KernelBatch]]:
+    """Kernel features of the records, one batch per space (indices into ``records``)."""
+    return [(ix, kernel_features(s, [records[i].policy for i in ix])) for s, ix in by_space(records)]
+
+
+class Predictor(ABC):
+    """Latency predictor of one device: ``fit``, ``predict`` (ms), ``save`` / ``load``.
+
+    Subclasses implement ``_fit`` (targets already chosen), ``_predict`` (in target units),
+    ``_state`` / ``_restore`` (JSON-able state plus files they write themselves; never pickle).
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, target: Target = "ms", seed: int = 0) -> None:
+        if target not in ("ms", "ratio"):
+            raise ValueError(f"target must be 'ms' or 'ratio', got {target!r}")
+        self.target: Target = target
+        self.seed = seed
+        self.reference_ms = 1.0
+        self.fitted = False
+        self.metrics: dict[str, Any] = {}
+
+    # -- public API
+    def fit(self, records: Sequence[LatencyRecord]) -> Predictor:
+        """Learn from measured records; returns self."""
+        if not records:
+            raise ValueError("cannot fit a latency predictor on no records")
+        if self.target == "ratio":
+            missing = [r.space_id for r in records if r.ratio is None or r.reference_ms is None]
+            if missing:
+                raise ValueError(f"target 'ratio' needs reference timings; missing for {missing[:3]}")
+            y = np.array([r.ratio for r in records], dtype=np.float64)
+            self.reference_ms = float(np.median([r.reference_ms for r in records]))
+        else:
+            y = np.array([r.latency_ms for r in records], dtype=np.float64)
+            self.reference_ms = 1.0
+        if not np.all(np.isfinite(y)) or np.any(y <= 0):
+            raise ValueError("latencies must be finite and positive")
+        self._fit(records, y)
+        self.fitted = True
+        return self
+
+    def predict(self, space: SearchSpace, policies: Sequence[Policy]) -> np.ndarray:
+        """Predicted latency in ms of each policy (float64 array, one per policy)."""
+        if not self.fitted:
+            raise RuntimeError(f"{self.kind} predictor: call fit() or load() before predict()")
+        if len(policies) == 0:
+            return np.zeros(0, dtype=np.float64)
+        out = np.asarray(self._predict(space, policies), dtype=np.float64) * self.reference_ms
+        return np.maximum(out, 1e-6)
+
+    def save(self, directory: Path) -> Path:
+        """Write the predictor under ``directory`` (JSON + the subclass's safe-format files)."""
+        if not self.fitted:
+            raise RuntimeError("save() needs a fitted predictor")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "kind": self.kind,
+            "target": self.target,
+            "seed": self.seed,
+            "reference_ms": self.reference_ms,
+            "metrics": self.metrics,
+            "state": self._state(directory),
+        }
+        (directory / "predictor.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> Predictor:
+        """Read a predictor written by ``save`` (any kind when called on ``Predictor``)."""
+        directory = Path(directory)
+        meta = json.loads((directory / "predictor.json").read_text())
+        impl = REGISTRY.get(meta["kind"]) if cls is Predictor else cls
+        if impl is None:
+            raise ValueError(
+                f"{directory}: unknown predictor kind {meta['kind']!r}; known {sorted(REGISTRY)}"
+            )
+        obj = impl(target=meta["target"], seed=int(meta.get("seed", 0)))
+        obj.reference_ms = float(meta["reference_ms"])
+        obj.metrics = dict(meta.get("metrics") or {})
+        obj._restore(meta["state"], directory)
+        obj.fitted = True
+        return obj
+
+    # -- subclass hooks
+    @abstractmethod
+    def _fit(self, records: Sequence[LatencyRecord], y: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def _predict(self, space: SearchSpace, policies: Sequence[Policy]) -> np.ndarray: ...
+
+    @abstractmethod
+    def _state(self, directory: Path) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _restore(self, state: dict[str, Any], directory: Path) -> None: ...
+
+
+REGISTRY: dict[str, type[Predictor]] = {}
+
+
+def register(cls: type[Predictor]) -> type[Predictor]:
+    """Class decorator: make ``Predictor.load`` find this kind."""
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+def load_predictor(directory: Path) -> Predictor:
+    """Load any saved predictor (imports every built-in kind first)."""
+    import latency_models.predictors  # noqa: F401  (registers the kinds)
+
+    return Predictor.load(directory)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def error_metrics(pred: np.ndarray, true: np.ndarray, prefix: str = "") -> dict[str, float]:
+    """RMSE, MAPE (%), and % of predictions within ±5 % / ±10 % of the truth."""
+    pred = np.asarray(pred, dtype=np.float64)
+    true = np.asarray(true, dtype=np.float64)
+    if len(true) == 0:
+        return {}
+    rel = np.abs(pred - true) / true
+    return {
+        f"{prefix}rmse": float(np.sqrt(np.mean((pred - true) ** 2))),
+        f"{prefix}mape": float(100 * rel.mean()),
+        f"{prefix}within_5pct": float(100 * np.mean(rel <= 0.05)),
+        f"{prefix}within_10pct": float(100 * np.mean(rel <= 0.10)),
+    }
+
+
+def evaluate(predictor: Predictor, records: Sequence[LatencyRecord]) -> dict[str, float]:
+    """Errors of ``predictor`` on ``records``: absolute ms, ratio to reference, speedup.
+
+    The speedup error compares predicted dense/compressed with the speedup measured
+    interleaved in one run (records without a dense timing are left out of it).
+    """
+    pred = np.zeros(len(records))
+    pred_dense = np.full(len(records), np.nan)
+    for space, ix in by_space(records):
+        pols = [records[i].policy for i in ix]
+        p = predictor.predict(space, [*pols, Policy.dense()])
+        pred[ix] = p[:-1]
+        pred_dense[ix] = p[-1]
+    true = np.array([r.latency_ms for r in records])
+    out: dict[str, float] = {"n": float(len(records)), "n_arch": float(len({r.arch_id for r in records}))}
+    out.update({k.replace("rmse", "rmse_ms"): v for k, v in error_metrics(pred, true).items()})
+    with_ratio = [i for i, r in enumerate(records) if r.ratio is not None and r.reference_ms]
+    if with_ratio:
+        ratio_pred = pred[with_ratio] / predictor.reference_ms if predictor.target == "ratio" else None
+        if ratio_pred is None:  # an ms predictor: express in this run's reference units
+            ratio_pred = pred[with_ratio] / np.array([records[i].reference_ms or 1.0 for i in with_ratio])
+        ratio_true = np.array([records[i].ratio or 0.0 for i in with_ratio])
+        out.update(error_metrics(ratio_pred, ratio_true, "ratio_"))
+    sp = [i for i, r in enumerate(records) if r.speedup is not None]
+    if sp:
+        sp_pred = pred_dense[sp] / pred[sp]
+        sp_true = np.array([records[i].speedup or 0.0 for i in sp])
+        out.update(error_metrics(sp_pred, sp_true, "speedup_"))
+    return out
+
+
+def group_split(
+    records: Sequence[LatencyRecord], test_fraction: float = 0.25, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Train / test indices with whole architectures (``arch_id``) on one side only."""
+    arches = sorted({r.arch_id for r in records})
+    if len(arches) < 2:
+        raise ValueError("a held-out split needs records of at least two architectures")
+    rng = np.random.default_rng(seed)
+    order = list(rng.permutation(arches))
+    n_test = min(len(arches) - 1, max(1, round(test_fraction * len(arches))))
+    test_arches = set(order[:n_test])
+    train = [i for i, r in enumerate(records) if r.arch_id not in test_arches]
+    test = [i for i, r in enumerate(records) if r.arch_id in test_arches]
+    return train, test
+
+
+def holdout_metrics(
+    factory: Callable[[], Predictor],
+    records: Sequence[LatencyRecord],
+    *,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fit ``factory()`` on some architectures, report its errors on the others."""
+    train, test = group_split(records, test_fraction, seed)
+    model = factory().fit([records[i] for i in train])
+    out = evaluate(model, [records[i] for i in test])
+    out["n_train"] = float(len(train))
+    out["n_train_arch"] = float(len({records[i].arch_id for i in train}))
+    return out

@@ -1,0 +1,58 @@
+"""Latency callbacks for the search loop until per-device predictors exist.
+
+``measured`` exports each candidate to ONNX and times it with the local harness (honest, a
+fraction of a second per candidate for small models). ``macs-proxy`` does not measure at all:
+latency_ms = MACs / 1e6, i.e. a nominal 1 GMAC/s device. It is labelled as such wherever it
+is used; it ignores everything but dense MACs (no runtime effects of bits or sparsity).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from compression.apply import CompressedModel
+from compression.metrics import measure as measure_cost
+
+LatencySource = Literal["measured", "macs-proxy"]
+LATENCY_SOURCES: tuple[LatencySource, ...] = ("measured", "macs-proxy")
+PROXY_MACS_PER_MS = 1e6
+PROXY_LABEL = "macs-proxy: latency_ms = MACs / 1e6 (NOT measured on the device)"
+
+
+def macs_proxy(cm: CompressedModel) -> float:
+    """Latency stand-in proportional to dense MACs (see module docstring)."""
+    return measure_cost(cm).macs / PROXY_MACS_PER_MS
+
+
+def measured_latency(device: str, *, runs: int = 50, warmup: int = 5) -> Callable[[CompressedModel], float]:
+    """Median batch-1 latency on ``device`` (a built-in or registered local device name).
+
+    Raises:
+        DeviceError: unknown device.
+    """
+    from compression.onnx_export import export_onnx
+    from latency_models.devices import get_device
+    from latency_models.harness import measure
+
+    dev = get_device(device)
+
+    def latency(cm: CompressedModel) -> float:
+        if dev.runtime != "onnxruntime":
+            return measure(cm.gm, dev, runs=runs, warmup=warmup, interleave_reference=False).median_ms
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(cm.gm, cm.example_input(1), Path(tmp) / "candidate.onnx", check=False)
+            return measure(path, dev, runs=runs, warmup=warmup, interleave_reference=False).median_ms
+
+    return latency
+
+
+def latency_callback(source: LatencySource, device: str) -> tuple[Callable[[CompressedModel], float], str]:
+    """The callback for ``source`` and the label to print and store with the results."""
+    if source == "macs-proxy":
+        return macs_proxy, PROXY_LABEL
+    if source == "measured":
+        return measured_latency(device), f"measured: local harness on {device} (median of 50 runs)"
+    raise ValueError(f"unknown latency source {source!r}; use one of {LATENCY_SOURCES}")
