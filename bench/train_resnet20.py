@@ -1,9 +1,10 @@
 """Time the ResNet-20 recipe on the MNIST split: the issue asks >= 98.5 % val in <= 5 min on 2 cores.
 
-Run from the repository root: ``.venv/bin/python -m bench.train_resnet20 [--epochs N] [--seed S]``. Prints one line
-per epoch (with ``--per-epoch``) and a final JSON line with epochs, wall seconds, process
-CPU seconds and validation / test accuracy. On a shared machine wall time grows with the
-load; CPU seconds / threads is the time the run takes on idle cores.
+Run from the repository root (``-m``, so ``bench/compression.py`` does not shadow the
+package): ``.venv/bin/python -m bench.train_resnet20 [--epochs N] [--seed S]``. Prints one
+line per epoch (with ``--per-epoch``) and a final JSON line with epochs, wall seconds,
+process CPU seconds and validation / test accuracy. On a shared machine wall time grows
+with the load; only a run on idle cores measures the recipe.
 """
 
 from __future__ import annotations

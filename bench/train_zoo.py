@@ -1,6 +1,7 @@
 """Train every zoo architecture with its default recipe and print accuracy and time.
 
-Run from the repository root: ``.venv/bin/python -m bench.train_zoo [--data mnist] [--archs resnet56,vit] [--cache DIR]``.
+Run from the repository root:
+``.venv/bin/python -m bench.train_zoo [--data mnist] [--archs resnet56,vit] [--cache DIR]``.
 Uses :func:`compression.train.trained_model`, so the weights land in the cache (a fresh
 temporary folder unless ``--cache`` is given) and a second run reports the cached figures.
 """

@@ -11,6 +11,7 @@ also stored as a record of its own.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 
 from compression.apply import apply_policy
+from compression.model_io import CompressibleModel
 from compression.onnx_export import export_onnx
 from compression.policy import Policy
 from compression.quantize_onnx import quantize_int8
+from compression.space import SearchSpace
 from latency_models.devices import Device, get_device
 from latency_models.features import runtime_int8
 from latency_models.harness import measure_pair
@@ -31,7 +34,7 @@ from latency_models.predictors.base import Target
 from latency_models.sampling import CalibrationSample, sample_plan
 from latency_models.store import DeviceStore
 
-__all__ = ["Progress", "calibrate", "fit_predictors", "measure_sample"]
+__all__ = ["Progress", "calibrate", "export_for_device", "fit_predictors", "measure_sample"]
 
 #: ``progress(done, total, what)`` after each measured sample.
 Progress = Callable[[int, int, str], None]
@@ -40,6 +43,24 @@ Progress = Callable[[int, int, str], None]
 def _calibration_batches(shape: tuple[int, ...]) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     return [rng.standard_normal((8, *shape)).astype(np.float32) for _ in range(4)]
+
+
+def export_for_device(
+    cm: CompressibleModel, space: SearchSpace, policy: Policy, device: Device, path: Path
+) -> tuple[Any, tuple[int, ...] | None, bool]:
+    """The compressed model in the form ``device`` runs it: (model, input shape, int8).
+
+    ONNX Runtime devices get an ONNX file (int8 QDQ when ``runtime_int8`` says so, else
+    fp32); torch devices get the GraphModule (fake-quantized weights run in fp32).
+    """
+    compressed = apply_policy(cm, policy)
+    if device.runtime != "onnxruntime":
+        return compressed.gm, (1, *cm.input_shape), False
+    onnx_path = export_onnx(compressed.gm, cm.example_input(1), path, check=False)
+    if not runtime_int8(space, policy):
+        return onnx_path, None, False
+    batches = _calibration_batches(cm.input_shape)
+    return quantize_int8(onnx_path, batches, path.with_name(path.stem + "-int8.onnx")), None, True
 
 
 def measure_sample(
@@ -53,35 +74,20 @@ def measure_sample(
 ) -> list[LatencyRecord]:
     """Measure one sample (and its dense model, the first time) on ``device``."""
     dense_cache = {} if dense_cache is None else dense_cache
-    cm = sample.model
-    example = cm.example_input(1)
-    int8 = device.runtime == "onnxruntime" and runtime_int8(sample.space, sample.policy)
-    compressed = apply_policy(cm, sample.policy)
+    safe = sample.space_id.replace("@", "_")
     first = sample.space_id not in dense_cache
-    if device.runtime == "onnxruntime":
-        safe = sample.space_id.replace("@", "_")
-        if first:
-            dense_cache[sample.space_id] = export_onnx(
-                cm.gm, example, workdir / f"{safe}-dense.onnx", check=False
-            )
-        model_b: Any = export_onnx(
-            compressed.gm, example, workdir / f"{safe}-{sample.policy.hash}.onnx", check=False
-        )
-        if int8:
-            model_b = quantize_int8(
-                model_b,
-                _calibration_batches(cm.input_shape),
-                workdir / f"{safe}-{sample.policy.hash}-int8.onnx",
-            )
-        model_a, shape = dense_cache[sample.space_id], None
-    else:
-        dense_cache.setdefault(sample.space_id, cm.gm)
-        model_a, model_b, shape = cm.gm, compressed.gm, (1, *cm.input_shape)
+    if first:
+        dense_cache[sample.space_id] = export_for_device(
+            sample.model, sample.space, Policy.dense(), device, workdir / f"{safe}-dense.onnx"
+        )[0]
+    model_b, shape, int8 = export_for_device(
+        sample.model, sample.space, sample.policy, device, workdir / f"{safe}-{sample.policy.hash}.onnx"
+    )
+    model_a = dense_cache[sample.space_id]
     pair = measure_pair(
         model_a, model_b, device, runs=runs, warmup=warmup, input_shape=shape, with_reference=True
     )
     a, b = pair.a, pair.b
-    common = {"arch_id": sample.arch_id, "space_id": sample.space_id, "space": sample.space}
     out = [
         LatencyRecord(
             policy=sample.policy,
@@ -93,7 +99,9 @@ def measure_sample(
             speedup=pair.speedup,
             int8=int8,
             measurement={"compressed": b.to_dict(), "dense": a.to_dict()},
-            **common,
+            arch_id=sample.arch_id,
+            space_id=sample.space_id,
+            space=sample.space,
         )
     ]
     if first:
@@ -108,7 +116,9 @@ def measure_sample(
                 speedup=1.0,
                 int8=False,
                 measurement={"dense": a.to_dict()},
-                **common,
+                arch_id=sample.arch_id,
+                space_id=sample.space_id,
+                space=sample.space,
             )
         )
     return out
@@ -174,7 +184,7 @@ def fit_predictors(
     for kind in kinds:
         cls = REGISTRY[kind]
         m = holdout_metrics(
-            lambda c=cls: c(target=target, seed=seed), records, test_fraction=test_fraction, seed=seed
+            functools.partial(cls, target=target, seed=seed), records, test_fraction=test_fraction, seed=seed
         )
         per_kind[kind] = m
         p = cls(target=target, seed=seed).fit(records)

@@ -115,7 +115,9 @@ class JobContext:
 
 def run_job(ctx: JobContext) -> None:
     """Run (or resume) the search of one job; see the module docstring for the contract."""
-    raise NotImplementedError("search not wired yet")
+    from service.search_wiring import run_job as run
+
+    run(ctx)
 
 
 @dataclass(frozen=True)
@@ -145,4 +147,6 @@ class ExportResult:
 
 def export_candidate(ctx: ExportContext) -> ExportResult:
     """Build, write and measure the compressed model of one candidate."""
-    raise NotImplementedError("export not wired yet")
+    from service.search_wiring import export_candidate as export
+
+    return export(ctx)

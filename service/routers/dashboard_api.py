@@ -9,7 +9,7 @@ import datetime as dt
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from service import queries
 from service.dashboard.data import DEFAULT_MAX_POINTS, device_measurements, job_scatter
@@ -37,6 +37,7 @@ class ScatterPoints(_Out):
 class JobScatter(_Out):
     job_id: int
     status: str
+    job: dict[str, Any] = Field(description="status, algorithm, ids, progress and error: enough to draw the page")
     objectives: list[dict[str, Any]]
     constraints: dict[str, Any]
     baseline: dict[str, Any]

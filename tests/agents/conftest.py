@@ -1,4 +1,4 @@
-"""Real search spaces for the agent tests: a model with concat/SE/depthwise, and ResNet-20 (skippable blocks)."""
+"""Real search spaces for agent tests: concat/SE/depthwise, and ResNet-20 (skippable blocks)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -42,6 +43,15 @@ def test_every_zoo_arch_has_a_recipe() -> None:
     assert set(RECIPES) == set(ZOO)
 
 
+def test_recipes_keep_mnist_settings_and_give_small_data_enough_steps() -> None:
+    for arch, recipe in RECIPES.items():
+        assert recipe.for_size(7000) == recipe, arch  # written for the MNIST split
+        small = recipe.for_size(1257)  # digits
+        assert 16 <= small.batch_size <= recipe.batch_size
+        assert small.epochs * math.ceil(1257 / small.batch_size) >= recipe.min_steps, arch
+    assert "min_steps" not in RECIPES["vit"].train_kwargs()
+
+
 def test_two_epochs_of_lenet_learn_digits(digits: Dataset) -> None:
     model = _lenet(digits)
     seen: list[tuple[int, int, float]] = []
@@ -71,7 +81,7 @@ def test_trained_model_is_cached_as_safetensors_and_reloaded_without_training(
         "lenet5", digits, seed=0, cache_dir=tmp_path, progress=lambda e, n, a: calls.append(e)
     )
     train_s = time.perf_counter() - start
-    assert calls == list(range(1, RECIPES["lenet5"].epochs + 1))
+    assert calls == list(range(1, RECIPES["lenet5"].for_size(len(digits.x_train)).epochs + 1))
     files = sorted(p.name for p in tmp_path.iterdir())
     stem = f"lenet5-{digits.fingerprint}-s0-r{RECIPE_VERSION}"
     assert files == [f"{stem}.json", f"{stem}.safetensors"]

@@ -9,7 +9,9 @@ from typer.testing import CliRunner
 
 import modeltailor.cli.search  # noqa: F401  (registers the command on the app)
 from compression import Policy
-from modeltailor.cli import app
+from modeltailor.cli import _register, app
+
+_register()  # the other commands too, so typer dispatches on the command name as installed
 
 
 def test_search_writes_dense_candidates_and_front_with_measured_latency(

@@ -77,11 +77,14 @@ def test_a_failing_search_fails_the_job_with_its_message(db_url: str, tmp_path: 
     engine = make_engine(db_url)
     factory = make_session_factory(engine)
     job_id = _job(factory, budget=3)
-    runner = Runner(factory, Settings(data_dir=tmp_path, database_url=db_url))  # the real, unwired bridge
+    def broken_search(ctx: object) -> None:
+        raise RuntimeError("the model file is gone")
+
+    runner = Runner(factory, Settings(data_dir=tmp_path, database_url=db_url), search=broken_search)
     assert runner.run_once()
     with factory() as s:
         job = s.get(Job, job_id)
-        assert job is not None and (job.status, job.error) == ("failed", "search not wired yet")
+        assert job is not None and (job.status, job.error) == ("failed", "the model file is gone")
     engine.dispose()
 
 

@@ -303,11 +303,13 @@ async function drawScatter(div, scatter, metric) {
   }
 }
 
-function jobStats(job, scatter, deviceName) {
+function jobStats(scatter, deviceName) {
+  const job = scatter.job;
   const p = job.progress || {};
   const share = p.total ? Math.min(1, (p.done || 0) / p.total) : job.status === "succeeded" ? 1 : 0;
-  const best = job.best && job.best[0];
-  const base = job.baseline || {};
+  const f = scatter.front;
+  const best = f.id.length ? { accuracy: f.accuracy[0], latency_ms: f.latency_ms[0] } : null;
+  const base = scatter.baseline || {};
   const speedup = best && base.latency_ms && best.latency_ms ? base.latency_ms / best.latency_ms : null;
   return `
     <div class="card stat"><div class="label">Progress</div>
@@ -342,10 +344,10 @@ function frontTable(scatter, baseline) {
 
 async function pageJob(token, jobId) {
   setPage("job");
-  const [job, scatter, devices] = await Promise.all([
-    api(`/v1/jobs/${jobId}`), api(`/v1/jobs/${jobId}/scatter?max_points=4000`), api("/v1/devices"),
-  ]);
+  // One call carries the job and its points: the page never waits on a second front computation.
+  const [scatter, devices] = await Promise.all([api(`/v1/jobs/${jobId}/scatter?max_points=4000`), api("/v1/devices")]);
   if (!current(token)) return;
+  const job = scatter.job;
   const device = devices.data.find((d) => d.id === job.device_id);
   const deviceName = device ? device.name : `device ${job.device_id}`;
   let metric = "latency_ms";
@@ -355,7 +357,7 @@ async function pageJob(token, jobId) {
       <span class="muted">on <a href="#/devices/${job.device_id}">${esc(deviceName)}</a> · model ${job.model_id} · data set ${job.dataset_id}</span>
       <span class="spacer"></span><span id="job-live"></span></div>
     ${job.error ? `<div class="banner">${esc(job.error)}</div>` : ""}
-    <div class="grid stats" id="job-stats">${jobStats(job, scatter, deviceName)}</div>
+    <div class="grid stats" id="job-stats">${jobStats(scatter, deviceName)}</div>
     <div class="card">
       <div class="plot-head"><h2 id="plot-title">Accuracy vs predicted latency</h2><span class="spacer"></span>
         <div class="tabs" role="tablist"><button class="active" data-metric="latency_ms" type="button">Latency</button>
@@ -363,7 +365,7 @@ async function pageJob(token, jobId) {
       <div id="scatter" class="plot"></div>
       <div class="note" id="scatter-note"></div>
     </div>
-    <div class="card table-card"><h2>Pareto front</h2><div id="front-card">${frontTable(scatter, job.baseline || {})}</div></div>`;
+    <div class="card table-card"><h2>Pareto front</h2><div id="front-card">${frontTable(scatter, scatter.baseline || {})}</div></div>`;
   const div = $("#scatter");
   purgeOnLeave(div);
   const bindRows = () => {
@@ -392,11 +394,12 @@ async function pageJob(token, jobId) {
   ready(token);
   if (job.status === "running" || job.status === "queued") {
     liveJob(token, jobId, async () => {
-      const [j, s] = await Promise.all([api(`/v1/jobs/${jobId}`), api(`/v1/jobs/${jobId}/scatter?max_points=4000`)]);
+      const s = await api(`/v1/jobs/${jobId}/scatter?max_points=4000`);
+      const j = s.job;
       if (!current(token)) return j;
       latest = s;
-      $("#job-stats").innerHTML = jobStats(j, s, deviceName);
-      $("#front-card").innerHTML = frontTable(s, j.baseline || {});
+      $("#job-stats").innerHTML = jobStats(s, deviceName);
+      $("#front-card").innerHTML = frontTable(s, s.baseline || {});
       bindRows();
       note(s);
       await drawScatter(div, s, metric);
