@@ -9,7 +9,7 @@ whatever the actor does, the finished policy meets the budget.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gymnasium as gym
@@ -81,24 +81,43 @@ class ActionWall:
         self.cost_fn = cost_fn
         self.budget = budget
 
-    def _fits(self, decided: dict[int, LayerAction]) -> bool:
-        return self.cost_fn(policy_from_actions(self.space, decided, rest=MOST_COMPRESSED)) <= self.budget
+    def _fits(self, decided: dict[int, LayerAction], rest: LayerAction) -> bool:
+        return self.cost_fn(policy_from_actions(self.space, decided, rest=rest)) <= self.budget
 
-    def clip(self, decided: dict[int, LayerAction], index: int, action: LayerAction) -> LayerAction:
-        """``action`` for layer ``index``, shrunk just enough to keep the budget reachable."""
-        if self._fits({**decided, index: action}):
-            return action
+    def _largest(self, fits: Callable[[float], bool]) -> float | None:
+        """Largest s in [0, 1] (to 1/256) with fits(s), None if not even s = 0 fits."""
+        if not fits(0.0):
+            return None
         lo, hi = 0.0, 1.0
         for _ in range(WALL_STEPS):
             mid = (lo + hi) / 2
-            if self._fits({**decided, index: action.shrunk(mid)}):
-                lo = mid
-            else:
-                hi = mid
-        clipped = action.shrunk(lo)
-        if not self._fits({**decided, index: clipped}):
-            clipped = LayerAction(clipped.keep_width, clipped.keep_weights, clipped.bits, 1.0)
-        return clipped
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    def clip(self, decided: dict[int, LayerAction], index: int, action: LayerAction) -> LayerAction:
+        """``action`` for layer ``index``, shrunk just enough to keep the budget reachable.
+
+        Later layers are assumed fully compressed but not skipped (skipping is the last
+        resort), and the width is shrunk before weights and bits, which cost accuracy without
+        saving compute on dense runtimes.
+        """
+        rest = replace(MOST_COMPRESSED, skip=0.0)
+        if self._fits({**decided, index: action}, rest):
+            return action
+        s = self._largest(
+            lambda s: self._fits({**decided, index: replace(action, keep_width=action.keep_width * s)}, rest)
+        )
+        if s is not None:
+            return replace(action, keep_width=action.keep_width * s)
+        s = self._largest(lambda s: self._fits({**decided, index: action.shrunk(s)}, rest))
+        if s is not None:
+            return action.shrunk(s)
+        # Not reachable without skipping: skip here if this layer opens a block, and let later layers skip.
+        skipping = replace(action.shrunk(0.0), skip=1.0)
+        s = self._largest(
+            lambda s: self._fits({**decided, index: replace(action.shrunk(s), skip=1.0)}, MOST_COMPRESSED)
+        )
+        return replace(action.shrunk(s), skip=1.0) if s is not None else skipping
 
 
 class CompressionEnv(gym.Env[np.ndarray, np.ndarray]):

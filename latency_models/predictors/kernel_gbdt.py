@@ -58,6 +58,16 @@ def overhead_design(model: np.ndarray) -> np.ndarray:
     )
 
 
+def _work(x: np.ndarray) -> np.ndarray:
+    """A kernel's nominal work: MACs plus output volume (memory traffic) plus a launch cost.
+
+    The regressors predict log(latency / work), i.e. the kernel's *inverse efficiency*: a
+    bounded quantity trees can learn from a few hundred models, while latency itself grows
+    beyond any range seen in training and trees cannot extrapolate it.
+    """
+    return x[..., _MACS] + 10.0 * x[..., _OUT] + 2000.0
+
+
 @register
 class KernelGBDT(Predictor):
     """Sum of per-kernel LightGBM predictions plus a fitted per-model overhead."""
@@ -101,14 +111,14 @@ class KernelGBDT(Predictor):
         mid = np.concatenate(model_of)
         design = overhead_design(models)
         # Initial kernel shares: MACs plus output volume (memory traffic), normalised per model.
-        share = x[:, _MACS] + 10.0 * x[:, _OUT] + 1.0
+        share = _work(x)
         overhead = np.full(len(records), 0.0)
         kernel_pred = share
         for _ in range(self.rounds):
             per_model = np.bincount(mid, weights=kernel_pred, minlength=len(records))
             budget = np.maximum(y - overhead, 0.3 * y)
             target = kernel_pred * (budget / np.maximum(per_model, 1e-12))[mid]
-            kernel_pred = self._fit_kernels(x, op, np.log(np.maximum(target, 1e-9)))
+            kernel_pred = self._fit_kernels(x, op, np.log(np.maximum(target, 1e-12) / _work(x)))
             summed = np.bincount(mid, weights=kernel_pred, minlength=len(records))
             self.overhead, _ = nnls(design, y - summed)
             overhead = design @ self.overhead
@@ -125,7 +135,7 @@ class KernelGBDT(Predictor):
                 d = lgb.Dataset(x[sel], log_t[sel], feature_name=names)
                 self.boosters[name] = lgb.train(self._params(), d, num_boost_round=self.n_estimators)
                 pred[sel] = self.boosters[name].predict(x[sel], num_threads=1)
-        return np.exp(pred)
+        return np.exp(pred) * _work(x)
 
     def kernel_latencies(self, kb: KernelBatch) -> np.ndarray:
         """(P, L) predicted kernel latencies in target units (0 for absent kernels)."""
@@ -135,7 +145,8 @@ class KernelGBDT(Predictor):
             cols = np.flatnonzero(kb.op == t)
             booster = self.boosters.get(OP_TYPES[t], self.boosters["all"])
             rows = kb.x[:, cols, :].reshape(-1, n_feat)
-            out[:, cols] = np.exp(booster.predict(rows, num_threads=1)).reshape(n_pol, len(cols))
+            pred = np.exp(booster.predict(rows, num_threads=1)) * _work(rows)
+            out[:, cols] = pred.reshape(n_pol, len(cols))
         return out * kb.present
 
     def _predict(self, space: SearchSpace, policies: Sequence[Policy]) -> np.ndarray:

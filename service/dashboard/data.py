@@ -168,7 +168,9 @@ def decimate(table: _Table, idx: np.ndarray, max_points: int) -> np.ndarray:
         return idx
     cells = max(2, int(math.sqrt(max_points)))
     while True:
-        kept = np.union1d(_grid_keep(table, idx, "latency_ms", cells), _grid_keep(table, idx, "size_bytes", cells))
+        kept = np.union1d(
+            _grid_keep(table, idx, "latency_ms", cells), _grid_keep(table, idx, "size_bytes", cells)
+        )
         if len(kept) <= max_points or cells <= 2:
             return kept
         cells = max(2, int(cells * 0.8))
@@ -241,7 +243,9 @@ def _policies(session: Session, ids: Sequence[int]) -> dict[int, dict[str, Any]]
     out: dict[int, dict[str, Any]] = {}
     for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
         chunk = ids[start : start + 900]
-        for cid, policy in session.execute(select(Candidate.id, Candidate.policy).where(Candidate.id.in_(chunk))):
+        for cid, policy in session.execute(
+            select(Candidate.id, Candidate.policy).where(Candidate.id.in_(chunk))
+        ):
             out[int(cid)] = policy
     return out
 
@@ -254,7 +258,9 @@ def device_measurements(
         Measurement.device_id == device_id,
         or_(Measurement.tenant_id == tenant_id, Measurement.tenant_id.is_(None)),
     ]
-    rows = session.scalars(select(Measurement).where(*where).order_by(Measurement.id.desc()).limit(limit)).all()
+    rows = session.scalars(
+        select(Measurement).where(*where).order_by(Measurement.id.desc()).limit(limit)
+    ).all()
     total = len(rows) if len(rows) < limit else _count(session, where)
     return rows, total
 

@@ -37,7 +37,9 @@ class ScatterPoints(_Out):
 class JobScatter(_Out):
     job_id: int
     status: str
-    job: dict[str, Any] = Field(description="status, algorithm, ids, progress and error: enough to draw the page")
+    job: dict[str, Any] = Field(
+        description="status, algorithm, ids, progress and error: enough to draw the page"
+    )
     objectives: list[dict[str, Any]]
     constraints: dict[str, Any]
     baseline: dict[str, Any]

@@ -154,20 +154,24 @@ def score_policy(policy: dict[str, Any], rng: random.Random) -> Scores:
     width = float(policy["default"]["width"])
     skips = len(policy["skip"])
     bits = policy["default"]["bits"]
-    latency = BASELINE["latency_ms"] * (0.12 + 0.88 * width**1.7) * (1 - 0.07 * skips) * rng.uniform(0.95, 1.05)
+    latency = (
+        BASELINE["latency_ms"] * (0.12 + 0.88 * width**1.7) * (1 - 0.07 * skips) * rng.uniform(0.95, 1.05)
+    )
     if bits == 8:
         latency *= 0.85
     accuracy = 0.99 - 0.3 * (1 - width) ** 2.2 - 0.012 * skips - (0.02 if bits == 4 else 0.0)
     accuracy = min(0.995, max(0.1, accuracy - abs(rng.gauss(0, 0.012))))
     size = int(BASELINE["size_bytes"] * width**2 * (bits or 32) / 32 * (1 - 0.05 * skips))
-    return Scores(accuracy=round(accuracy, 5), latency_ms=round(latency, 5), size_bytes=size, macs=int(4e7 * width**2))
+    return Scores(
+        accuracy=round(accuracy, 5), latency_ms=round(latency, 5), size_bytes=size, macs=int(4e7 * width**2)
+    )
 
 
 def expected_front(rows: list[tuple[int, float, float, bool]]) -> set[int]:
     """Ids non-dominated in (accuracy max, latency min) among feasible rows (a plain 2-D sweep)."""
     front: set[int] = set()
     best = -math.inf
-    for cid, acc, lat, feasible in sorted(rows, key=lambda r: (r[2], -r[1])):
+    for cid, acc, _lat, feasible in sorted(rows, key=lambda r: (r[2], -r[1])):
         if feasible and acc > best:
             front.add(cid)
             best = acc
@@ -188,13 +192,25 @@ class SeededJob:
 def seed_refs(factory: sessionmaker[Session], tenant_id: int) -> tuple[int, int, int]:
     """A data set, a ResNet-20-like model and the built-in 1-thread CPU device: (model, dataset, device)."""
     with factory() as session:
-        dataset = Dataset(tenant_id=tenant_id, name="mnist", builtin="mnist", shapes={"x_train": [60000, 1, 28, 28]})
+        dataset = Dataset(
+            tenant_id=tenant_id, name="mnist", builtin="mnist", shapes={"x_train": [60000, 1, 28, 28]}
+        )
         session.add(dataset)
         session.flush()
-        layers = [{"name": n, "macs": 1_000_000 + 50_000 * i, "params": 2_000 + 100 * i} for i, n in enumerate(LAYERS)]
+        layers = [
+            {"name": n, "macs": 1_000_000 + 50_000 * i, "params": 2_000 + 100 * i}
+            for i, n in enumerate(LAYERS)
+        ]
         model = Model(
-            tenant_id=tenant_id, name="resnet20-mnist", source="zoo", zoo="resnet20", dataset_id=dataset.id,
-            layers=layers, params=270_000, macs=40_000_000, size_bytes=BASELINE["size_bytes"],
+            tenant_id=tenant_id,
+            name="resnet20-mnist",
+            source="zoo",
+            zoo="resnet20",
+            dataset_id=dataset.id,
+            layers=layers,
+            params=270_000,
+            macs=40_000_000,
+            size_bytes=BASELINE["size_bytes"],
         )
         session.add(model)
         device_id = session.scalars(select(Device.id).where(Device.name == "cpu-ort-1t")).one()
@@ -215,18 +231,36 @@ def seed_job(
     """A job of ``status`` with ``n`` candidates (bulk-inserted)."""
     model_id, dataset_id, device_id = refs or seed_refs(factory, tenant_id)
     spec = {
-        "model_id": model_id, "dataset_id": dataset_id, "device_id": device_id, "algorithm": algorithm,
-        "space": {}, "objectives": [{"metric": "accuracy", "direction": "max"},
-                                    {"metric": "latency_ms", "direction": "min"}],
-        "constraints": CONSTRAINTS, "budget": {"candidates": max(n, 1), "seconds": 900}, "seed": seed,
+        "model_id": model_id,
+        "dataset_id": dataset_id,
+        "device_id": device_id,
+        "algorithm": algorithm,
+        "space": {},
+        "objectives": [
+            {"metric": "accuracy", "direction": "max"},
+            {"metric": "latency_ms", "direction": "min"},
+        ],
+        "constraints": CONSTRAINTS,
+        "budget": {"candidates": max(n, 1), "seconds": 900},
+        "seed": seed,
         "remeasure_top_k": 0,
     }
     with factory() as session:
         job = Job(
-            tenant_id=tenant_id, model_id=model_id, dataset_id=dataset_id, device_id=device_id,
-            algorithm=algorithm, spec=spec, status=status, baseline=dict(BASELINE),
-            progress={"phase": "searching" if status == "running" else status, "done": n, "total": max(n, 1),
-                      "eta_s": 42.0 if status == "running" else None},
+            tenant_id=tenant_id,
+            model_id=model_id,
+            dataset_id=dataset_id,
+            device_id=device_id,
+            algorithm=algorithm,
+            spec=spec,
+            status=status,
+            baseline=dict(BASELINE),
+            progress={
+                "phase": "searching" if status == "running" else status,
+                "done": n,
+                "total": max(n, 1),
+                "eta_s": 42.0 if status == "running" else None,
+            },
         )
         session.add(job)
         session.flush()
@@ -253,13 +287,23 @@ def add_candidates(
             scores = score_policy(policy, rng)
             if boost:
                 scores = dataclasses.replace(scores, accuracy=min(0.999, (scores.accuracy or 0) + boost))
-            values.append({
-                "job_id": job_id, "index": start + i, "policy": policy, "policy_hash": f"{seed}-{start + i}",
-                "accuracy": scores.accuracy, "latency_ms": scores.latency_ms, "size_bytes": scores.size_bytes,
-                "macs": scores.macs, "predictor_version": 1, "eval_seconds": 1.5, "extra": {},
-                "measured_latency_ms": round((scores.latency_ms or 0) * 1.04, 5) if i % 50 == 0 else None,
-                "feasible": queries.is_feasible(scores, constraints=constraints, baseline=baseline),
-            })
+            values.append(
+                {
+                    "job_id": job_id,
+                    "index": start + i,
+                    "policy": policy,
+                    "policy_hash": f"{seed}-{start + i}",
+                    "accuracy": scores.accuracy,
+                    "latency_ms": scores.latency_ms,
+                    "size_bytes": scores.size_bytes,
+                    "macs": scores.macs,
+                    "predictor_version": 1,
+                    "eval_seconds": 1.5,
+                    "extra": {},
+                    "measured_latency_ms": round((scores.latency_ms or 0) * 1.04, 5) if i % 50 == 0 else None,
+                    "feasible": queries.is_feasible(scores, constraints=constraints, baseline=baseline),
+                }
+            )
         for chunk in range(0, len(values), 5000):
             session.execute(insert(Candidate), values[chunk : chunk + 5000])
         session.commit()
@@ -268,34 +312,63 @@ def add_candidates(
             .where(Candidate.job_id == job_id, Candidate.index >= start)
             .order_by(Candidate.index)
         ).all()
-        return [(int(r[0]), float(r[1]), float(r[2]), bool(r[3])) for r in rows]
+        return [(int(r[0]), float(r[1] or 0.0), float(r[2] or 0.0), bool(r[3])) for r in rows]
 
 
-def seed_device_data(factory: sessionmaker[Session], tenant_id: int, device_id: int, *, n: int = 80) -> dict[str, Any]:
+def seed_device_data(
+    factory: sessionmaker[Session], tenant_id: int, device_id: int, *, n: int = 80
+) -> dict[str, Any]:
     """Calibration measurements and one predictor version with held-out pairs; returns its metrics."""
     rng = random.Random(7)
     with factory() as session:
         for i in range(n):
             macs = rng.uniform(2e6, 4e7)
             status = "failed" if i == n - 1 else "done"
-            session.add(Measurement(
-                device_id=device_id, tenant_id=tenant_id, status=status, purpose="calibration",
-                features={"macs": int(macs), "params": int(macs / 150)},
-                latency_ms=None if status == "failed" else round(0.2 + macs / 1e7 * rng.uniform(0.9, 1.1), 4),
-                error="onnxruntime: invalid graph" if status == "failed" else None,
-                measured_at=utcnow(),
-            ))
+            session.add(
+                Measurement(
+                    device_id=device_id,
+                    tenant_id=tenant_id,
+                    status=status,
+                    purpose="calibration",
+                    features={"macs": int(macs), "params": int(macs / 150)},
+                    latency_ms=None
+                    if status == "failed"
+                    else round(0.2 + macs / 1e7 * rng.uniform(0.9, 1.1), 4),
+                    error="onnxruntime: invalid graph" if status == "failed" else None,
+                    measured_at=utcnow(),
+                )
+            )
         measured = [round(rng.uniform(0.3, 4.0), 4) for _ in range(60)]
         predicted = [round(m * rng.uniform(0.86, 1.12), 4) for m in measured]
         within = sum(abs(p - m) <= 0.1 * m for m, p in zip(measured, predicted, strict=True)) / len(measured)
         metrics = {
-            "rmse_ms": 0.18, "mape": 0.052, "within_5pct": 0.55, "within_10pct": round(within, 4),
-            "n_train": 200, "n_holdout": 60,
-            "holdout": {"measured_ms": measured, "predicted_ms": predicted,
-                        "names": [f"arch-{i}" for i in range(len(measured))]},
+            "rmse_ms": 0.18,
+            "mape": 0.052,
+            "within_5pct": 0.55,
+            "within_10pct": round(within, 4),
+            "n_train": 200,
+            "n_holdout": 60,
+            "holdout": {
+                "measured_ms": measured,
+                "predicted_ms": predicted,
+                "names": [f"arch-{i}" for i in range(len(measured))],
+            },
         }
-        session.add(Predictor(device_id=device_id, version=1, kind="kernel-gbt", metrics={
-            "rmse_ms": 0.31, "mape": 0.09, "within_5pct": 0.38, "within_10pct": 0.71, "n_train": 100, "n_holdout": 40}))
+        session.add(
+            Predictor(
+                device_id=device_id,
+                version=1,
+                kind="kernel-gbt",
+                metrics={
+                    "rmse_ms": 0.31,
+                    "mape": 0.09,
+                    "within_5pct": 0.38,
+                    "within_10pct": 0.71,
+                    "n_train": 100,
+                    "n_holdout": 40,
+                },
+            )
+        )
         session.add(Predictor(device_id=device_id, version=2, kind="kernel-gbt", metrics=metrics))
         session.commit()
     return metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -39,7 +40,8 @@ def front_trace_len(page: Any) -> int:
     """Points in the plotted front trace, read from plotly's own data (gd.data)."""
     return int(
         page.evaluate(
-            "() => document.querySelector('#scatter').data.find(t => t.name.startsWith('Pareto front')).x.length"
+            "() => document.querySelector('#scatter').data"
+            ".find(t => t.name.startsWith('Pareto front')).x.length"
         )
     )
 
@@ -47,7 +49,9 @@ def front_trace_len(page: Any) -> int:
 def test_sign_in_then_jobs_list(live: Live, open_page: OpenPage) -> None:
     refs = seed_refs(live.factory, live.tenant_id)
     done = seed_job(live.factory, live.tenant_id, n=120, refs=refs)
-    running = seed_job(live.factory, live.tenant_id, n=40, status="running", algorithm="ddpg", seed=1, refs=refs)
+    running = seed_job(
+        live.factory, live.tenant_id, n=40, status="running", algorithm="ddpg", seed=1, refs=refs
+    )
     page = open_page(live, signed_in=False)
     goto(page, live, "")
     assert page.locator("#login-form").is_visible()
@@ -64,7 +68,9 @@ def test_sign_in_then_jobs_list(live: Live, open_page: OpenPage) -> None:
     assert "running" in rows.nth(0).inner_text().lower() and "ddpg" in rows.nth(0).inner_text()
     assert "succeeded" in rows.nth(1).inner_text().lower() and "cpu-ort-1t" in rows.nth(1).inner_text()
     best = api(live, f"/v1/jobs/{done.job_id}")["best"][0]
-    page.wait_for_function(f"document.querySelector('[data-best=\"{done.job_id}\"]').textContent.includes('@')")
+    page.wait_for_function(
+        f"document.querySelector('[data-best=\"{done.job_id}\"]').textContent.includes('@')"
+    )
     assert f"{100 * best['accuracy']:.2f} %" in page.inner_text(f"[data-best='{done.job_id}']")
     assert page.evaluate("sessionStorage.getItem('modeltailor.apiKey')") == live.key
     screenshot(page, "jobs")
@@ -129,7 +135,8 @@ def test_candidate_page_and_a_failed_export(live: Live, open_page: OpenPage) -> 
     goto(page, live, f"#/candidates/{chosen['id']}")
     chart = page.locator("#layer-chart")
     assert chart.get_attribute("data-layers") == str(len(LAYERS))
-    assert chart.get_attribute("data-skipped") == str(2 * len(chosen["policy"]["skip"]))  # two convs per block
+    skipped_convs = 2 * len(chosen["policy"]["skip"])  # two convs per residual block
+    assert chart.get_attribute("data-skipped") == str(skipped_convs)
     assert page.locator("#layer-table tbody tr").count() == len(LAYERS)
     name, spec = next(iter(chosen["policy"]["layers"].items()))
     row = page.locator("#layer-table tbody tr", has=page.locator(f"td:text-is('{name}')"))
@@ -144,7 +151,9 @@ def test_candidate_page_and_a_failed_export(live: Live, open_page: OpenPage) -> 
     screenshot(page, "candidate-export-failed")
 
 
-def test_export_that_succeeds_shows_its_proof_and_downloads(live_exporting: Live, open_page: OpenPage) -> None:
+def test_export_that_succeeds_shows_its_proof_and_downloads(
+    live_exporting: Live, open_page: OpenPage
+) -> None:
     live = live_exporting
     job = seed_job(live.factory, live.tenant_id, n=100)
     cid = sorted(job.front)[0]
@@ -160,7 +169,7 @@ def test_export_that_succeeds_shows_its_proof_and_downloads(live_exporting: Live
     screenshot(page, "candidate")
     with page.expect_download() as download:
         page.click("#download")
-    assert open(download.value.path(), "rb").read() == b"onnx-model-of-candidate"
+    assert Path(download.value.path()).read_bytes() == b"onnx-model-of-candidate"
 
 
 def test_export_refused_by_the_server_is_shown(live: Live, open_page: OpenPage) -> None:
@@ -182,7 +191,9 @@ def test_devices_page_shows_measurements_and_the_predictor(live: Live, open_page
     page.locator("#devices-table tr", has_text="cpu-ort-1t").click()
     page.wait_for_selector("#predictor-chart[data-points]")
     pairs = metrics["holdout"]
-    in_band = sum(abs(p - m) <= 0.1 * m for m, p in zip(pairs["measured_ms"], pairs["predicted_ms"], strict=True))
+    in_band = sum(
+        abs(p - m) <= 0.1 * m for m, p in zip(pairs["measured_ms"], pairs["predicted_ms"], strict=True)
+    )
     chart = page.locator("#predictor-chart")
     assert chart.get_attribute("data-points") == "60"
     assert chart.get_attribute("data-in-band") == str(in_band)

@@ -54,8 +54,13 @@ def test_scatter_keeps_the_whole_front_and_thins_the_rest(live: Live) -> None:
     assert all(s.startswith("all layers:") for s in body["front"]["summary"])
     # the accuracy-vs-size front is exact
     feas = [(r[0], r[1]) for r in job.rows if r[3]]
-    sizes = dict(zip(body["others"]["id"] + body["front"]["id"],
-                     body["others"]["size_bytes"] + body["front"]["size_bytes"], strict=True))
+    sizes = dict(
+        zip(
+            body["others"]["id"] + body["front"]["id"],
+            body["others"]["size_bytes"] + body["front"]["size_bytes"],
+            strict=True,
+        )
+    )
     for cid in body["size_front_ids"]:
         acc = dict(feas)[cid]
         assert not any(a > acc and sizes.get(o, 1 << 62) < sizes[cid] for o, a in feas if o in sizes)
@@ -99,7 +104,11 @@ def test_measurements_listing(live: Live) -> None:
         ({}, "all layers: dense"),
         ({"default": {"width": 0.5, "bits": 8}}, "all layers: width 0.50, int8"),
         (
-            {"default": {"width": 1.0}, "layers": {"fc": {"scheme": "nm", "nm": [2, 4]}}, "skip": ["layer2.1"]},
+            {
+                "default": {"width": 1.0},
+                "layers": {"fc": {"scheme": "nm", "nm": [2, 4]}},
+                "skip": ["layer2.1"],
+            },
             "all layers: dense | fc 2:4 sparse | skip 1 block: layer2.1",
         ),
         (

@@ -18,13 +18,20 @@ def compose() -> dict[str, Any]:
     """The configuration as docker-compose resolves it (installing docker-compose if missing)."""
     if shutil.which("docker-compose") is None:
         done = subprocess.run(
-            ["bash", str(REPO / "scripts" / "ensure_test_tools.sh")], capture_output=True, text=True, check=False
+            ["bash", str(REPO / "scripts" / "ensure_test_tools.sh")],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if shutil.which("docker-compose") is None:
             pytest.skip(f"docker-compose cannot be installed on this machine: {done.stderr.strip()[-500:]}")
     done = subprocess.run(
         ["docker-compose", "-f", str(REPO / "docker-compose.yml"), "config"],
-        capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, f"docker-compose config rejected the file:\n{done.stderr}"
     config: dict[str, Any] = yaml.safe_load(done.stdout)
@@ -41,7 +48,9 @@ def test_the_four_services_and_their_wiring(compose: dict[str, Any]) -> None:
     assert api["environment"]["RAY_ADDRESS"] == "ray-head:6379"
     assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
     start = " ".join(api["command"])
-    assert start.index("upgrade(") < start.index("modeltailor serve"), "migrations must run before the API starts"
+    assert start.index("upgrade(") < start.index("modeltailor serve"), (
+        "migrations must run before the API starts"
+    )
     assert "--host 0.0.0.0" in start
     assert {"published": 8000, "target": 8000} in api["ports"]
     assert "--head" in services["ray-head"]["command"]

@@ -488,9 +488,9 @@ async function drawLayers(div, rows) {
     const sel = rows.map((r, i) => [r, i]).filter(([r]) => r.scheme === scheme && !r.skipped);
     return {
       type: "bar", name: scheme === "nm" ? "N:M" : scheme, x: sel.map(([r]) => r.name), y: sel.map(([r]) => r.width),
-      marker: { color: COLORS.schemes[scheme] }, text: sel.map(([r]) => schemeLabel(r)), textposition: "inside",
+      marker: { color: COLORS.schemes[scheme] }, text: sel.map(([r]) => (r.scheme === "dense" ? "" : schemeLabel(r))), textposition: "inside",
       insidetextanchor: "end", textfont: { color: "#fff", size: 10 },
-      hovertemplate: "<b>%{x}</b><br>width %{y:.2f}<br>%{text}<extra></extra>",
+      hovertemplate: `<b>%{x}</b><br>width %{y:.2f}<br>${scheme}<extra></extra>`,
     };
   }).filter((t) => t.x.length);
   const skipped = rows.filter((r) => r.skipped);
