@@ -41,7 +41,9 @@ def main() -> None:
     calib = calibration_batches(data, 8, 64)
     xv, yv = data.x_val[:1000], data.y_val[:1000]
     tmp = Path(tempfile.mkdtemp(prefix="mt-bench-"))
-    print(f"{'arch':12} {'width':>5} {'prec':>4} {'acc':>7} {'MACs':>11} {'bytes':>9} {'ms':>7} {'speedup':>7}")
+    print(
+        f"{'arch':12} {'width':>5} {'prec':>4} {'acc':>7} {'MACs':>11} {'bytes':>9} {'ms':>7} {'speedup':>7}"
+    )
     for arch in args.archs.split(","):
         model = resolve_model(arch, data, cache_dir=args.cache)
         dense = compress(model, Policy.dense(), calib)
@@ -51,7 +53,11 @@ def main() -> None:
                 pol = Policy.from_dict({"default": {"width": width, "bits": 8 if int8 else None}})
                 cm = compress(model, pol, calib)
                 fp32 = export_onnx(cm.gm, model.example_input(2), tmp / f"{arch}-{width}.onnx")
-                path = quantize_int8(fp32, (b.numpy() for b in calib), tmp / f"{arch}-{width}-int8.onnx") if int8 else fp32
+                path = (
+                    quantize_int8(fp32, (b.numpy() for b in calib), tmp / f"{arch}-{width}-int8.onnx")
+                    if int8
+                    else fp32
+                )
                 acc = onnx_accuracy(path, xv, yv)
                 m = measure(cm)
                 pair = measure_pair(dense_onnx, path, "cpu-ort-1t", runs=args.runs)
@@ -60,18 +66,24 @@ def main() -> None:
                     f"{m.size_bytes:9,d} {pair.b.median_ms:7.3f} {pair.speedup:6.2f}x",
                     flush=True,
                 )
-        sparse = compress(model, Policy.from_dict({"default": {"scheme": "unstructured", "sparsity": 0.5}}), calib)
+        sparse = compress(
+            model, Policy.from_dict({"default": {"scheme": "unstructured", "sparsity": 0.5}}), calib
+        )
         sparse_onnx = export_onnx(sparse.gm, model.example_input(2), tmp / f"{arch}-sparse.onnx")
         pair = measure_pair(dense_onnx, sparse_onnx, "cpu-ort-1t", runs=args.runs)
-        print(f"{arch}: 50% unstructured sparsity speedup over dense fp32 (ORT, 1 thread): {pair.speedup:.3f}x")
+        print(
+            f"{arch}: 50% unstructured sparsity speedup over dense fp32 (ORT, 1 thread): {pair.speedup:.3f}x"
+        )
         times = []
         half = Policy.from_dict({"default": {"width": 0.5}})
         for _ in range(7):
             start = time.perf_counter()
             score_policy(model, half, calib[:4], xv, yv)
             times.append(time.perf_counter() - start)
-        print(f"{arch}: apply + BN recalibration (4x64) + score on 1,000 val images: "
-              f"median {statistics.median(times):.3f} s over 7")
+        print(
+            f"{arch}: apply + BN recalibration (4x64) + score on 1,000 val images: "
+            f"median {statistics.median(times):.3f} s over 7"
+        )
 
 
 if __name__ == "__main__":

@@ -106,9 +106,7 @@ def _kept_count(space: ChanSpace, keep: dict[int, torch.Tensor], graph: ModelGra
     return space.channels if pos is None else len(pos) // space.expand
 
 
-def _importance(
-    gm: fx.GraphModule, graph: ModelGraph, root: int, kind: Importance
-) -> torch.Tensor:
+def _importance(gm: fx.GraphModule, graph: ModelGraph, root: int, kind: Importance) -> torch.Tensor:
     size = graph.groups.data(root).size
     score = torch.zeros(size)
     if kind == "bn":

@@ -148,9 +148,7 @@ def merge_spaces(groups: Groups, a: ChanSpace, b: ChanSpace, reason: str) -> Cha
     return ChanSpace(a.dim, tuple(merged), a.expand)
 
 
-def reshape_dim_groups(
-    ins: list[int], outs: list[int]
-) -> list[tuple[list[int], list[int]]] | None:
+def reshape_dim_groups(ins: list[int], outs: list[int]) -> list[tuple[list[int], list[int]]] | None:
     """Pair up input and output dims of a reshape whose products match, in order."""
     i = j = 0
     pairs: list[tuple[list[int], list[int]]] = []

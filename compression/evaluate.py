@@ -31,7 +31,7 @@ class _BNRecalibrator(fx.Interpreter):
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target in BATCH_NORM:
-            x, weight, bias, mean_t, var_t = args[:5]
+            x, weight, bias, mean_t, _var_t = args[:5]
             eps = float(args[7]) if target == aten.batch_norm.default else float(args[-1])
             dims = [d for d in range(x.dim()) if d != 1]
             mean = x.mean(dim=dims)
@@ -133,9 +133,12 @@ def quantize_activations(cm: CompressedModel, batches: Iterable[torch.Tensor]) -
     """
     gm = cm.gm
     layer_nodes = [
-        n for n in gm.graph.nodes
-        if n.op == "call_function" and n.target in CONV | LINEAR
-        and isinstance(n.args[1], fx.Node) and str(n.args[1].target) in cm.bits
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and n.target in CONV | LINEAR
+        and isinstance(n.args[1], fx.Node)
+        and str(n.args[1].target) in cm.bits
     ]
     inputs = {n.args[0].name for n in layer_nodes if isinstance(n.args[0], fx.Node)}
     obs = _RangeObserver(gm, inputs)
@@ -149,7 +152,7 @@ def quantize_activations(cm: CompressedModel, batches: Iterable[torch.Tensor]) -
         lo, hi = obs.ranges[src.name]
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         scale = max((hi - lo) / 255.0, 1e-8)
-        zero_point = int(round(-lo / scale))
+        zero_point = round(-lo / scale)
         with gm.graph.inserting_before(n):
             fq = gm.graph.call_function(
                 torch.fake_quantize_per_tensor_affine, (src, scale, zero_point, 0, 255)

@@ -1,3 +1,6 @@
+# fx node arguments are typed as a wide ``Argument`` union; the checks here are structural
+# (op target decides the argument layout), so these codes are noise in this module.
+# mypy: disable-error-code="arg-type,union-attr,assignment,misc,return-value"
 """Graph analysis of an exported model: prunable layers, channel coupling, skippable blocks.
 
 Works on the aten-level ``torch.fx.GraphModule`` that ``torch.export`` produces,
@@ -25,32 +28,75 @@ _SYMBOLIC = 1_000_003  # stand-in size for a symbolic (batch) dimension
 
 # Ops that keep every dimension of their first input (channels pass through).
 UNARY_PASS: set[Any] = {
-    aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default,
-    aten.hardtanh_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
-    aten.sigmoid.default, aten.tanh.default, aten.hardswish.default, aten.hardswish_.default,
-    aten.hardsigmoid.default, aten.leaky_relu.default, aten.elu.default, aten.mish.default,
-    aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
-    aten.detach.default, aten.abs.default, aten.neg.default, aten.exp.default,
-    aten.sqrt.default, aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.mul.Scalar,
-    aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.clamp.default,
-    aten.clamp_min.default, aten.clamp_max.default, aten.feature_dropout.default,
-    aten.log_sigmoid.default, aten.softplus.default, aten.to.dtype, aten._to_copy.default,
-    aten.type_as.default, aten.dropout_.default,
+    aten.relu.default,
+    aten.relu_.default,
+    aten.relu6.default,
+    aten.hardtanh.default,
+    aten.hardtanh_.default,
+    aten.gelu.default,
+    aten.silu.default,
+    aten.silu_.default,
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.hardswish.default,
+    aten.hardswish_.default,
+    aten.hardsigmoid.default,
+    aten.leaky_relu.default,
+    aten.elu.default,
+    aten.mish.default,
+    aten.dropout.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.abs.default,
+    aten.neg.default,
+    aten.exp.default,
+    aten.sqrt.default,
+    aten.rsqrt.default,
+    aten.pow.Tensor_Scalar,
+    aten.mul.Scalar,
+    aten.add.Scalar,
+    aten.sub.Scalar,
+    aten.div.Scalar,
+    aten.clamp.default,
+    aten.clamp_min.default,
+    aten.clamp_max.default,
+    aten.feature_dropout.default,
+    aten.log_sigmoid.default,
+    aten.softplus.default,
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.type_as.default,
+    aten.dropout_.default,
 }
 # NCHW spatial ops: channel dim 1 passes through.
 SPATIAL_PASS: set[Any] = {
-    aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
-    aten.adaptive_max_pool2d.default, aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec,
-    aten.pad.default, aten.constant_pad_nd.default,
+    aten.adaptive_avg_pool2d.default,
+    aten.avg_pool2d.default,
+    aten.max_pool2d.default,
+    aten.adaptive_max_pool2d.default,
+    aten.upsample_nearest2d.vec,
+    aten.upsample_bilinear2d.vec,
+    aten.pad.default,
+    aten.constant_pad_nd.default,
 }
 BINARY: set[Any] = {
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
-    aten.minimum.default, aten.add_.Tensor, aten.mul_.Tensor, aten.where.self,
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.mul.Tensor,
+    aten.div.Tensor,
+    aten.maximum.default,
+    aten.minimum.default,
+    aten.add_.Tensor,
+    aten.mul_.Tensor,
+    aten.where.self,
 }
 REDUCE: set[Any] = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
 RESHAPE: set[Any] = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 BATCH_NORM: set[Any] = {
-    aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+    aten.batch_norm.default,
+    aten._native_batch_norm_legit_no_training.default,
     aten.native_batch_norm.default,
 }
 CONV: set[Any] = {aten.conv2d.default, aten.conv2d.padding}
@@ -185,8 +231,14 @@ def _param_root(node: Any) -> tuple[str, Callable[[int], int | None]] | None:
         out_shape, in_shape = _shape(cur), _shape(src)
         if out_shape is None or in_shape is None:
             return None
-        if cur.target in (aten.expand.default, aten.clone.default, aten.contiguous.default,
-                          aten.alias.default, aten.detach.default, aten.to.dtype):
+        if cur.target in (
+            aten.expand.default,
+            aten.clone.default,
+            aten.contiguous.default,
+            aten.alias.default,
+            aten.detach.default,
+            aten.to.dtype,
+        ):
             lead = len(out_shape) - len(in_shape)
             maps.insert(0, lambda d, lead=lead: d - lead if d - lead >= 0 else None)
         elif cur.target == aten.unsqueeze.default:
@@ -347,9 +399,20 @@ class _Analyzer:
             macs = out_c * in_c * tokens
         params = out_c * in_per_group * kh * kw + (out_c if bias else 0)
         features = LayerFeatures(
-            op=op, in_channels=in_c, out_channels=out_c, kernel=kh, stride=stride_h, groups=groups,
-            in_h=in_h, in_w=in_w, out_h=out_h, out_w=out_w, params=params, macs=macs,
-            position=len(self.layers) / max(1, n_layers - 1), index=len(self.layers),
+            op=op,
+            in_channels=in_c,
+            out_channels=out_c,
+            kernel=kh,
+            stride=stride_h,
+            groups=groups,
+            in_h=in_h,
+            in_w=in_w,
+            out_h=out_h,
+            out_w=out_w,
+            params=params,
+            macs=macs,
+            position=len(self.layers) / max(1, n_layers - 1),
+            index=len(self.layers),
         )
         out_space: ChanSpace | None
         if op == "dwconv":
@@ -383,8 +446,16 @@ class _Analyzer:
                 else:
                     self.slices.append(SliceAction(weight, in_space.with_dim(1)))
         self.layers.append(
-            LayerInfo(name=name, node=node.name, weight=weight, bias=bias, op=op, features=features,
-                      out_group=out_group, in_space=in_space)
+            LayerInfo(
+                name=name,
+                node=node.name,
+                weight=weight,
+                bias=bias,
+                op=op,
+                features=features,
+                out_group=out_group,
+                in_space=in_space,
+            )
         )
         self.layer_nodes[node.name] = name
         return out_space
@@ -412,7 +483,7 @@ class _Analyzer:
         shape = _shape(node)
         if src is None or shape is None:
             return None
-        normalized = list(node.args[1])  # type: ignore[arg-type]
+        normalized = list(node.args[1])
         if len(normalized) != 1 or src.dim != len(shape) - 1 or src.expand != 1:
             self.groups.block(src, f"layer norm over several dims at {node.name}")
             return None
@@ -466,7 +537,7 @@ class _Analyzer:
         return result
 
     def visit_cat(self, node: fx.Node) -> ChanSpace | None:
-        tensors = list(node.args[0])  # type: ignore[arg-type]
+        tensors = list(node.args[0])
         out_shape = _shape(node)
         if out_shape is None:
             self.block_inputs(node, "concat without shape")
@@ -541,11 +612,11 @@ class _Analyzer:
             return None
         rank = len(shape)
         if node.target == aten.permute.default:
-            perm = [int(d) % rank for d in node.args[1]]  # type: ignore[union-attr]
+            perm = [int(d) % rank for d in node.args[1]]
         else:
             perm = list(range(rank))
             if node.target == aten.transpose.int:
-                a, b = int(node.args[1]) % rank, int(node.args[2]) % rank  # type: ignore[arg-type]
+                a, b = int(node.args[1]) % rank, int(node.args[2]) % rank
             else:
                 a, b = 0, rank - 1
             perm[a], perm[b] = perm[b], perm[a]
@@ -557,13 +628,13 @@ class _Analyzer:
         if src is None or ins is None or outs is None:
             return None
         if node.target == aten.unsqueeze.default:
-            ud = int(node.args[1]) % len(outs)  # type: ignore[arg-type]
+            ud = int(node.args[1]) % len(outs)
             return src.with_dim(src.dim + (1 if ud <= src.dim else 0))
         if node.target == aten.squeeze.default:
             dims_n = set(range(len(ins)))
         else:
             dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
-            dims_n = {int(d) % len(ins) for d in dims}  # type: ignore[call-overload]
+            dims_n = {int(d) % len(ins) for d in dims}
         kept_before = src.dim - sum(1 for d in dims_n if d < src.dim and ins[d] == 1)
         return src.with_dim(kept_before)
 
@@ -573,7 +644,7 @@ class _Analyzer:
         ins = _shape(node.args[0])
         if src is None or ins is None:
             return None
-        dim = int(node.args[1]) % len(ins)  # type: ignore[arg-type]
+        dim = int(node.args[1]) % len(ins)
         if dim == src.dim:
             self.groups.block(src, f"indexing along channels at {node.name}")
             return None
@@ -590,7 +661,7 @@ class _Analyzer:
         if dims_arg is None or dims_arg == []:
             self.groups.block(src, f"full reduction at {node.name}")
             return None
-        dims = {int(d) % len(ins) for d in dims_arg}  # type: ignore[union-attr]
+        dims = {int(d) % len(ins) for d in dims_arg}
         keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
         if src.dim in dims:
             self.groups.block(src, f"reduction over channels at {node.name}")
@@ -629,9 +700,7 @@ def _find_blocks(gm: fx.GraphModule, layer_nodes: dict[str, str]) -> list[BlockI
         for u, v in (args, args[::-1]):
             if _shape(u) != out_shape or _shape(v) != out_shape or u.name not in ancestors[v.name]:
                 continue
-            inside = {
-                a for a in ancestors[v.name] | {v.name} if a not in ancestors[u.name] and a != u.name
-            }
+            inside = {a for a in ancestors[v.name] | {v.name} if a not in ancestors[u.name] and a != u.name}
             layers = sorted((layer_nodes[a] for a in inside if a in layer_nodes), key=lambda x: x)
             if not layers:
                 continue

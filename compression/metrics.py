@@ -93,8 +93,14 @@ def layer_macs(gm: fx.GraphModule, example: torch.Tensor) -> tuple[dict[str, int
     return rec.layer_macs, rec.other_macs
 
 
-def _weight_bytes(w: torch.Tensor, mask: torch.Tensor | None, bits: int | None, scheme: str,
-                  nm: tuple[int, int] | None, block: int | None) -> int:
+def _weight_bytes(
+    w: torch.Tensor,
+    mask: torch.Tensor | None,
+    bits: int | None,
+    scheme: str,
+    nm: tuple[int, int] | None,
+    block: int | None,
+) -> int:
     b = bits or 32
     numel = w.numel()
     dense = math.ceil(numel * b / 8)

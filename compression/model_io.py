@@ -114,9 +114,7 @@ def _trace_hint(exc: BaseException) -> str:
     return f"{head}{' — op ' + op.group(1) if op else ''}{where}"
 
 
-def from_module(
-    module: torch.nn.Module, example: torch.Tensor, name: str = "model"
-) -> CompressibleModel:
+def from_module(module: torch.nn.Module, example: torch.Tensor, name: str = "model") -> CompressibleModel:
     """Export an ``nn.Module`` with a dynamic batch dimension and wrap it.
 
     Raises:
@@ -164,7 +162,9 @@ def save_pt2(module: torch.nn.Module, example: torch.Tensor, path: str | Path) -
     """Export a module with a dynamic batch and save it as a ``.pt2`` archive."""
     module = module.eval()
     ep = torch.export.export(
-        module, (example,), dynamic_shapes={_arg_names(module)[0]: {0: torch.export.Dim("batch", min=1, max=4096)}}
+        module,
+        (example,),
+        dynamic_shapes={_arg_names(module)[0]: {0: torch.export.Dim("batch", min=1, max=4096)}},
     )
     torch.export.save(ep, str(path))
     return Path(path)

@@ -60,9 +60,7 @@ class LayerPolicy:
         if self.scheme not in SCHEMES:
             raise PolicyError(f"{where}: unknown scheme {self.scheme!r}; use one of {SCHEMES}")
         if not 0.0 <= self.sparsity <= MAX_SPARSITY:
-            raise PolicyError(
-                f"{where}: sparsity must be in [0, {MAX_SPARSITY}], got {self.sparsity}"
-            )
+            raise PolicyError(f"{where}: sparsity must be in [0, {MAX_SPARSITY}], got {self.sparsity}")
         if self.scheme == "nm":
             if self.nm is None:
                 raise PolicyError(f"{where}: scheme 'nm' needs nm: [N, M]")
@@ -219,8 +217,7 @@ class Policy:
         if not isinstance(layers_raw, Mapping):
             raise PolicyError("policy: layers must be an object of layer name -> settings")
         layers = {
-            str(name): _parse_layer(spec, f"layer {name!r}", default)
-            for name, spec in layers_raw.items()
+            str(name): _parse_layer(spec, f"layer {name!r}", default) for name, spec in layers_raw.items()
         }
         skip_raw = raw.get("skip") or []
         if not isinstance(skip_raw, (list, tuple)) or not all(isinstance(s, str) for s in skip_raw):

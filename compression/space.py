@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import numpy as np

@@ -38,7 +38,9 @@ def space_for(model: CompressibleModel, options: SpaceOptions | None = None) -> 
             for seg in info.in_space.segments:
                 root = graph.groups.find(seg.group) if seg.group is not None else None
                 free = opts.width and root is not None and not graph.groups.data(root).blocked_by
-                in_segments.append((graph.group_leader(root) if free and root is not None else None, seg.length))
+                in_segments.append(
+                    (graph.group_leader(root) if free and root is not None else None, seg.length)
+                )
         else:
             in_segments.append((None, f.in_channels))
         layers.append(

@@ -41,6 +41,8 @@ __all__ = [
     "cache_key",
     "evaluate_accuracy",
     "load_record",
+    "random_shift",
+    "shift_px_for",
     "train_model",
     "trained_model",
 ]
@@ -48,9 +50,6 @@ __all__ = [
 # Bump when the recipe or the zoo's architectures change: old cache entries stop matching.
 RECIPE_VERSION = 1
 LABEL_SMOOTHING = 0.05
-# Random shifts of up to 2 px at MNIST size, scaled with the image (none for 8x8 digits,
-# where 2 px would move a quarter of the image).
-SHIFT_PX_PER_14 = 1
 
 Optimizer = Literal["sgd", "adamw"]
 ProgressFn = Callable[[int, int, float], None]
@@ -154,6 +153,11 @@ def evaluate_accuracy(
     return correct / len(xs)
 
 
+def shift_px_for(image_size: int) -> int:
+    """Largest random shift: 2 px at 28x28 and 32x32, none for 8x8 digits (2 px is a quarter of them)."""
+    return image_size // 14
+
+
 def random_shift(x: torch.Tensor, max_px: int, generator: torch.Generator) -> torch.Tensor:
     """Shift each image by its own random offset in [-max_px, max_px]², edges replicated."""
     if max_px <= 0:
@@ -207,7 +211,7 @@ def train_model(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.25, div_factor=10.0
     )
     gen = torch.Generator().manual_seed(seed)
-    shift_px = dataset.image_size * SHIFT_PX_PER_14 // 14
+    shift_px = shift_px_for(dataset.image_size)
     accuracy = float("nan")
     for epoch in range(1, epochs + 1):
         model.train()

@@ -68,8 +68,14 @@ def measured_latency(device: Device, runs: int = SEARCH_RUNS) -> Callable[[Compr
     def latency(cm: CompressedModel) -> float:
         example = cm.example_input(1)
         if device.runtime == "torch":
-            return measure(cm.gm, device, runs=runs, warmup=10, interleave_reference=False,
-                           input_shape=tuple(example.shape)).median_ms
+            return measure(
+                cm.gm,
+                device,
+                runs=runs,
+                warmup=10,
+                interleave_reference=False,
+                input_shape=tuple(example.shape),
+            ).median_ms
         with tempfile.TemporaryDirectory() as tmp:
             path = export_onnx(cm.gm, cm.example_input(2), Path(tmp) / "candidate.onnx", check=False)
             return measure(path, device, runs=runs, warmup=10, interleave_reference=False).median_ms
@@ -105,11 +111,19 @@ def run_job(ctx: JobContext) -> None:
     objective = Objective.from_dict(spec.get("objectives"), spec.get("constraints"))
     options = SpaceOptions.from_dict(dict(spec.get("space") or {}))
     previous = [
-        Candidate(d.index, Policy.from_dict(d.policy), Score(
-            accuracy=d.scores.accuracy or 0.0, latency_ms=d.scores.latency_ms or 0.0,
-            size_bytes=float(d.scores.size_bytes or 0), macs=float(d.scores.macs or 0),
-            eval_seconds=d.scores.eval_seconds or 0.0, error=(d.scores.extra or {}).get("error"),
-        ), True)
+        Candidate(
+            d.index,
+            Policy.from_dict(d.policy),
+            Score(
+                accuracy=d.scores.accuracy or 0.0,
+                latency_ms=d.scores.latency_ms or 0.0,
+                size_bytes=float(d.scores.size_bytes or 0),
+                macs=float(d.scores.macs or 0),
+                eval_seconds=d.scores.eval_seconds or 0.0,
+                error=(d.scores.extra or {}).get("error"),
+            ),
+            True,
+        )
         for d in sorted(ctx.done, key=lambda d: d.index)
     ]
     state: dict[str, Any] | None = json.loads(ctx.agent_state) if ctx.agent_state else None
@@ -142,7 +156,9 @@ def run_job(ctx: JobContext) -> None:
     ctx.set_baseline(_score_fields(result.dense))
 
 
-def finetune(cm: CompressedModel, dataset: Dataset, epochs: int, progress: Callable[[dict[str, Any]], None]) -> None:
+def finetune(
+    cm: CompressedModel, dataset: Dataset, epochs: int, progress: Callable[[dict[str, Any]], None]
+) -> None:
     """A few epochs of SGD on the compressed graph; masks re-applied after every step.
 
     BatchNorm statistics stay as recalibrated (the exported graph runs BN in eval form).

@@ -128,10 +128,16 @@ class GraphGNN(Predictor):
             "model_std": np.maximum(models.std(0), 1e-6).tolist(),
         }
         spaces = {id(records[ix[0]].space): records[ix[0]].space for ix, _ in feats}
-        chunks = []
-        for ix, kb in feats:
-            tensors = self._tensors(spaces[id(records[ix[0]].space)], kb)
-            chunks.append((tensors, torch.from_numpy(np.log(y[ix]).astype(np.float32))))
+        parts = [self._tensors(spaces[id(records[ix[0]].space)], kb) for ix, kb in feats]
+        # One graph batch of every record: one forward pass per epoch.
+        node_off = np.cumsum([0] + [p[0].shape[0] for p in parts])
+        graph_off = np.cumsum([0] + [p[3].shape[0] for p in parts])
+        x = torch.cat([p[0] for p in parts])
+        edge_index = torch.cat([p[1] + int(node_off[i]) for i, p in enumerate(parts)], dim=1)
+        batch = torch.cat([p[2] + int(graph_off[i]) for i, p in enumerate(parts)])
+        model = torch.cat([p[3] for p in parts])
+        order = np.concatenate([ix for ix, _ in feats])
+        target = torch.from_numpy(np.log(y[order]).astype(np.float32))
         self.y_mean = float(np.log(y).mean())
         self.net = _Net(self.hidden)
         opt = torch.optim.AdamW(self.net.parameters(), lr=3e-3, weight_decay=1e-4)
@@ -139,10 +145,8 @@ class GraphGNN(Predictor):
         self.net.train()
         for _ in range(self.epochs):
             opt.zero_grad()
-            loss = torch.zeros(())
-            for (x, ei, b, m), t in chunks:  # one batch per space: every record each epoch
-                loss = loss + ((self.net(x, ei, b, m) + self.y_mean - t) ** 2).sum()
-            (loss / len(records)).backward()
+            loss = ((self.net(x, edge_index, batch, model) + self.y_mean - target) ** 2).mean()
+            loss.backward()
             opt.step()
             sched.step()
         self.net.eval()

@@ -18,16 +18,21 @@ err = Console(stderr=True)
 
 @app.command()
 def compress(
-    model: Annotated[str, typer.Argument(help="A .pt2 archive (torch.export.save) or a zoo name (resnet20, ...).")],
+    model: Annotated[
+        str, typer.Argument(help="A .pt2 archive (torch.export.save) or a zoo name (resnet20, ...).")
+    ],
     policy: Annotated[Path, typer.Option("--policy", help="Policy JSON file.", exists=True, dir_okay=False)],
-    data: Annotated[str, typer.Option("--data", help="An .npz (x_train, y_train, x_val, y_val) or mnist / digits.")],
+    data: Annotated[
+        str, typer.Option("--data", help="An .npz (x_train, y_train, x_val, y_val) or mnist / digits.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Where to write the ONNX model.")],
     int8: Annotated[bool, typer.Option("--int8", help="Export int8 QDQ ONNX (static, calibrated).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for zoo training and calibration batches.")] = 0,
     calib_batches: Annotated[int, typer.Option(help="BatchNorm recalibration batches of 64.")] = 8,
 ) -> None:
     """Apply POLICY to MODEL, recalibrate BatchNorm, evaluate on x_val, export ONNX; print one JSON line."""
-    from compression import Policy, PolicyError, compress as apply_and_calibrate, measure
+    from compression import Policy, PolicyError, measure
+    from compression import compress as apply_and_calibrate
     from compression.apply import apply_policy
     from compression.data import DataError, calibration_batches, load_dataset
     from compression.evaluate import accuracy

@@ -22,12 +22,16 @@ console = Console()
 @app.command()
 def demo(
     server: Annotated[str, typer.Option(help="API base URL.")] = "http://127.0.0.1:8000",
-    api_key: Annotated[str | None, typer.Option(envvar="MODELTAILOR_API_KEY", help="Defaults to the local key.")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="MODELTAILOR_API_KEY", help="Defaults to the local key.")
+    ] = None,
     model: Annotated[str, typer.Option(help="Zoo architecture to compress.")] = "resnet20",
     data: Annotated[str, typer.Option(help="Built-in data set.")] = "mnist",
     algorithms: Annotated[str, typer.Option(help="Comma-separated agents to run.")] = "rule,optuna-tpe",
     budget: Annotated[int, typer.Option(help="Candidates per search.")] = 16,
-    out: Annotated[Path, typer.Option(help="Where to write the exported ONNX model.")] = Path("demo-best.onnx"),
+    out: Annotated[Path, typer.Option(help="Where to write the exported ONNX model.")] = Path(
+        "demo-best.onnx"
+    ),
 ) -> None:
     """Run the demo searches on a server started with `modeltailor serve`."""
     from modeltailor.client import Client
@@ -40,10 +44,12 @@ def demo(
     front_rows = []
     dense_latency = None
     for algo in algorithms.split(","):
-        console.print(f"[bold]3.[/bold] searching with [cyan]{algo}[/cyan], {budget} candidates, latency on cpu-ort-1t")
+        console.print(
+            f"[bold]3.[/bold] searching with [cyan]{algo}[/cyan], {budget} candidates, latency on cpu-ort-1t"
+        )
         job = client.submit_job(
             mdl["id"], ds["id"], "cpu-ort-1t", algorithm=algo, budget={"candidates": budget, "seconds": 600},
-            space={"schemes": ["unstructured", "nm", "block"], "bits": [None, 8], "width": True, "depth": True},
+            space={"schemes": ["unstructured", "nm", "block"], "bits": [None, 8]},
         )  # fmt: skip
         info = job.wait(progress=True)
         baseline = info.get("baseline") or {}
@@ -66,8 +72,10 @@ def demo(
     console.print(f"[bold]4.[/bold] exporting candidate {pick.id} {why}")
     meta = pick.export(out)
     console.print(
-        f"   measured {meta.get('measured_latency_ms', 0):.3f} ms vs dense {meta.get('dense_latency_ms', 0):.3f} ms "
-        f"→ [green]{meta.get('speedup', 0):.2f}× faster[/green], ONNX accuracy {meta.get('accuracy', 0):.4f}, "
+        f"   measured {meta.get('measured_latency_ms', 0):.3f} ms "
+        f"vs dense {meta.get('dense_latency_ms', 0):.3f} ms "
+        f"→ [green]{meta.get('speedup', 0):.2f}× faster[/green], "
+        f"ONNX accuracy {meta.get('accuracy', 0):.4f}, "
         f"predicted {meta.get('predicted_latency_ms') or 0:.3f} ms; written to {out}"
     )
     console.print(f"[bold]5.[/bold] dashboard: {server}/")

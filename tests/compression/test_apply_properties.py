@@ -54,7 +54,8 @@ def check_masks(cm: CompressedModel) -> None:
                 assert torch.all(chunk.all(0) | (~chunk).all(0)), f"{layer}: a 1x{b} block is split"
             n_blocks = -(-o // b) * flat.shape[1]  # type: ignore[operator]
             zero_blocks = sum(
-                int((~flat[s : s + b]).all(0).sum()) for s in range(0, o, b)  # type: ignore[arg-type]
+                int((~flat[s : s + b]).all(0).sum())
+                for s in range(0, o, b)  # type: ignore[arg-type]
             )
             assert zero_blocks == round(lp.sparsity * n_blocks), layer
 
@@ -106,7 +107,10 @@ def test_width_macs_equal_analytic_count(arch: str, width: float) -> None:
         per_out = (in_c // groups if layer.op != "linear" else in_c) * f.kernel * f.kernel
         expected += out_c * f.out_h * f.out_w * per_out
     other = measure(cm).macs - sum(
-        v for k, v in __import__("compression.metrics", fromlist=["x"]).layer_macs(cm.gm, cm.example_input())[0].items()
+        v
+        for k, v in __import__("compression.metrics", fromlist=["x"])
+        .layer_macs(cm.gm, cm.example_input())[0]
+        .items()
     )
     assert measure(cm).macs - other == expected
 
@@ -114,7 +118,9 @@ def test_width_macs_equal_analytic_count(arch: str, width: float) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 @settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 10_000))
-def test_onnx_export_agrees_with_torch(arch: str, seed: int, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_onnx_export_agrees_with_torch(
+    arch: str, seed: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     model = zoo_model(arch)
     policy = space_for(model).sample(random.Random(seed))
     cm = apply_policy(model, policy)

@@ -98,9 +98,15 @@ def test_bn_recalibration_restores_accuracy_lost_to_stale_statistics() -> None:
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target)
     net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 10),
     )
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(8):
@@ -140,7 +146,7 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path: Path, fancy_pt2: Path) 
         load_pt2(missing)
     text = tmp_path / "text.pt2"
     text.write_text("not a model")
-    with pytest.raises(ModelLoadError, match="not a torch.export archive"):
+    with pytest.raises(ModelLoadError, match=r"not a torch\.export archive"):
         load_pt2(text)
     truncated = tmp_path / "truncated.pt2"
     truncated.write_bytes(fancy_pt2.read_bytes()[: fancy_pt2.stat().st_size // 2])
@@ -159,7 +165,7 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path: Path, fancy_pt2: Path) 
 
 def test_policy_errors_name_layers_and_blocks() -> None:
     model = zoo_model("resnet20")
-    with pytest.raises(PolicyError, match="unknown layer.*layer1.0.conv9"):
+    with pytest.raises(PolicyError, match=r"unknown layer.*layer1\.0\.conv9"):
         apply_policy(model, Policy.from_dict({"layers": {"layer1.0.conv9": {"width": 0.5}}}))
     with pytest.raises(PolicyError, match="unknown block"):
         apply_policy(model, Policy.from_dict({"skip": ["layer9"]}))

@@ -10,7 +10,10 @@ from compression.policy import LayerPolicy, Policy, PolicyError
 def test_round_trip_and_stable_hash() -> None:
     raw = {
         "default": {"width": 0.5},
-        "layers": {"conv1": {"scheme": "nm", "nm": [2, 4], "bits": 8}, "fc": {"scheme": "block", "block": 8, "sparsity": 0.5}},
+        "layers": {
+            "conv1": {"scheme": "nm", "nm": [2, 4], "bits": 8},
+            "fc": {"scheme": "block", "block": 8, "sparsity": 0.5},
+        },
         "skip": ["layer2.1"],
     }
     p = Policy.from_dict(raw)

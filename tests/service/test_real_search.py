@@ -45,5 +45,7 @@ def test_real_job_searches_and_exports_a_measured_model(real_live: LiveServer, t
     meta = best.export(tmp_path / "best.onnx")
     assert meta["status"] == "ready", meta
     assert meta["measured_latency_ms"] > 0 and meta["dense_latency_ms"] > 0 and meta["speedup"] > 0
-    assert 0.0 <= meta["accuracy"] <= 1.0 and meta["predicted_latency_ms"] == pytest.approx(best["latency_ms"])
+    assert 0.0 <= meta["accuracy"] <= 1.0 and meta["predicted_latency_ms"] == pytest.approx(
+        best["latency_ms"]
+    )
     onnx.checker.check_model(str(tmp_path / "best.onnx"))
