@@ -42,7 +42,7 @@ Progress = Callable[[int, int, str], None]
 
 def _calibration_batches(shape: tuple[int, ...]) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
-    return [rng.standard_normal((8, *shape)).astype(np.float32) for _ in range(4)]
+    return [rng.standard_normal((1, *shape)).astype(np.float32) for _ in range(16)]
 
 
 def export_for_device(

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
     .venv/bin/pip install -q --upgrade pip
 fi
-if ! .venv/bin/python -c "import modeltailor, torch, pytest, playwright" 2>/dev/null \
+if ! .venv/bin/python -c "import modeltailor, torch, pytest" 2>/dev/null \
     || [ pyproject.toml -nt .venv/.modeltailor-installed ]; then
     .venv/bin/pip install -q "torch==2.13.0" -e ".[dev]"
     touch .venv/.modeltailor-installed

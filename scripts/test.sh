@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/ensure_postgres.sh
+bash scripts/ensure_test_tools.sh
 .venv/bin/ruff check .
 .venv/bin/mypy compression latency_models agents service db modeltailor
 .venv/bin/pytest -n 2 --dist loadfile -p no:cacheprovider "$@"

@@ -21,7 +21,8 @@ from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
 from service import queries
 from service.auth import ensure_local_tenant
-from service.routers import artifacts, candidates, datasets, devices, jobs, models
+from service.dashboard.routes import router as dashboard_router
+from service.routers import artifacts, candidates, dashboard_api, datasets, devices, jobs, models
 from service.runner import Runner, SearchFn
 from service.search_bridge import ExportContext, ExportResult
 from service.search_bridge import export_candidate as default_exporter
@@ -105,10 +106,11 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
 
     v1 = APIRouter(prefix="/v1")
-    for module in (models, datasets, devices, jobs, candidates, artifacts):
+    for module in (models, datasets, devices, jobs, candidates, artifacts, dashboard_api):
         v1.include_router(module.router)
     v1.include_router(devices.predictors_router)
     app.include_router(v1)
+    app.include_router(dashboard_router)
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:

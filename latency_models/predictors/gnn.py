@@ -75,7 +75,7 @@ class GraphGNN(Predictor):
 
     kind = "gnn"
 
-    def __init__(self, target: Any = "ms", seed: int = 0, hidden: int = 64, epochs: int = 250) -> None:
+    def __init__(self, target: Any = "ms", seed: int = 0, hidden: int = 64, epochs: int = 150) -> None:
         super().__init__(target, seed)
         self.hidden = hidden
         self.epochs = epochs
@@ -117,6 +117,14 @@ class GraphGNN(Predictor):
         return np.asarray(self.stats["model_std"])
 
     def _fit(self, records: Sequence[LatencyRecord], y: np.ndarray) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny graphs: extra threads only add contention on a shared CPU
+        try:
+            self._train(records, y)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train(self, records: Sequence[LatencyRecord], y: np.ndarray) -> None:
         torch.manual_seed(self.seed)
         feats = record_features(records)
         nodes = np.concatenate([_node_raw(kb).reshape(-1, _NODE) for _, kb in feats])

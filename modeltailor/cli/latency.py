@@ -1,0 +1,132 @@
+"""``modeltailor calibrate`` and ``modeltailor predict``: a device's latency predictors from the shell.
+
+``calibrate`` measures sampled compressed models on a local device, appends them to the
+device's measurements, fits every predictor kind on all its measurements (a new version)
+and prints their errors on held-out architectures. ``predict`` answers one policy in one
+JSON line, optionally with a real measurement next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modeltailor.cli import app
+
+_TABLE_COLS = (
+    ("mape", "MAPE %"),
+    ("within_5pct", "±5 %"),
+    ("within_10pct", "±10 %"),
+    ("rmse_ms", "RMSE ms"),
+    ("speedup_mape", "speedup MAPE %"),
+    ("speedup_within_10pct", "speedup ±10 %"),
+)
+
+
+def metrics_table(doc: dict[str, object]) -> str:
+    """Plain-text table of held-out metrics per predictor (one row each)."""
+    preds = doc.get("predictors")
+    assert isinstance(preds, dict)
+    head = f"{'predictor':<12}" + "".join(f"{title:>16}" for _, title in _TABLE_COLS)
+    lines = [head, "-" * len(head)]
+    for kind, m in preds.items():
+        lines.append(
+            f"{kind:<12}" + "".join(f"{float(m.get(key, float('nan'))):>16.2f}" for key, _ in _TABLE_COLS)
+        )
+    return "\n".join(lines)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    device: Annotated[str, typer.Option("--device", help="Built-in device name, e.g. cpu-ort-1t.")],
+    samples: Annotated[int, typer.Option("--samples", min=4, help="Compressed models to measure.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    runs: Annotated[int, typer.Option("--runs", min=5, help="Timed runs per model.")] = 100,
+    target: Annotated[
+        str, typer.Option("--target", help="Train on 'ratio' (to reference) or 'ms'.")
+    ] = "ratio",
+) -> None:
+    """Measure sampled models on DEVICE, fit its predictors, print held-out metrics."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from latency_models.calibrate import calibrate, fit_predictors
+    from latency_models.devices import DeviceError, get_device
+    from latency_models.store import DeviceStore
+
+    if target not in ("ratio", "ms"):
+        raise typer.BadParameter("--target must be 'ratio' or 'ms'")
+    try:
+        dev = get_device(device)
+    except DeviceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    store = DeviceStore(dev.name)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(f"measuring on {dev.name}", total=samples)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, description=f"{dev.name}: {what[:48]}")
+
+        calibrate(dev, samples, seed=seed, progress=progress, runs=runs, store=store)
+    records = store.records()
+    typer.echo(f"fitting predictors on {len(records)} measurements ({store.measurements})", err=True)
+    _, doc, version = fit_predictors(records, target=target, seed=seed, store=store)  # type: ignore[arg-type]
+    typer.echo(f"device {dev.name}: predictor version {version}, default {doc['default']}")
+    typer.echo(f"held-out architectures: {doc['predictors'][doc['default']]['n_arch']:.0f}")  # type: ignore[index]
+    typer.echo(metrics_table(doc))
+
+
+@app.command("predict")
+def predict_cmd(
+    model: Annotated[Path, typer.Argument(help="A torch.export archive (.pt2).")],
+    policy: Annotated[Path, typer.Option("--policy", help="Policy JSON file.")],
+    device: Annotated[str, typer.Option("--device", help="Device whose predictor to use.")],
+    measure: Annotated[bool, typer.Option("--measure", help="Also measure on the device.")] = False,
+    version: Annotated[
+        int | None, typer.Option("--version", help="Predictor version (default latest).")
+    ] = None,
+    kind: Annotated[str | None, typer.Option("--predictor", help="Predictor kind (default: best).")] = None,
+) -> None:
+    """Print one JSON line: predicted latency_ms, predictor version, its held-out ±10 % figure."""
+    from compression.model_io import ModelLoadError, load_pt2
+    from compression.policy import Policy, PolicyError
+    from compression.space_builder import space_for
+    from latency_models.sampling import SPACE_OPTIONS
+    from latency_models.store import DeviceStore
+
+    try:
+        cm = load_pt2(model)
+        space = space_for(cm, SPACE_OPTIONS)
+        pol = space.validate(Policy.from_json(policy.read_text()))
+        predictor, ver, used = DeviceStore(device).load(version, kind)
+    except (ModelLoadError, PolicyError, FileNotFoundError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    latency = float(predictor.predict(space, [pol])[0])
+    out: dict[str, object] = {
+        "device": device,
+        "latency_ms": round(latency, 6),
+        "predictor": used,
+        "predictor_version": ver,
+        "holdout_within_10pct": predictor.metrics.get("within_10pct"),
+        "holdout_speedup_within_10pct": predictor.metrics.get("speedup_within_10pct"),
+        "holdout_mape": predictor.metrics.get("mape"),
+    }
+    if measure:
+        from latency_models.calibrate import export_for_device
+        from latency_models.devices import get_device
+        from latency_models.harness import measure as harness_measure
+
+        dev = get_device(device)
+        with tempfile.TemporaryDirectory(prefix="mt-predict-") as tmp:
+            runnable, shape, int8 = export_for_device(cm, space, pol, dev, Path(tmp) / "model.onnx")
+            m = harness_measure(runnable, dev, input_shape=shape)
+        out["measured_ms"] = round(m.median_ms, 6)
+        out["int8"] = int8
+    sys.stdout.write(json.dumps(out) + "\n")
