@@ -84,7 +84,8 @@ def test_a_failing_search_fails_the_job_with_its_message(db_url: str, tmp_path: 
     assert runner.run_once()
     with factory() as s:
         job = s.get(Job, job_id)
-        assert job is not None and (job.status, job.error) == ("failed", "RuntimeError: the model file is gone")
+        assert job is not None and job.status == "failed"
+        assert job.error == "RuntimeError: the model file is gone"
     engine.dispose()
 
 
