@@ -99,7 +99,7 @@ RECIPES: dict[str, Recipe] = {
     "vgg": Recipe(epochs=4, lr=0.05, batch_size=128, min_steps=200),
     "mobilenetv2": Recipe(epochs=2, lr=0.1, batch_size=128, min_steps=100),
     "lenet5": Recipe(epochs=10, lr=0.1, batch_size=32),
-    "vit": Recipe(epochs=6, lr=2e-3, batch_size=128, optimizer="adamw", weight_decay=0.05),
+    "vit": Recipe(epochs=12, lr=3e-3, batch_size=128, optimizer="adamw", weight_decay=0.05),
 }
 
 

@@ -162,6 +162,15 @@ class SpaceIndex:
                 seg_layer.append(i)
                 seg_leader.append(pos[leader] if leader is not None else -1)
                 seg_len.append(length)
+        # Grouped convolutions tie a channel group: the same offsets are kept in every conv
+        # group, so a leader feeding or led by a gconv with g groups keeps g·round(w·n/g).
+        tied = np.ones(self.n_layers)
+        for ls in layers:
+            if ls.features.op == "gconv":
+                for leader in [ls.width_leader, *(seg[0] for seg in ls.in_segments)]:
+                    if leader is not None:
+                        tied[pos[leader]] = max(tied[pos[leader]], ls.features.groups)
+        self.tied = tied
         self.seg_leader = np.array(seg_leader, dtype=np.int64)
         self.seg_len = np.array(seg_len, dtype=np.float64)
         self.seg_to_layer = np.zeros((len(seg_layer), self.n_layers))
@@ -214,10 +223,15 @@ class SpaceIndex:
         width = enc[:, :, 0]
         has_leader = self.leader >= 0
         lead_w = np.where(has_leader, width[:, np.maximum(self.leader, 0)], 1.0)
-        cout = np.where(has_leader, np.maximum(1.0, np.round(lead_w * self.cout)), self.cout)
+        t_out = self.tied[np.maximum(self.leader, 0)]
+        kept = t_out * np.maximum(1.0, np.round(lead_w * (self.cout // t_out)))
+        cout = np.where(has_leader, kept, self.cout)
         seg_has = self.seg_leader >= 0
         seg_w = np.where(seg_has, width[:, np.maximum(self.seg_leader, 0)], 1.0)
-        seg_kept = np.where(seg_has, np.maximum(1.0, np.round(seg_w * self.seg_len)), self.seg_len)
+        t_seg = self.tied[np.maximum(self.seg_leader, 0)]
+        seg_kept = np.where(
+            seg_has, t_seg * np.maximum(1.0, np.round(seg_w * (self.seg_len // t_seg))), self.seg_len
+        )
         cin = (seg_kept @ self.seg_to_layer) * self.expand
         groups = np.where(self.is_dw, cout, self.groups)
         present = ~((skips.astype(np.float64) @ self.block_layers.astype(np.float64)) > 0)
