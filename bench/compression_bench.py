@@ -7,7 +7,7 @@ each compressed model timed interleaved with the dense fp32 model in one run so 
 speedup is a same-run ratio. Also the honesty check (50 % unstructured sparsity is no
 faster in a dense runtime) and the time to apply + score one policy (1,000 val images).
 
-Run: .venv/bin/python bench/compression.py [--archs resnet20,mobilenetv2] [--runs 300]
+Run: .venv/bin/python -m bench.compression_bench [--archs resnet20,mobilenetv2] [--runs 300]
 """
 
 from __future__ import annotations
