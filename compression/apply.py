@@ -140,9 +140,10 @@ def _select(score: torch.Tensor, width: float, tied: int) -> torch.Tensor:
 
 def _skip_blocks(gm: fx.GraphModule, graph: ModelGraph, names: Iterable[str]) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
+    order = {name: i for i, name in enumerate(nodes)}
     by_name = {b.name: b for b in graph.blocks}
     # Skip in graph order: a later block's input may be an earlier block's add.
-    for block in sorted((by_name[n] for n in names), key=lambda b: list(nodes).index(b.add_node)):
+    for block in sorted((by_name[n] for n in names), key=lambda b: order[b.add_node]):
         add = nodes[block.add_node]
         replacement = nodes[block.input_node]
         add.replace_all_uses_with(replacement)
@@ -205,7 +206,7 @@ def apply_policy(
     keep: dict[int, torch.Tensor] = {}
     for root in graph.groups.roots():
         data = graph.groups.data(root)
-        if data.blocked_by or root != graph.groups.find(root):
+        if data.blocked_by:
             continue
         width = policy.for_layer(data.producers[0]).width
         if width >= 1.0:
@@ -249,20 +250,7 @@ def apply_policy(
 
 
 def _validate(graph: ModelGraph, policy: Policy) -> None:
-    names = {layer.name for layer in graph.layers}
-    unknown = sorted(set(policy.layers) - names)
-    if unknown:
-        import difflib
-
-        hints = difflib.get_close_matches(unknown[0], sorted(names), n=3)
-        raise PolicyError(
-            f"policy names unknown layer(s) {unknown}"
-            + (f"; did you mean {hints}?" if hints else f"; layers are e.g. {sorted(names)[:6]}")
-        )
-    blocks = {b.name for b in graph.blocks}
-    bad = sorted(set(policy.skip) - blocks)
-    if bad:
-        raise PolicyError(f"policy skips unknown block(s) {bad}; skippable blocks: {sorted(blocks)}")
+    policy.check_names((layer.name for layer in graph.layers), (b.name for b in graph.blocks))
     for layer in graph.layers:
         lp = policy.for_layer(layer.name)
         if lp.scheme == "nm" and lp.nm is not None:

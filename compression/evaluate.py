@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from compression.apply import CompressedModel, get_tensor, set_tensor
-from compression.graph import BATCH_NORM, CONV, LINEAR
+from compression.apply import CompressedModel, set_tensor
+from compression.graph import BATCH_NORM, CONV, LINEAR, attr_target
 
 aten = torch.ops.aten
 
@@ -27,18 +27,23 @@ class _BNRecalibrator(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.sums: dict[str, list[torch.Tensor]] = {}
-        self.batches = 0
+        self._node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._node = n  # call_function sees values only; the node names the statistics
+        return super().run_node(n)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target in BATCH_NORM:
-            x, weight, bias, mean_t, _var_t = args[:5]
+            assert self._node is not None
+            x, weight, bias = args[:3]
             eps = float(args[7]) if target == aten.batch_norm.default else float(args[-1])
             dims = [d for d in range(x.dim()) if d != 1]
             mean = x.mean(dim=dims)
             var = x.var(dim=dims, unbiased=False)
             n = x.numel() / x.shape[1]
             unbiased = var * n / max(n - 1, 1)
-            key = self._key(mean_t)
+            key = attr_target(self._node.args[3]) or self._node.name
             acc = self.sums.setdefault(key, [torch.zeros_like(mean), torch.zeros_like(mean)])
             acc[0] += mean
             acc[1] += unbiased
@@ -52,15 +57,6 @@ class _BNRecalibrator(fx.Interpreter):
                 return out
             return (out, mean, var)
         return super().call_function(target, args, kwargs)
-
-    def _key(self, tensor: torch.Tensor) -> str:
-        for name, buf in self.module.named_buffers():
-            if buf is tensor:
-                return name
-        for name, p in self.module.named_parameters():
-            if p is tensor:
-                return name
-        return str(id(tensor))
 
 
 def _bn_stat_targets(gm: fx.GraphModule) -> list[tuple[str, str]]:
@@ -162,8 +158,3 @@ def quantize_activations(cm: CompressedModel, batches: Iterable[torch.Tensor]) -
     gm.graph.lint()
     gm.recompile()
     return count
-
-
-def layer_weight(cm: CompressedModel, name: str) -> torch.Tensor:
-    """The (compressed) weight of layer ``name``."""
-    return get_tensor(cm.gm, cm.layer_weights[name])

@@ -161,7 +161,6 @@ class ModelGraph:
     slices: list[SliceAction]
     fixes: list[ArgFix]
     edges: list[tuple[int, int]]
-    depthwise_nodes: list[str] = field(default_factory=list)
     bn_scales: list[SliceAction] = field(default_factory=list)
 
     def layer(self, name: str) -> LayerInfo:
@@ -203,28 +202,33 @@ def _has_symbolic(shape: list[int]) -> bool:
     return any(s == _SYMBOLIC for s in shape)
 
 
-def _attr_target(node: Any) -> str | None:
+def attr_target(node: Any) -> str | None:
+    """The parameter/buffer name a ``get_attr`` node reads, else None."""
     return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
 def _param_root(node: Any) -> tuple[str, Callable[[int], int | None]] | None:
-    """If ``node`` is a parameter seen through shape-only ops, its target and a dim map."""
-    maps: list[Callable[[int], int | None]] = []
+    """If ``node`` is a parameter seen through shape-only ops, its target and a dim map.
+
+    The map takes a dim of ``node`` to the parameter's dim (None if the dim does not
+    exist there), applying each op's inverse from the use back to the parameter.
+    """
+    maps: list[Callable[[int], int | None]] = []  # in walk order: use first, parameter last
     cur = node
     while isinstance(cur, fx.Node):
         if cur.op == "get_attr":
-            pshape = _shape(cur)
-            target = str(cur.target)
+            if _shape(cur) is None:
+                return None
 
-            def to_param(d: int, _maps: list[Callable[[int], int | None]] = maps) -> int | None:
+            def to_param(d: int) -> int | None:
                 res: int | None = d
-                for m in _maps:
+                for m in maps:
                     if res is None:
                         return None
                     res = m(res)
                 return res
 
-            return (target, to_param) if pshape is not None else None
+            return str(cur.target), to_param
         if cur.op != "call_function":
             return None
         src = cur.args[0] if cur.args else None
@@ -240,10 +244,10 @@ def _param_root(node: Any) -> tuple[str, Callable[[int], int | None]] | None:
             aten.to.dtype,
         ):
             lead = len(out_shape) - len(in_shape)
-            maps.insert(0, lambda d, lead=lead: d - lead if d - lead >= 0 else None)
+            maps.append(lambda d, lead=lead: d - lead if d - lead >= 0 else None)
         elif cur.target == aten.unsqueeze.default:
             ud = int(cur.args[1]) % len(out_shape)
-            maps.insert(0, lambda d, ud=ud: None if d == ud else (d if d < ud else d - 1))
+            maps.append(lambda d, ud=ud: None if d == ud else (d if d < ud else d - 1))
         else:
             return None
         cur = src
@@ -258,7 +262,6 @@ class _Analyzer:
         self.layers: list[LayerInfo] = []
         self.slices: list[SliceAction] = []
         self.fixes: list[ArgFix] = []
-        self.depthwise: list[str] = []
         self.layer_nodes: dict[str, str] = {}  # node name -> layer name
         self.bn_scales: list[SliceAction] = []
 
@@ -270,7 +273,7 @@ class _Analyzer:
         for arg in node.all_input_nodes:
             self.groups.block(self.sp(arg), f"{reason} at {node.name}")
 
-    def slice_param(self, arg: Any, space: ChanSpace, out_rank: int, reason: str) -> bool:
+    def slice_param(self, arg: Any, space: ChanSpace, out_rank: int) -> bool:
         """Register a parameter operand to be sliced along the channel dim, if it is one."""
         root = _param_root(arg)
         shape = _shape(arg)
@@ -306,7 +309,7 @@ class _Analyzer:
     def _layer_weight(self, node: fx.Node) -> str | None:
         if node.op != "call_function" or node.target not in CONV | LINEAR:
             return None
-        return _attr_target(node.args[1])
+        return attr_target(node.args[1])
 
     def visit(self, node: fx.Node, n_layers: int) -> ChanSpace | None:
         t = node.target
@@ -357,9 +360,9 @@ class _Analyzer:
         return None
 
     def visit_layer(self, node: fx.Node, n_layers: int) -> ChanSpace | None:
-        weight = _attr_target(node.args[1])
+        weight = attr_target(node.args[1])
         bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        bias = _attr_target(bias_arg)
+        bias = attr_target(bias_arg)
         in_shape, out_shape = _shape(node.args[0]), _shape(node)
         wshape = _shape(node.args[1])
         if weight is None or in_shape is None or out_shape is None or wshape is None:
@@ -423,7 +426,6 @@ class _Analyzer:
                 if bias:
                     self.slices.append(SliceAction(bias, in_space.with_dim(0)))
                 self.fixes.append(ArgFix(node.name, "groups", 6))
-            self.depthwise.append(node.name)
         else:
             out_group = self.groups.new(out_c, name)
             out_space = ChanSpace(cdim if is_conv else len(out_shape) - 1, (Segment(out_group, 0, out_c),))
@@ -468,7 +470,7 @@ class _Analyzer:
             self.groups.block(src, f"batch norm on non-channel dim at {node.name}")
             return None
         for i, arg in enumerate(node.args[1:5]):
-            target = _attr_target(arg)
+            target = attr_target(arg)
             if target is not None:
                 self.slices.append(SliceAction(target, src.with_dim(0)))
                 if i == 0:
@@ -488,7 +490,7 @@ class _Analyzer:
             self.groups.block(src, f"layer norm over several dims at {node.name}")
             return None
         for arg in node.args[2:4]:
-            target = _attr_target(arg)
+            target = attr_target(arg)
             if target is not None:
                 self.slices.append(SliceAction(target, src.with_dim(0)))
         self.fixes.append(ArgFix(node.name, "layer_norm", 1, space=src))
@@ -531,7 +533,7 @@ class _Analyzer:
             d = result.dim - (rank - len(ashape))
             if d < 0 or ashape[d] == 1:
                 continue  # broadcasts over channels
-            if not self.slice_param(arg, result, rank, "parameter operand"):
+            if not self.slice_param(arg, result, rank):
                 self.groups.block(result, f"fixed tensor meets channels at {node.name}")
                 return None
         return result
@@ -570,7 +572,7 @@ class _Analyzer:
                 return None
         assert result is not None
         for t, s in zip(tensors, spaces, strict=True):
-            if s is None and not self.slice_param(t, result, len(out_shape), "concat parameter"):
+            if s is None and not self.slice_param(t, result, len(out_shape)):
                 self.groups.block(result, f"fixed tensor concatenated at {node.name}")
                 return None
         return result
@@ -680,7 +682,6 @@ def _per_group(space: ChanSpace, groups: int) -> ChanSpace:
 
 def _find_blocks(gm: fx.GraphModule, layer_nodes: dict[str, str]) -> list[BlockInfo]:
     nodes = list(gm.graph.nodes)
-    index = {n.name: i for i, n in enumerate(nodes)}
     ancestors: dict[str, set[str]] = {}
     for n in nodes:
         acc: set[str] = set()
@@ -701,10 +702,9 @@ def _find_blocks(gm: fx.GraphModule, layer_nodes: dict[str, str]) -> list[BlockI
             if _shape(u) != out_shape or _shape(v) != out_shape or u.name not in ancestors[v.name]:
                 continue
             inside = {a for a in ancestors[v.name] | {v.name} if a not in ancestors[u.name] and a != u.name}
-            layers = sorted((layer_nodes[a] for a in inside if a in layer_nodes), key=lambda x: x)
+            layers = [layer_nodes[a.name] for a in nodes if a.name in inside and a.name in layer_nodes]
             if not layers:
                 continue
-            layers.sort(key=lambda name: index[next(k for k, v2 in layer_nodes.items() if v2 == name)])
             name = _common_prefix(layers) or n.name
             while name in used_names:
                 name = f"{name}@{n.name}"
@@ -764,7 +764,6 @@ def analyze(gm: fx.GraphModule) -> ModelGraph:
         slices=analyzer.slices,
         fixes=analyzer.fixes,
         edges=edges,
-        depthwise_nodes=analyzer.depthwise,
         bn_scales=analyzer.bn_scales,
     )
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from compression.apply import CompressedModel, get_tensor
-from compression.graph import CONV, LINEAR
+from compression.apply import CompressedModel
+from compression.graph import CONV, LINEAR, attr_target
 
 aten = torch.ops.aten
 _MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
@@ -52,28 +52,22 @@ class _ShapeRecorder(fx.Interpreter):
         super().__init__(gm)
         self.layer_macs: dict[str, int] = {}
         self.other_macs = 0
+        self._node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._node = n  # call_function sees values only; the node names the weight
+        return super().run_node(n)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         out = super().call_function(target, args, kwargs)
-        if target in CONV:
+        if target in CONV | LINEAR:
+            assert self._node is not None
             w = args[1]
-            per_out = w.shape[1] * w.shape[2] * w.shape[3]
-            self.layer_macs[self._name(w)] = int(out.numel() // out.shape[0] * per_out)
-        elif target in LINEAR:
-            w = args[1]
-            self.layer_macs[self._name(w)] = int(out.numel() // out.shape[0] * w.shape[1])
+            name = attr_target(self._node.args[1]) or self._node.name
+            self.layer_macs[name] = int(out.numel() // out.shape[0] * (w.numel() // w.shape[0]))
         elif target in _MATMUL or target == aten.scaled_dot_product_attention.default:
             self.other_macs += _matmul_macs(target, args, out)
         return out
-
-    def _name(self, w: torch.Tensor) -> str:
-        for name, p in self.module.named_parameters():
-            if p is w:
-                return name
-        for name, b in self.module.named_buffers():
-            if b is w:
-                return name
-        return str(id(w))
 
 
 def _matmul_macs(target: Any, args: Any, out: torch.Tensor) -> int:
@@ -142,16 +136,3 @@ def measure(cm: CompressedModel) -> ModelMetrics:
         else:
             size += 4 * tensor.numel()
     return ModelMetrics(size_bytes=size, params=params, macs=macs, effective_macs=eff)
-
-
-def dense_metrics(cm_or_model: Any) -> ModelMetrics:
-    """Metrics of the uncompressed model (a CompressibleModel)."""
-    from compression.apply import apply_policy
-    from compression.policy import Policy
-
-    return measure(apply_policy(cm_or_model, Policy.dense()))
-
-
-def weight(cm: CompressedModel, layer: str) -> torch.Tensor:
-    """The compressed weight tensor of ``layer``."""
-    return get_tensor(cm.gm, cm.layer_weights[layer])

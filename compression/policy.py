@@ -17,9 +17,10 @@ synonym of ``width = 1 - sparsity``.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, cast
 
@@ -240,3 +241,21 @@ class Policy:
     def dense(cls) -> Policy:
         """The identity policy (nothing compressed)."""
         return cls()
+
+    def check_names(self, layers: Iterable[str], blocks: Iterable[str]) -> None:
+        """Raise PolicyError if the policy names a layer or block the model does not have."""
+        known_layers, known_blocks = sorted(layers), sorted(blocks)
+        unknown = sorted(set(self.layers) - set(known_layers))
+        if unknown:
+            hints = difflib.get_close_matches(unknown[0], known_layers, n=3)
+            raise PolicyError(
+                f"policy names unknown layer(s) {unknown}"
+                + (f"; did you mean {hints}?" if hints else f"; layers are e.g. {known_layers[:6]}")
+            )
+        bad = sorted(set(self.skip) - set(known_blocks))
+        if bad:
+            hints = difflib.get_close_matches(bad[0], known_blocks, n=3)
+            raise PolicyError(
+                f"policy skips unknown block(s) {bad}; skippable blocks: {known_blocks}"
+                + (f" (did you mean {hints}?)" if hints else "")
+            )

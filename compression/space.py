@@ -7,7 +7,6 @@ and the scores they are told.
 
 from __future__ import annotations
 
-import difflib
 import random
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -212,22 +211,7 @@ class SearchSpace:
 
     def validate(self, policy: Policy) -> Policy:
         """Raise PolicyError if the policy names unknown layers/blocks or disallowed values."""
-        names = set(self.layer_names)
-        for name in policy.layers:
-            if name not in names:
-                hint = difflib.get_close_matches(name, sorted(names), n=3)
-                raise PolicyError(
-                    f"policy names unknown layer {name!r}"
-                    + (f"; did you mean {hint}?" if hint else f"; known layers: {sorted(names)[:8]}...")
-                )
-        block_names = {b.name for b in self.blocks}
-        for name in policy.skip:
-            if name not in block_names:
-                hint = difflib.get_close_matches(name, sorted(block_names), n=3)
-                raise PolicyError(
-                    f"policy skips unknown block {name!r}; skippable blocks: {sorted(block_names)}"
-                    + (f" (did you mean {hint}?)" if hint else "")
-                )
+        policy.check_names(self.layer_names, (b.name for b in self.blocks))
         return policy
 
     def sample(self, rng: random.Random) -> Policy:

@@ -15,6 +15,7 @@ from typing import Literal
 
 from compression.apply import CompressedModel
 from compression.metrics import measure as measure_cost
+from latency_models.devices import Device
 
 LatencySource = Literal["measured", "macs-proxy"]
 LATENCY_SOURCES: tuple[LatencySource, ...] = ("measured", "macs-proxy")
@@ -27,21 +28,26 @@ def macs_proxy(cm: CompressedModel) -> float:
     return measure_cost(cm).macs / PROXY_MACS_PER_MS
 
 
-def measured_latency(device: str, *, runs: int = 50, warmup: int = 5) -> Callable[[CompressedModel], float]:
-    """Median batch-1 latency on ``device`` (a built-in or registered local device name).
+def measured_latency(
+    device: str | Device, *, runs: int = 50, warmup: int = 5
+) -> Callable[[CompressedModel], float]:
+    """Median batch-1 latency on ``device`` (a ``Device``, or a built-in device name).
 
     Raises:
-        DeviceError: unknown device.
+        DeviceError: unknown device name.
     """
     from compression.onnx_export import export_onnx
     from latency_models.devices import get_device
     from latency_models.harness import measure
 
-    dev = get_device(device)
+    dev = get_device(device) if isinstance(device, str) else device
 
     def latency(cm: CompressedModel) -> float:
-        if dev.runtime != "onnxruntime":
-            return measure(cm.gm, dev, runs=runs, warmup=warmup, interleave_reference=False).median_ms
+        if dev.runtime != "onnxruntime":  # eager runtimes time the module itself
+            shape = tuple(cm.example_input(1).shape)
+            return measure(
+                cm.gm, dev, runs=runs, warmup=warmup, interleave_reference=False, input_shape=shape
+            ).median_ms
         with tempfile.TemporaryDirectory() as tmp:
             path = export_onnx(cm.gm, cm.example_input(1), Path(tmp) / "candidate.onnx", check=False)
             return measure(path, dev, runs=runs, warmup=warmup, interleave_reference=False).median_ms

@@ -45,6 +45,7 @@ def run_export(state: Any, artifact_id: int) -> None:
             int8=artifact.int8,
             finetune_epochs=artifact.finetune_epochs,
             out_path=out,
+            data_dir=Path(state.settings.data_dir),
             progress=lambda data: None,
         )
     try:

@@ -134,6 +134,7 @@ class ExportContext:
     int8: bool
     finetune_epochs: int
     out_path: Path  # write the file here
+    data_dir: Path  # the service's data directory (zoo weights cache, as for the job)
     progress: Callable[[dict[str, Any]], None]
 
 

@@ -27,7 +27,8 @@ from compression.onnx_export import export_onnx, onnx_accuracy
 from compression.resolve import resolve_model
 from compression.space import SpaceOptions
 from latency_models.devices import Device
-from latency_models.harness import measure, measure_pair
+from latency_models.harness import measure_pair
+from modeltailor.device_latency import measured_latency
 from modeltailor.search import Candidate, run_search
 from service.search_bridge import (
     DatasetRef,
@@ -62,27 +63,6 @@ def device_of(ref: DeviceRef) -> Device:
     )
 
 
-def measured_latency(device: Device, runs: int = SEARCH_RUNS) -> Callable[[CompressedModel], float]:
-    """A latency callback that exports each candidate and times it on ``device``."""
-
-    def latency(cm: CompressedModel) -> float:
-        example = cm.example_input(1)
-        if device.runtime == "torch":
-            return measure(
-                cm.gm,
-                device,
-                runs=runs,
-                warmup=10,
-                interleave_reference=False,
-                input_shape=tuple(example.shape),
-            ).median_ms
-        with tempfile.TemporaryDirectory() as tmp:
-            path = export_onnx(cm.gm, cm.example_input(2), Path(tmp) / "candidate.onnx", check=False)
-            return measure(path, device, runs=runs, warmup=10, interleave_reference=False).median_ms
-
-    return latency
-
-
 def _score_fields(c: Candidate) -> Scores:
     s = c.score
     return Scores(
@@ -106,7 +86,7 @@ def run_job(ctx: JobContext) -> None:
     dataset = load_job_dataset(ctx.dataset)
     model = load_job_model(ctx.model, dataset, ctx.data_dir, seed)
     device = device_of(ctx.device)
-    latency = measured_latency(device)
+    latency = measured_latency(device, runs=SEARCH_RUNS, warmup=10)
     ctx.progress("phase", {"phase": "searching", "latency_source": f"measured on {device.name}"})
     objective = Objective.from_dict(spec.get("objectives"), spec.get("constraints"))
     options = SpaceOptions.from_dict(dict(spec.get("space") or {}))
@@ -186,7 +166,7 @@ def export_candidate(ctx: ExportContext) -> ExportResult:
     """Build the candidate, write ONNX (int8 QDQ if asked), and measure it against dense."""
     seed = int(ctx.job_spec.get("seed", 0))
     dataset = load_job_dataset(ctx.dataset)
-    model = load_job_model(ctx.model, dataset, ctx.out_path.parent, seed)
+    model = load_job_model(ctx.model, dataset, ctx.data_dir, seed)
     device = device_of(ctx.device)
     calib = calibration_batches(dataset, 8, 64, seed=seed)
     policy = Policy.from_dict(ctx.policy)

@@ -11,18 +11,13 @@ import dataclasses
 import math
 import os
 import random
-import socket
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-from fastapi import FastAPI
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +27,7 @@ from service import queries
 from service.app import create_app
 from service.search_bridge import Scores
 from service.settings import Settings
+from tests.live import run_app
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_FLAGS = [
@@ -59,29 +55,6 @@ def chromium_path() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def mount_dashboard(app: FastAPI) -> FastAPI:
-    """Include the dashboard routers unless ``create_app`` already does."""
-    from fastapi import APIRouter
-
-    from service.dashboard.routes import router as pages
-    from service.routers import dashboard_api
-
-    paths = {getattr(r, "path", "") for r in app.router.routes}
-    if "/v1/jobs/{job_id}/scatter" not in paths:
-        v1 = APIRouter(prefix="/v1")
-        v1.include_router(dashboard_api.router)
-        app.include_router(v1)
-    if "/dashboard/static/{name}" not in paths:
-        app.include_router(pages)
-    return app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Live:
     """A running server and a session factory on its database."""
@@ -96,34 +69,20 @@ class Live:
 def live_server(data_dir: Path, **app_kwargs: Any) -> Iterator[Live]:
     """Serve the app (runner off: tests write results themselves) on a fresh SQLite database."""
     settings = Settings(data_dir=data_dir, run_jobs=False)
-    app = mount_dashboard(create_app(settings, announce=lambda _msg: None, **app_kwargs))
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=3
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.05)
-    engine = make_engine(settings.db_url)
-    factory = make_session_factory(engine)
-    with factory() as session:
-        tenant_id = session.scalars(select(Tenant.id).where(Tenant.name == "local")).one()
-    try:
-        yield Live(
-            url=f"http://127.0.0.1:{port}",
-            key=settings.local_key_path.read_text().strip(),
-            tenant_id=tenant_id,
-            factory=factory,
-        )
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        engine.dispose()
+    with run_app(create_app(settings, announce=lambda _msg: None, **app_kwargs)) as url:
+        engine = make_engine(settings.db_url)
+        factory = make_session_factory(engine)
+        with factory() as session:
+            tenant_id = session.scalars(select(Tenant.id).where(Tenant.name == "local")).one()
+        try:
+            yield Live(
+                url=url,
+                key=settings.local_key_path.read_text().strip(),
+                tenant_id=tenant_id,
+                factory=factory,
+            )
+        finally:
+            engine.dispose()
 
 
 # --- synthetic results -------------------------------------------------------------------

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from db.testing import BACKENDS, fresh_database
 from service.app import create_app
 from service.search_bridge import ExportContext, ExportResult, JobContext, Scores
 from service.settings import Settings
+from tests.live import run_app
 
 
 def fake_search(ctx: JobContext) -> None:
@@ -47,12 +45,6 @@ def fake_exporter(ctx: ExportContext) -> ExportResult:
     return ExportResult(ctx.out_path, {"measured_latency_ms": 1.0, "dense_latency_ms": 2.0, "speedup": 2.0})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class LiveServer:
     url: str
@@ -70,22 +62,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def serve(settings: Settings, **app_kwargs: Any) -> Iterator[str]:
     """Run the app under uvicorn in a thread; yield its base URL; stop it afterwards."""
-    port = free_port()
-    app = create_app(settings, announce=lambda _msg: None, **app_kwargs)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with run_app(create_app(settings, announce=lambda _msg: None, **app_kwargs)) as url:
+        yield url
 
 
 @pytest.fixture
