@@ -9,6 +9,7 @@ already has.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -194,7 +195,8 @@ def run_search(
     agent = make(algorithm, space, objective, seed, **dict(agent_options or {}))
     if agent_state:
         agent.load_state_dict(agent_state)
-    candidates = list(previous)
+    # Feasibility depends on the dense score measured just now, not on how it was stored.
+    candidates = [dataclasses.replace(c, feasible=objective.feasible(c.score)) for c in previous]
     cache = {c.policy.hash: c for c in candidates}
     stopped = "budget"
     idle = 0

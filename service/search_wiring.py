@@ -102,7 +102,7 @@ def run_job(ctx: JobContext) -> None:
                 eval_seconds=d.scores.eval_seconds or 0.0,
                 error=(d.scores.extra or {}).get("error"),
             ),
-            True,
+            feasible=False,  # run_search re-derives it against this run's dense score
         )
         for d in sorted(ctx.done, key=lambda d: d.index)
     ]

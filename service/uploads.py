@@ -9,6 +9,7 @@ rejected upload leaves nothing behind and never touches what was stored before.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import uuid
@@ -143,13 +144,22 @@ def inspect_dataset(path: Path) -> dict[str, Any]:
         raise UploadError(
             f"uploaded file is not a valid .npz data set: {type(exc).__name__}: {exc}"
         ) from None
-    shapes: dict[str, Any] = {}
-    for key in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
-        arr = getattr(data, key, None)
-        if arr is not None:
-            shapes[key] = list(arr.shape)
-    shapes["num_classes"] = int(max(int(data.y_train.max()), int(data.y_val.max())) + 1)
+    return dataset_shapes(data)
+
+
+def dataset_shapes(data: Any) -> dict[str, Any]:
+    """The shapes of a ``compression.data.Dataset``'s splits and its number of classes."""
+    shapes: dict[str, Any] = {key: list(arr.shape) for key, arr in data.arrays().items()}
+    shapes["num_classes"] = data.num_classes
     return shapes
+
+
+@functools.cache
+def builtin_shapes(name: str) -> dict[str, Any]:
+    """Shapes of a built-in data set, read from the data itself once per process."""
+    from compression.data import load_builtin
+
+    return dataset_shapes(load_builtin(name))
 
 
 async def checked(fn: Any, path: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request, status
+from starlette.concurrency import run_in_threadpool
 
 from db.models import Dataset
 from service import queries
@@ -10,15 +11,9 @@ from service.deps import CurrentTenant, SessionDep, SettingsDep
 from service.routers._body import is_multipart, json_body, upload_or_json
 from service.routers.models import ERRORS
 from service.schemas import BuiltinDatasetCreate, DatasetPublic, DatasetsPublic
-from service.uploads import checked, discard, inspect_dataset, receive_file, store
+from service.uploads import builtin_shapes, checked, discard, inspect_dataset, receive_file, store
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
-
-BUILTIN_SHAPES = {
-    "mnist": {"x_train": [7000, 1, 28, 28], "x_val": [1500, 1, 28, 28], "x_test": [1500, 1, 28, 28]},
-    "digits": {"x_train": [1257, 1, 8, 8], "x_val": [270, 1, 8, 8], "x_test": [270, 1, 8, 8]},
-}
-
 
 def to_public(dataset: Dataset) -> DatasetPublic:
     return DatasetPublic.model_validate(dataset, from_attributes=True)
@@ -44,7 +39,7 @@ async def create_dataset(
             tenant_id=tenant.id,
             name=body.name or body.builtin,
             builtin=body.builtin,
-            shapes={**BUILTIN_SHAPES[body.builtin], "num_classes": 10},
+            shapes=await run_in_threadpool(builtin_shapes, body.builtin),
         )
         session.commit()
         return to_public(dataset)
