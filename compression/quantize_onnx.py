@@ -100,7 +100,10 @@ def quantize_int8(
         if preprocess:
             prepared = Path(tmp) / "preprocessed.onnx"
             try:
-                quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+                # ORT's symbolic shape inference writes sym_shape_infer_temp.onnx (+ external data)
+                # into the working directory when it cannot finish; ONNX's own shape inference
+                # is enough for our fixed-shape CNN/ViT exports.
+                quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
                 source = prepared
             except Exception as exc:  # pre-processing is an optimization; quantize without it
                 log.warning("quant_pre_process failed on %s (%s); quantizing the raw model", fp32_path, exc)

@@ -92,3 +92,52 @@ def compress(
         "onnx": str(out),
     }
     sys.stdout.write(json.dumps(result) + "\n")
+
+
+@app.command()
+def space(
+    model: Annotated[
+        str, typer.Argument(help="A .pt2 archive (torch.export.save) or a zoo name (resnet20, ...).")
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Data set a zoo model is trained on (mnist, digits or an .npz); for a .pt2 it only "
+            "checks that the images fit the model.",
+        ),
+    ] = None,
+    options: Annotated[
+        str | None,
+        typer.Option(
+            "--options",
+            help='Restrict the space, as a job does: JSON such as \'{"schemes": ["nm"], "bits": [null, 8], '
+            '"depth": false}\'.',
+        ),
+    ] = None,
+) -> None:
+    """Print MODEL's search space as JSON: layers with features and allowed choices, skippable blocks."""
+    from compression import PolicyError
+    from compression.data import DataError, load_dataset
+    from compression.model_io import ModelLoadError, ModelTraceError, load_pt2
+    from compression.resolve import resolve_model
+    from compression.space import SpaceOptions
+    from compression.space_builder import space_for
+    from compression.zoo import ZOO
+
+    try:
+        opts = SpaceOptions.from_dict(json.loads(options)) if options else SpaceOptions()
+        if model in ZOO or data is not None:
+            dataset = load_dataset(data or "mnist")
+            with err.status(f"loading {model} (a zoo model trains on first use)"):
+                cmodel = resolve_model(model, dataset)
+        else:
+            cmodel = load_pt2(model)
+        result = space_for(cmodel, opts).to_dict()
+    except json.JSONDecodeError as exc:
+        err.print(f"[red]error:[/red] --options is not valid JSON: {exc}")
+        raise typer.Exit(2) from exc
+    except (PolicyError, DataError, ModelLoadError, ModelTraceError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    sys.stdout.write(json.dumps({"model": cmodel.name, "input_shape": list(cmodel.input_shape), **result}) + "\n")

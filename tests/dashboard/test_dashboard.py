@@ -93,7 +93,7 @@ def test_job_page_draws_the_whole_front_and_opens_a_candidate(live: Live, open_p
     # both constraints (latency ≤ 2.5 ms, accuracy drop ≤ 8 %) are drawn as lines
     shapes = page.evaluate("() => document.querySelector('#scatter').layout.shapes.map(s => [s.x0, s.y0])")
     assert [2.5, 0] in shapes and any(abs(y - 0.91) < 1e-9 for _x, y in shapes)
-    assert page.evaluate("() => document.querySelector('#scatter').data[0].type") == "scattergl"
+    assert page.evaluate("() => document.querySelector('#scatter').data[0].type") == "scatter"
     screenshot(page, "job")
     page.click(".tabs button[data-metric='size_bytes']")
     page.wait_for_selector("#scatter[data-view='size_bytes']")

@@ -243,7 +243,7 @@ function scatterTraces(scatter, metric) {
   const idx = { ok: [], bad: [] };
   others.feasible.forEach((f, i) => idx[f ? "ok" : "bad"].push(i));
   const cloud = (pts, name, color) => ({
-    type: "scattergl", mode: "markers", name, x: pts[metric], y: pts.accuracy, customdata: pts.id,
+    type: "scatter", mode: "markers", name, x: pts[metric], y: pts.accuracy, customdata: pts.id,
     text: pts.summary, hovertemplate: hover, marker: { size: 5, color },
   });
   let front;
@@ -263,7 +263,7 @@ function scatterTraces(scatter, metric) {
   const traces = [
     cloud(pick(others, idx.ok), "candidates", COLORS.faint),
     cloud(pick(others, idx.bad), "violates a constraint", COLORS.infeasible),
-    { type: "scattergl", mode: "lines+markers", name: metric === "latency_ms" ? FRONT_NAME : `${FRONT_NAME} (size)`,
+    { type: "scatter", mode: "lines+markers", name: metric === "latency_ms" ? FRONT_NAME : `${FRONT_NAME} (size)`,
       x: sorted[metric], y: sorted.accuracy, customdata: sorted.id, text: sorted.summary, hovertemplate: hover,
       line: { shape: "hv", color: COLORS.accent, width: 1.5 },
       marker: { size: 9, color: COLORS.accent, line: { color: "#fff", width: 1.5 } } },
@@ -763,7 +763,7 @@ async function deviceDetail(token, device, measurements, predictors) {
     const withMacs = done.filter((m) => (m.features || {}).macs != null);
     const useMacs = withMacs.length === done.length;
     await Plotly.react(measDiv, [{
-      type: "scattergl", mode: "markers", x: useMacs ? done.map((m) => m.features.macs) : done.map((m) => m.id),
+      type: "scatter", mode: "markers", x: useMacs ? done.map((m) => m.features.macs) : done.map((m) => m.id),
       y: done.map((m) => m.latency_ms), marker: { size: 6, color: COLORS.accent, opacity: 0.7 },
       text: done.map((m) => m.purpose), hovertemplate: `measurement %{text}<br>%{y:.3f} ms<extra></extra>`,
     }], { ...BASE_LAYOUT, showlegend: false,
