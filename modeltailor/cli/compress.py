@@ -140,4 +140,6 @@ def space(
     except (PolicyError, DataError, ModelLoadError, ModelTraceError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    sys.stdout.write(json.dumps({"model": cmodel.name, "input_shape": list(cmodel.input_shape), **result}) + "\n")
+    sys.stdout.write(
+        json.dumps({"model": cmodel.name, "input_shape": list(cmodel.input_shape), **result}) + "\n"
+    )
