@@ -5,13 +5,15 @@ FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
-    MODELTAILOR_DATA_DIR=/data
+    MODELTAILOR_DATA_DIR=/data \
+    RAY_USAGE_STATS_ENABLED=0
 
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 WORKDIR /app
 COPY . .
-RUN pip install . "ray[default]>=2.9" \
+# ray[default] (same version as pyproject pins) adds the Ray dashboard to the image.
+RUN pip install . "ray[default]==2.60.0" \
     && python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
 RUN useradd --create-home --uid 1000 modeltailor && mkdir -p /data && chown modeltailor /data

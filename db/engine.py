@@ -7,6 +7,8 @@ the runner threads and a separate worker process can share one file without
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -46,9 +48,31 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_dumps(value: Any) -> str:
+    """JSON for the database: NaN / ±Infinity (e.g. an error metric over a zero) become null.
+
+    PostgreSQL rejects them in JSON columns and SQLite would store text no client can parse.
+    """
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine for ``url`` with the per-backend settings this service relies on."""
     url = normalize_url(url)
+    kwargs.setdefault("json_serializer", json_dumps)
     if is_sqlite(url):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs

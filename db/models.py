@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 
 # Stable constraint names so Alembic migrations are identical on every backend.
 NAMING_CONVENTION = {
@@ -155,6 +156,11 @@ class Measurement(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     measured_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # Added in 0002: which calibration or job asked for it, and the agent hand-out state.
+    calibration_id: Mapped[int | None] = mapped_column(Integer, index=True, default=None)
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True, default=None)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Predictor(Base):
@@ -171,6 +177,42 @@ class Predictor(Base):
     artifact_path: Mapped[str | None] = mapped_column(Text, default=None)
     sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+CALIBRATION_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class Calibration(Base):
+    """One calibration of a device: measure sampled models, then fit a new predictor version.
+
+    ``active_device_id`` equals ``device_id`` while the calibration is queued or running and
+    is NULL once it ended: its unique constraint makes "one calibration per device at a
+    time" an atomic property of the database on every backend (NULLs never collide).
+    ``heartbeat_at`` is renewed by whoever runs it; a running calibration whose heartbeat
+    is old was abandoned (its process died) and may be replaced.
+    """
+
+    __tablename__ = "calibrations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True, default=None
+    )
+    active_device_id: Mapped[int | None] = mapped_column(Integer, unique=True, default=None)
+    job_id: Mapped[int | None] = mapped_column(Integer, default=None)  # the job that asked for it
+    model_id: Mapped[int | None] = mapped_column(Integer, default=None)  # focus model, if any
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)  # samples, seed, runs, plan
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)  # done, total, message
+    owner: Mapped[str | None] = mapped_column(String(200), default=None)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    predictor_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Job(Base):
@@ -203,6 +245,10 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Added in 0003: how many of the job's candidates the ``on_front`` flags account for. The
+    # flags are exact while it equals the candidate count; NULL or any other value means
+    # stale, and the next read of the front recomputes them (see service.queries.pareto).
+    front_candidates: Mapped[int | None] = mapped_column(Integer, default=0)
 
 
 class Candidate(Base):
@@ -212,6 +258,7 @@ class Candidate(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "policy_hash"),
         UniqueConstraint("job_id", "index"),
+        Index("ix_candidates_job_id_on_front", "job_id", "on_front"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -228,6 +275,8 @@ class Candidate(Base):
     eval_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     feasible: Mapped[bool] = mapped_column(Boolean, default=True)
     extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Added in 0003: on the job's Pareto front (feasible, non-dominated), kept as candidates arrive.
+    on_front: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 

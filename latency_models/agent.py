@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ __all__ = [
     "Transport",
     "TransportError",
     "agent_device",
+    "device_from_record",
     "execute_task",
     "main",
     "run_agent",
@@ -245,6 +247,30 @@ class HttpTransport:
                 raise AgentError(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
             return response
         raise TransportError(f"{method} {url}: gave up after {self.max_retries + 1} attempts ({last})")
+
+    def describe_device(self) -> dict[str, Any]:
+        """The server's record of this device; a device given by name is resolved to its id.
+
+        Raises:
+            AgentError: the server knows no such device (or refuses the token).
+            TransportError: the server stayed unreachable.
+        """
+        if self.device_id.isdigit():
+            record = self._request("GET", f"/v1/devices/{self.device_id}").json()
+        else:
+            body = self._request("GET", "/v1/devices").json()
+            items = body.get("data") if isinstance(body, dict) else body
+            matches = [d for d in items or [] if isinstance(d, dict) and d.get("name") == self.device_id]
+            if not matches:
+                raise AgentError(
+                    f"the server has no device named {self.device_id!r}: register it "
+                    "(POST /v1/devices with kind 'remote') or pass its numeric id"
+                )
+            record = matches[0]
+            self.device_id = str(record["id"])
+        if not isinstance(record, dict) or "id" not in record:
+            raise AgentError(f"unexpected device record from the server: {record!r}"[:300])
+        return record
 
     def fetch_tasks(self) -> list[MeasurementTask | TaskRejection]:
         """GET the device's pending tasks."""
@@ -455,6 +481,37 @@ def agent_device(name: str, threads: int | None = None) -> Device:
     return Device(name, "onnxruntime", threads or 1, is_local=True)
 
 
+def device_from_record(record: dict[str, Any], threads: int | None = None) -> Device:
+    """The agent's device as the server describes it (``threads`` overrides the server's)."""
+    runtime = record.get("runtime", "onnxruntime")
+    if runtime != "onnxruntime":
+        raise AgentError(f"device {record.get('name')} uses {runtime}; the agent runs onnxruntime devices")
+    if record.get("kind") == "local":
+        log.warning(
+            "device %s is a local device: the server measures it itself, so no tasks will come",
+            record.get("name"),
+        )
+    settings = {str(k): str(v) for k, v in (record.get("settings") or {}).items()}
+    return Device(
+        str(record["name"]),
+        "onnxruntime",
+        threads or int(record.get("threads") or 1),
+        settings,
+        is_local=True,
+    )
+
+
+def _describe(transport: HttpTransport, stopping: Callable[[], bool], poll_s: float) -> dict[str, Any] | None:
+    """Ask the server about the device until it answers (None if stopped meanwhile)."""
+    while not stopping():
+        try:
+            return transport.describe_device()
+        except TransportError as exc:
+            log.warning("server unavailable: %s; retrying in %.1f s", exc, poll_s)
+            time.sleep(poll_s)
+    return None
+
+
 def serve(
     *,
     device: str,
@@ -465,31 +522,49 @@ def serve(
     stop_after: int | None = None,
     poll_s: float = 5.0,
     cache_dir: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> int:
-    """Build the transport from options and run until stopped (SIGTERM / Ctrl-C stop cleanly)."""
+    """Build the transport from options and run until stopped (SIGTERM / Ctrl-C stop cleanly).
+
+    With ``--server`` the device's record is read from the server first (a name is resolved
+    to its id; the server's threads and settings apply unless ``threads`` overrides them),
+    retrying while the server is unreachable. ``should_stop`` (for callers that run the agent
+    in a thread) is polled like SIGTERM.
+    """
     if (server is None) == (directory is None):
         raise AgentError("give exactly one of --server URL or --dir DIR")
-    dev = agent_device(device, threads)
-    transport: Transport
-    if server is not None:
-        transport = HttpTransport(server, device, token)
-    else:
-        assert directory is not None
-        transport = DirectoryTransport(directory)
     stopping = False
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    def stopped() -> bool:
+        return stopping or (should_stop is not None and should_stop())
+
+    in_main = threading.current_thread() is threading.main_thread()  # signals only work there
+    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
+    transport: Transport | None = None
     try:
+        if server is not None:
+            http = HttpTransport(server, device, token)
+            transport = http
+            record = _describe(http, stopped, poll_s)
+            if record is None:
+                return 0
+            dev = device_from_record(record, threads)
+            log.info("serving device %s (id %s) of %s", dev.name, http.device_id, server)
+        else:
+            assert directory is not None
+            transport = DirectoryTransport(directory)
+            dev = agent_device(device, threads)
         return run_agent(transport, dev, stop_after=stop_after, poll_s=poll_s, cache_dir=cache_dir,
-                         should_stop=lambda: stopping)  # fmt: skip
+                         should_stop=stopped)  # fmt: skip
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         if isinstance(transport, HttpTransport):
             transport.close()
 

@@ -6,7 +6,9 @@ ONNX, converted to int8 QDQ when the policy runs as int8 on this runtime
 the dense model and the harness's reference model in one run: so each record carries its
 absolute latency, its ratio to the reference, and its speedup over the dense model, all
 from one quiet stretch of the machine. The first time a model is seen its dense timing is
-also stored as a record of its own.
+also stored as a record of its own. On ONNX Runtime devices each measured model is also run
+once under the runtime's profiler (``latency_models.profiling``): the per-node times, stored
+with the measurement, teach the kernel predictor how the model's time splits over kernels.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from latency_models.devices import Device, get_device
 from latency_models.features import runtime_int8
 from latency_models.harness import measure_pair
 from latency_models.predictors import KINDS, REGISTRY, LatencyRecord, Predictor, holdout_metrics
-from latency_models.predictors.base import Target
+from latency_models.predictors.base import Target, supports_statistic, with_statistic
+from latency_models.profiling import profile_onnx
 from latency_models.sampling import CalibrationSample, sample_plan
 from latency_models.store import DeviceStore
 
@@ -71,8 +74,14 @@ def measure_sample(
     runs: int = 100,
     warmup: int = 10,
     dense_cache: dict[str, Any] | None = None,
+    profile: bool = True,
 ) -> list[LatencyRecord]:
-    """Measure one sample (and its dense model, the first time) on ``device``."""
+    """Measure one sample (and its dense model, the first time) on ``device``.
+
+    With ``profile`` (ONNX Runtime devices) each model is also run under the runtime's
+    profiler and its per-node times stored (``measurement["profile"]``): they teach the
+    kernel predictor how the model's time splits over its kernels.
+    """
     dense_cache = {} if dense_cache is None else dense_cache
     safe = sample.space_id.replace("@", "_")
     first = sample.space_id not in dense_cache
@@ -88,6 +97,11 @@ def measure_sample(
         model_a, model_b, device, runs=runs, warmup=warmup, input_shape=shape, with_reference=True
     )
     a, b = pair.a, pair.b
+    profiles = {}
+    if profile and device.runtime == "onnxruntime":
+        profiles["profile"] = profile_onnx(model_b, device)
+        if first:
+            profiles["dense_profile"] = profile_onnx(model_a, device)
     out = [
         LatencyRecord(
             policy=sample.policy,
@@ -98,7 +112,7 @@ def measure_sample(
             dense_ratio=a.ratio_to_reference,
             speedup=pair.speedup,
             int8=int8,
-            measurement={"compressed": b.to_dict(), "dense": a.to_dict()},
+            measurement={"compressed": b.to_dict(), "dense": a.to_dict(), **profiles},
             arch_id=sample.arch_id,
             space_id=sample.space_id,
             space=sample.space,
@@ -115,7 +129,7 @@ def measure_sample(
                 dense_ratio=a.ratio_to_reference,
                 speedup=1.0,
                 int8=False,
-                measurement={"dense": a.to_dict()},
+                measurement={"dense": a.to_dict(), "profile": profiles.get("dense_profile")},
                 arch_id=sample.arch_id,
                 space_id=sample.space_id,
                 space=sample.space,
@@ -173,12 +187,22 @@ def fit_predictors(
     seed: int = 0,
     test_fraction: float = 0.25,
     store: DeviceStore | None = None,
+    statistic: str = "min",
 ) -> tuple[dict[str, Predictor], dict[str, Any], int | None]:
     """Held-out metrics of every kind (architecture split), then each kind refitted on all records.
 
-    The default kind is the one with the most held-out predictions within ±10 %.
+    ``statistic`` picks which statistic of each measurement's timed runs the predictors learn
+    (``with_statistic``): ``min`` (default) is the steadiest on a shared machine, ``median``
+    the usual choice on a quiet device; records from older harness versions that lack the
+    reference's fast tail make the fit fall back to ``median`` (``doc["statistic"]`` says).
+    The default kind is the one with the best mean of its held-out ±10 % figures for absolute
+    latency and for speedup over the dense model.
     Returns (predictors, metrics document, stored version or None).
     """
+    requested = statistic
+    if not supports_statistic(records, statistic):
+        statistic = "median"  # older measurements: keep one statistic for all of them
+    records = with_statistic(records, statistic)
     per_kind: dict[str, dict[str, float]] = {}
     fitted: dict[str, Predictor] = {}
     for kind in kinds:
@@ -189,12 +213,19 @@ def fit_predictors(
         per_kind[kind] = m
         p = cls(target=target, seed=seed).fit(records)
         p.metrics = m
+        p.statistic = statistic
         fitted[kind] = p
     default = max(
-        per_kind, key=lambda k: (per_kind[k].get("within_10pct", 0.0), -per_kind[k].get("mape", 0.0))
+        per_kind,
+        key=lambda k: (
+            per_kind[k].get("within_10pct", 0.0) + per_kind[k].get("speedup_within_10pct", 0.0),
+            -per_kind[k].get("mape", 0.0),
+        ),
     )
     doc = {
         "target": target,
+        "statistic": statistic,
+        "statistic_requested": requested,
         "records": len(records),
         "architectures": len({r.arch_id for r in records}),
         "test_fraction": test_fraction,

@@ -100,6 +100,25 @@ class Measurement:
     timestamp: str
     host: dict[str, Any] = field(default_factory=dict)
     model_name: str = ""
+    #: The reference's fast tail in the same run: with ``p10_ms`` / ``min_ms`` it gives ratios
+    #: that a loaded machine disturbs less than the medians (see ``Measurement.statistic``).
+    reference_p10_ms: float | None = None
+    reference_min_ms: float | None = None
+
+    def statistic(self, stat: str = "median") -> tuple[float, float | None]:
+        """(latency ms, ratio to the reference) by ``stat``: ``median``, ``p10`` or ``min``.
+
+        The median is the device's latency on a quiet machine; on a shared, loaded one other
+        processes preempt a share of the runs and the fast tail (``p10`` / ``min``) of the
+        same interleaved run is the steadier estimate of the undisturbed latency.
+        """
+        if stat == "median":
+            return self.median_ms, self.ratio_to_reference
+        if stat not in ("p10", "min"):
+            raise ValueError(f"statistic must be 'median', 'p10' or 'min', got {stat!r}")
+        ms = self.p10_ms if stat == "p10" else self.min_ms
+        ref = self.reference_p10_ms if stat == "p10" else self.reference_min_ms
+        return ms, (ms / ref if ref else None)
 
     @property
     def iqr_rel(self) -> float:
@@ -453,6 +472,8 @@ def _measurement(
         timestamp=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         host=host_info(),
         model_name=_model_name(model),
+        reference_p10_ms=reference[1].p10_ms if reference else None,
+        reference_min_ms=reference[1].min_ms if reference else None,
     )
 
 

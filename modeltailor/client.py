@@ -63,6 +63,10 @@ class JobFailed(ApiError):
     """``Job.wait()`` ended in ``failed`` (status is the HTTP 200 of the poll)."""
 
 
+class CalibrationFailed(ApiError):
+    """A calibration waited for ended ``failed`` or ``cancelled``; ``body`` is the calibration."""
+
+
 def _error_for(status: int) -> type[ApiError]:
     if status == 401:
         return AuthError
@@ -182,14 +186,106 @@ class Client:
         body = {"name": name, "runtime": runtime, "threads": threads, "kind": kind, "settings": settings}
         return dict(self.request("POST", "/devices", json=body))
 
-    def calibrate(self, device: str | int, samples: int = 200) -> dict[str, Any]:
-        """Start measuring ``samples`` architectures on a device to train its predictor."""
+    def calibrate(
+        self,
+        device: str | int,
+        samples: int = 200,
+        *,
+        model_id: int | None = None,
+        seed: int = 0,
+        runs: int = 100,
+        wait: bool = False,
+        timeout: float | None = None,
+        poll_s: float = 1.0,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Start a calibration of ``device`` (measure ``samples`` models, fit a new predictor).
+
+        ``model_id`` focuses the samples on one of your models. Returns the calibration
+        (``id``, ``status``, ``progress``); with ``wait=True`` blocks until it ends, showing
+        a progress bar, and returns it finished (``predictor_version``, ``metrics``).
+
+        Raises:
+            ConflictError: the device is being calibrated already.
+            CalibrationFailed: ``wait=True`` and the calibration failed.
+        """
         device_id = self.device(device)["id"]
-        return dict(self.request("POST", f"/devices/{device_id}/calibrate", json={"samples": samples}))
+        body: dict[str, Any] = {"samples": samples, "seed": seed, "runs": runs}
+        if model_id is not None:
+            body["model_id"] = model_id
+        cal = dict(self.request("POST", f"/devices/{device_id}/calibrate", json=body))
+        return (
+            self.wait_calibration(cal["id"], timeout=timeout, poll_s=poll_s, progress=progress)
+            if wait
+            else cal
+        )
+
+    def calibration(self, calibration_id: int) -> dict[str, Any]:
+        """One calibration: status, progress, and the predictor version it made."""
+        return dict(self.request("GET", f"/calibrations/{calibration_id}"))
+
+    def calibrations(self, device: str | int) -> list[dict[str, Any]]:
+        """Your calibrations of a device, newest first."""
+        device_id = self.device(device)["id"]
+        return list(self.request("GET", f"/devices/{device_id}/calibrations")["data"])
+
+    def wait_calibration(
+        self, calibration_id: int, *, timeout: float | None = None, poll_s: float = 1.0, progress: bool = True
+    ) -> dict[str, Any]:
+        """Block until a calibration ends; raise CalibrationFailed unless it succeeded."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with Progress(
+            TextColumn("calibration {task.fields[cal]} {task.fields[message]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not progress,
+        ) as bar:
+            task = bar.add_task("calibration", total=None, cal=calibration_id, message="queued")
+            while True:
+                cal = self.calibration(calibration_id)
+                prog = cal.get("progress") or {}
+                bar.update(
+                    task,
+                    completed=prog.get("done", 0),
+                    total=prog.get("total") or None,
+                    message=str(prog.get("message", cal["status"]))[:40],
+                )
+                if cal["status"] not in ("queued", "running"):
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"calibration {calibration_id} still {cal['status']} after {timeout} s"
+                    )
+                time.sleep(poll_s)
+        if cal["status"] != "succeeded":
+            raise CalibrationFailed(
+                200, f"calibration {calibration_id} {cal['status']}: {cal.get('error')}", cal
+            )
+        return cal
+
+    def predictor(self, device: str | int, version: int | None = None) -> dict[str, Any] | None:
+        """The device's current predictor (or ``version``) with its held-out metrics; None if it has none."""
+        device_id = self.device(device)["id"]
+        params = {"version": version} if version is not None else None
+        try:
+            return dict(self.request("GET", f"/devices/{device_id}/predictor", params=params))
+        except NotFoundError:
+            return None  # the device exists (looked up above): it has no predictor (version) yet
 
     def predictors(self, device: str | int) -> list[dict[str, Any]]:
+        """Every predictor version of a device, oldest first."""
         device_id = self.device(device)["id"]
         return list(self.request("GET", "/predictors", params={"device_id": device_id})["data"])
+
+    def measurements(self, device: str | int, limit: int = 2000) -> list[dict[str, Any]]:
+        """Latency measurements on a device (calibration, dense, candidate), newest first."""
+        device_id = self.device(device)["id"]
+        return list(
+            self.request("GET", f"/devices/{device_id}/measurements", params={"limit": limit})["data"]
+        )
 
     def submit_job(
         self,
@@ -238,6 +334,9 @@ class Candidate:
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
 
     def export(
         self,
@@ -329,9 +428,14 @@ class Job:
             while True:
                 info = self.status()
                 prog = info.get("progress") or {}
-                bar.update(
-                    task, completed=prog.get("done", 0), total=prog.get("total"), status=info["status"]
+                phase = str(prog.get("phase") or "")
+                # a job first loads, scores the dense model and may calibrate the device: say so
+                shown = (
+                    info["status"]
+                    if phase in ("", "searching", info["status"])
+                    else f"{info['status']}: {phase}"
                 )
+                bar.update(task, completed=prog.get("done", 0), total=prog.get("total"), status=shown[:60])
                 if info["status"] in TERMINAL:
                     break
                 if deadline is not None and time.monotonic() > deadline:

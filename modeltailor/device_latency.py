@@ -1,9 +1,11 @@
-"""Latency callbacks for the search loop until per-device predictors exist.
+"""Latency callbacks for the search loop: a device's predictor, a measurement, or a proxy.
 
-``measured`` exports each candidate to ONNX and times it with the local harness (honest, a
-fraction of a second per candidate for small models). ``macs-proxy`` does not measure at all:
-latency_ms = MACs / 1e6, i.e. a nominal 1 GMAC/s device. It is labelled as such wherever it
-is used; it ignores everything but dense MACs (no runtime effects of bits or sparsity).
+``predicted_latency`` answers from a trained per-device predictor (``latency_models``): what
+the service's jobs use. ``measured`` exports each candidate to ONNX and times it with the
+local harness (honest, a fraction of a second per candidate for small models).
+``macs-proxy`` does not measure at all: latency_ms = MACs / 1e6, i.e. a nominal 1 GMAC/s
+device. It is labelled as such wherever it is used; it ignores everything but dense MACs
+(no runtime effects of bits or sparsity).
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from compression.apply import CompressedModel
 from compression.metrics import measure as measure_cost
 from latency_models.devices import Device
+
+if TYPE_CHECKING:
+    from compression.space import SearchSpace
+    from latency_models.predictors import Predictor
 
 LatencySource = Literal["measured", "macs-proxy"]
 LATENCY_SOURCES: tuple[LatencySource, ...] = ("measured", "macs-proxy")
@@ -26,6 +32,19 @@ PROXY_LABEL = "macs-proxy: latency_ms = MACs / 1e6 (NOT measured on the device)"
 def macs_proxy(cm: CompressedModel) -> float:
     """Latency stand-in proportional to dense MACs (see module docstring)."""
     return measure_cost(cm).macs / PROXY_MACS_PER_MS
+
+
+def predicted_latency(predictor: Predictor, space: SearchSpace) -> Callable[[CompressedModel], float]:
+    """Latency of a compressed model as ``predictor`` predicts it from ``space`` and its policy.
+
+    ``space`` must be the search space of the model the policies belong to (any options:
+    the predictors read layer shapes and the policy, not the allowed choices).
+    """
+
+    def latency(cm: CompressedModel) -> float:
+        return float(predictor.predict(space, [cm.policy])[0])
+
+    return latency
 
 
 def measured_latency(

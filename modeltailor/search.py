@@ -5,15 +5,24 @@ training batches, accuracy is measured on a validation subset, and latency comes
 caller's ``device_latency`` (a predictor or a measurement). A policy is never scored twice:
 candidates are cached by policy hash, and a resumed search is handed the candidates it
 already has.
+
+Where the scoring runs is the caller's choice: in this process (the default), or in the
+workers of an executor (a local process pool or a Ray cluster, see ``service.executors``).
+With an executor, the model and data travel to each worker once, when the worker starts
+(the model as a ``torch.export`` archive, which keeps every node name and shape); after
+that only policies go out and scores come back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,7 +32,7 @@ from compression.apply import CompressedModel
 from compression.data import Dataset, calibration_batches
 from compression.evaluate import accuracy
 from compression.metrics import measure
-from compression.model_io import CompressibleModel
+from compression.model_io import CompressibleModel, from_exported
 from compression.policy import Policy, PolicyError
 from compression.scoring import compress
 from compression.space import SpaceOptions
@@ -31,6 +40,27 @@ from compression.space_builder import space_for
 
 DeviceLatency = Callable[[CompressedModel], float]
 MAX_IDLE_ROUNDS = 50  # rounds in a row without a new policy: the agent has converged, stop
+
+
+class EvaluationExecutor(Protocol):
+    """Runs a module-level ``fn`` over items in workers that ran an initializer once.
+
+    ``service.executors`` has the implementations (in-process, local process pool, Ray).
+    """
+
+    workers: int
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """Results in the order of ``items``; an exception in ``fn`` is raised here."""
+        ...
+
+    def close(self) -> None:
+        """Stop the workers."""
+        ...
+
+
+# Builds an executor whose workers each run ``initializer(*initargs)`` once before any ``fn``.
+ExecutorFactory = Callable[[Callable[..., Any], tuple[Any, ...]], EvaluationExecutor]
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,42 @@ class Evaluator:
         idx = np.random.default_rng(seed).permutation(len(dataset.x_val))[:n]
         self.x_val, self.y_val = dataset.x_val[idx], dataset.y_val[idx]
 
+    def to_payload(self) -> bytes:
+        """Everything a worker needs to score policies exactly as this evaluator does.
+
+        The model goes as a ``torch.export`` archive (a plain pickle of the graph would
+        drop the shapes graph analysis reads); the rest (the calibration batches, the
+        validation subset and the latency callback, which may be a closure) is
+        cloudpickled. Only this process's own workers ever read it back.
+        """
+        import cloudpickle
+
+        return bytes(
+            cloudpickle.dumps(
+                {
+                    "model": model_archive(self.model),
+                    "name": self.model.name,
+                    "device_latency": self.device_latency,
+                    "calibration": self.calibration,
+                    "x_val": self.x_val,
+                    "y_val": self.y_val,
+                }
+            )
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Evaluator:
+        """The evaluator :meth:`to_payload` describes (built in a worker)."""
+        import cloudpickle
+
+        parts = cloudpickle.loads(payload)
+        self = cls.__new__(cls)
+        self.model = model_from_archive(parts["model"], parts["name"])
+        self.device_latency = parts["device_latency"]
+        self.calibration = parts["calibration"]
+        self.x_val, self.y_val = parts["x_val"], parts["y_val"]
+        return self
+
     def evaluate(self, policy: Policy) -> Score:
         """Apply, recalibrate, evaluate and time ``policy``; a policy that cannot be applied fails."""
         start = time.perf_counter()
@@ -148,6 +214,98 @@ class Evaluator:
             macs=float(m.macs),
             eval_seconds=time.perf_counter() - start,
         )
+
+
+def model_archive(model: CompressibleModel) -> bytes:
+    """``model`` as ``torch.export.save`` bytes: same node names, shapes and weights when loaded."""
+    example = model.example_input(2)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if model.dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model.gm, (example,), dynamic_shapes=shapes)
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    return buf.getvalue()
+
+
+def model_from_archive(data: bytes, name: str) -> CompressibleModel:
+    """Inverse of :func:`model_archive`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return from_exported(torch.export.load(io.BytesIO(data)), name)
+
+
+class EvaluatorPayload:
+    """An evaluator on its way to executor workers, serialised only if it leaves the process.
+
+    Pickled (for a process pool or Ray) it becomes :meth:`Evaluator.to_payload` bytes, made
+    once however many workers receive it; an in-process executor gets the live evaluator
+    and so never pays for (or depends on) re-exporting the model.
+    """
+
+    def __init__(self, evaluator: Evaluator | None = None, data: bytes | None = None) -> None:
+        self._evaluator = evaluator
+        self._data = data
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        if self._data is None:
+            assert self._evaluator is not None
+            self._data = self._evaluator.to_payload()
+        return (EvaluatorPayload, (None, self._data))
+
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            assert self._data is not None
+            self._evaluator = Evaluator.from_payload(self._data)
+        return self._evaluator
+
+
+# Evaluators built in this process by executor initializers, by search token: a worker
+# process serves one search, the in-process executor possibly several at once.
+_WORKER_EVALUATORS: dict[str, Evaluator] = {}
+
+
+def load_worker_evaluator(token: str, payload: EvaluatorPayload) -> str:
+    """Executor initializer: build the search's evaluator once in this worker."""
+    _WORKER_EVALUATORS[token] = payload.evaluator()
+    return token
+
+
+def evaluate_in_worker(item: tuple[str, dict[str, Any]]) -> Score:
+    """Executor task: score one policy (as its JSON dict) with this worker's evaluator."""
+    token, policy = item
+    evaluator = _WORKER_EVALUATORS.get(token)
+    if evaluator is None:
+        raise RuntimeError(f"no evaluator for search {token} in this worker (its initializer did not run)")
+    return evaluator.evaluate(Policy.from_dict(policy))
+
+
+class _Scorer:
+    """Scores batches of new policies in this process, or through an executor's workers."""
+
+    def __init__(self, evaluator: Evaluator, factory: ExecutorFactory | None) -> None:
+        self.evaluator = evaluator
+        self.token = uuid.uuid4().hex
+        self.executor: EvaluationExecutor | None = None
+        if factory is not None:
+            self.executor = factory(load_worker_evaluator, (self.token, EvaluatorPayload(evaluator)))
+
+    @property
+    def workers(self) -> int:
+        return self.executor.workers if self.executor is not None else 1
+
+    def score(self, policies: Sequence[Policy]) -> list[Score]:
+        if not policies:
+            return []
+        if self.executor is None:
+            return [self.evaluator.evaluate(p) for p in policies]
+        items = [(self.token, p.to_dict()) for p in policies]
+        return list(self.executor.map(evaluate_in_worker, items))
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+        _WORKER_EVALUATORS.pop(self.token, None)  # where the in-process executor keeps it
 
 
 def run_search(
@@ -169,6 +327,7 @@ def run_search(
     batch_size: int = 4,
     val_images: int = 1000,
     agent_options: Mapping[str, Any] | None = None,
+    executor: ExecutorFactory | None = None,
 ) -> SearchResult:
     """Search compression policies of ``model`` until ``budget_candidates`` new policies are scored.
 
@@ -178,6 +337,10 @@ def run_search(
     ``progress.agent_state()`` there to make the search resumable). To resume, pass the saved
     ``agent_state`` and the candidates scored so far as ``previous``; they count towards the
     budget and are never scored again.
+
+    ``executor`` builds the workers that score candidates (None: this process scores them).
+    The agent is asked for ``max(batch_size, workers)`` policies a round and the new ones
+    are scored in parallel; a policy scores the same wherever it is scored.
 
     Raises:
         ValueError: unknown ``algorithm`` or a budget below 1.
@@ -200,43 +363,43 @@ def run_search(
     cache = {c.policy.hash: c for c in candidates}
     stopped = "budget"
     idle = 0
-    while len(candidates) < budget_candidates:
-        if should_stop is not None and should_stop():
-            stopped = "cancelled"
-            break
-        if budget_seconds is not None and time.monotonic() - start >= budget_seconds:
-            stopped = "time"
-            break
-        policies = agent.ask(min(batch_size, budget_candidates - len(candidates)))
-        scores = []
-        new = 0
-        for policy in policies:
-            cand = cache.get(policy.hash)
-            if cand is None:
-                score = evaluator.evaluate(policy)
+    scorer = _Scorer(evaluator, executor) if len(candidates) < budget_candidates else None
+    try:
+        while scorer is not None and len(candidates) < budget_candidates:
+            if should_stop is not None and should_stop():
+                stopped = "cancelled"
+                break
+            if budget_seconds is not None and time.monotonic() - start >= budget_seconds:
+                stopped = "time"
+                break
+            ask = max(batch_size, scorer.workers)
+            policies = agent.ask(min(ask, budget_candidates - len(candidates)))
+            fresh = list({p.hash: p for p in policies if p.hash not in cache}.values())
+            for policy, score in zip(fresh, scorer.score(fresh), strict=True):
                 cand = Candidate(len(candidates), policy, score, objective.feasible(score))
                 cache[policy.hash] = cand
                 candidates.append(cand)
-                new += 1
                 if on_candidate is not None:
                     on_candidate(cand)
-            scores.append(cand.score)
-        agent.tell(policies, scores)
-        idle = 0 if new else idle + 1
-        if on_progress is not None:
-            feasible = [c.score.accuracy for c in candidates if c.feasible]
-            on_progress(
-                Progress(
-                    done=len(candidates),
-                    budget=budget_candidates,
-                    elapsed_s=time.monotonic() - start,
-                    best_feasible_accuracy=max(feasible) if feasible else None,
-                    agent_state=agent.state_dict,
+            agent.tell(policies, [cache[p.hash].score for p in policies])
+            idle = 0 if fresh else idle + 1
+            if on_progress is not None:
+                feasible = [c.score.accuracy for c in candidates if c.feasible]
+                on_progress(
+                    Progress(
+                        done=len(candidates),
+                        budget=budget_candidates,
+                        elapsed_s=time.monotonic() - start,
+                        best_feasible_accuracy=max(feasible) if feasible else None,
+                        agent_state=agent.state_dict,
+                    )
                 )
-            )
-        if idle >= MAX_IDLE_ROUNDS:
-            stopped = "converged"
-            break
+            if idle >= MAX_IDLE_ROUNDS:
+                stopped = "converged"
+                break
+    finally:
+        if scorer is not None:
+            scorer.close()
     front = pareto_front([c.score for c in candidates], objective)
     return SearchResult(
         dense=dense,

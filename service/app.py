@@ -109,6 +109,7 @@ def create_app(
     for module in (models, datasets, devices, jobs, candidates, artifacts, dashboard_api):
         v1.include_router(module.router)
     v1.include_router(devices.predictors_router)
+    v1.include_router(devices.calibrations_router)
     app.include_router(v1)
     app.include_router(dashboard_router)
 

@@ -47,6 +47,7 @@ def run_export(state: Any, artifact_id: int) -> None:
             out_path=out,
             data_dir=Path(state.settings.data_dir),
             progress=lambda data: None,
+            session_factory=factory,
         )
     try:
         result = state.exporter(ctx)

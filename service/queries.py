@@ -12,7 +12,8 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, or_, select
+import numpy as np
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,14 +29,24 @@ from db.models import (
     Predictor,
     utcnow,
 )
+from service.front import dominance, front_objectives, front_order, signed_points
 from service.search_bridge import Scores
+
+# Ids are INTEGER columns (32-bit on PostgreSQL, which refuses a larger parameter; SQLite's
+# driver cannot bind past 64 bits): a number outside that range names no row, so getters
+# answer None for it (a 404, not a 500), and offsets are bounded to it.
+MAX_ID = 2**31 - 1
 
 BUILTIN_DEVICES: tuple[dict[str, Any], ...] = (
     {"name": "cpu-ort-1t", "runtime": "onnxruntime", "threads": 1},
     {"name": "cpu-ort-2t", "runtime": "onnxruntime", "threads": 2},
     {"name": "cpu-torch-1t", "runtime": "torch", "threads": 1},
 )
-OBJECTIVE_COLUMNS = {"accuracy", "latency_ms", "size_bytes", "macs"}
+
+
+def storable_id(row_id: int) -> bool:
+    """Whether ``row_id`` fits an id column on every backend (else it names no row)."""
+    return -MAX_ID - 1 <= row_id <= MAX_ID
 
 
 # --- devices ------------------------------------------------------------------------
@@ -64,7 +75,7 @@ def list_devices(session: Session, *, tenant_id: int) -> Sequence[Device]:
 
 def get_device(session: Session, *, tenant_id: int, device_id: int) -> Device | None:
     """A device the tenant may use (its own or a shared built-in)."""
-    device = session.get(Device, device_id)
+    device = session.get(Device, device_id) if storable_id(device_id) else None
     if device is None or device.tenant_id not in (None, tenant_id):
         return None
     return device
@@ -106,7 +117,7 @@ def add_model(session: Session, *, tenant_id: int, **fields: Any) -> Model:
 
 
 def get_model(session: Session, *, tenant_id: int, model_id: int) -> Model | None:
-    model = session.get(Model, model_id)
+    model = session.get(Model, model_id) if storable_id(model_id) else None
     return model if model is not None and model.tenant_id == tenant_id else None
 
 
@@ -122,7 +133,7 @@ def add_dataset(session: Session, *, tenant_id: int, **fields: Any) -> Dataset:
 
 
 def get_dataset(session: Session, *, tenant_id: int, dataset_id: int) -> Dataset | None:
-    dataset = session.get(Dataset, dataset_id)
+    dataset = session.get(Dataset, dataset_id) if storable_id(dataset_id) else None
     return dataset if dataset is not None and dataset.tenant_id == tenant_id else None
 
 
@@ -152,7 +163,7 @@ def add_job(session: Session, *, tenant_id: int, spec: dict[str, Any]) -> Job:
 
 
 def get_job(session: Session, *, tenant_id: int, job_id: int) -> Job | None:
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id) if storable_id(job_id) else None
     return job if job is not None and job.tenant_id == tenant_id else None
 
 
@@ -218,6 +229,8 @@ def list_candidates(
 
 
 def get_candidate(session: Session, *, tenant_id: int, candidate_id: int) -> tuple[Candidate, Job] | None:
+    if not storable_id(candidate_id):
+        return None
     row = session.execute(
         select(Candidate, Job)
         .join(Job, Job.id == Candidate.job_id)
@@ -261,7 +274,8 @@ def add_candidate(
     """Store one evaluated candidate (and the agent state) in one transaction. Commits.
 
     Idempotent by (job, policy hash): a policy already stored returns None and stores
-    nothing, so a resumed search cannot duplicate work.
+    nothing, so a resumed search cannot duplicate work. The job's front flags are
+    updated in the same transaction (:func:`_place_on_front`).
     """
     exists = session.scalar(
         select(Candidate.id).where(Candidate.job_id == job.id, Candidate.policy_hash == policy_hash)
@@ -286,7 +300,9 @@ def add_candidate(
         eval_seconds=scores.eval_seconds,
         extra=scores.extra,
         feasible=is_feasible(scores, constraints=job.spec.get("constraints", {}), baseline=job.baseline),
+        on_front=False,
     )
+    _place_on_front(session, job=job, candidate=candidate)
     session.add(candidate)
     if agent_state is not None:
         job.agent_state = agent_state
@@ -298,47 +314,137 @@ def add_candidate(
     return candidate
 
 
+# --- the Pareto front ---------------------------------------------------------------
+#
+# ``candidates.on_front`` flags the job's front and ``jobs.front_candidates`` says how
+# many candidates the flags account for. A candidate stored through add_candidate
+# updates both in its own transaction, reading only the current front (O(front)); a
+# read of the front finds the flags exact (count matches) and loads the flagged rows
+# alone. Rows written any other way (bulk loads, a database migrated from before the
+# flags) leave the count behind, and the next read recomputes every flag once.
+# Writers of one job's front serialise on its row (SELECT ... FOR UPDATE; SQLite's
+# write transactions are serial already).
+
+
+def _front_columns(job: Job) -> tuple[list[dict[str, Any]], list[Any]]:
+    objectives = front_objectives(job.spec.get("objectives", []))
+    return objectives, [getattr(Candidate, o["metric"]) for o in objectives]
+
+
+def _lock_front(session: Session, *, job_id: int) -> int | None:
+    """Lock the job's row for this transaction; return how many candidates its flags account for."""
+    return session.scalar(select(Job.front_candidates).where(Job.id == job_id).with_for_update())
+
+
+def _place_on_front(session: Session, *, job: Job, candidate: Candidate) -> None:
+    """Flag ``candidate`` (not yet added) if it joins the front; unflag the points it dominates."""
+    objectives, cols = _front_columns(job)
+    if not objectives:
+        return
+    accounted = _lock_front(session, job_id=job.id)
+    if accounted is None or accounted != count_candidates(session, job_id=job.id):
+        return  # flags already stale: the next read recomputes them
+    job.front_candidates = accounted + 1
+    values = [getattr(candidate, o["metric"]) for o in objectives]
+    if not candidate.feasible or any(v is None for v in values):
+        return
+    rows = session.execute(
+        select(Candidate.id, *cols).where(Candidate.job_id == job.id, Candidate.on_front.is_(True))
+    ).all()
+    columns = [np.asarray([r[1 + i] for r in rows], dtype=float) for i in range(len(cols))]
+    current = signed_points(columns, objectives)
+    point = signed_points([np.asarray([float(v)]) for v in values], objectives)[0]
+    dominated, beaten = dominance(current, point)
+    if dominated:
+        return
+    candidate.on_front = True
+    leaving = [int(rows[int(i)][0]) for i in np.flatnonzero(beaten)]
+    for start in range(0, len(leaving), 900):
+        session.execute(
+            update(Candidate)
+            .where(Candidate.id.in_(leaving[start : start + 900]))
+            .values(on_front=False)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def raw_rows(session: Session, statement: Select[Any]) -> list[tuple[Any, ...]]:
+    """Run a SELECT of plain columns through the DB-API cursor of the session's connection.
+
+    For reads of tens of thousands of rows (fronts, scatters): SQLAlchemy's per-row
+    result processing costs more than the query itself at that size. Only for
+    statements whose bound values are numbers this module built (they are inlined).
+    """
+    connection = session.connection()
+    sql = str(statement.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True}))
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def refresh_front(session: Session, *, job: Job) -> None:
+    """Recompute every front flag of ``job`` from all its candidates. Commits.
+
+    The slow path, once per job whose flags are stale: reads the objective columns of
+    every feasible candidate and finds the front in numpy (:mod:`service.front`).
+    """
+    objectives, cols = _front_columns(job)
+    _lock_front(session, job_id=job.id)
+    total = count_candidates(session, job_id=job.id)
+    front_ids: list[int] = []
+    if objectives:
+        rows = raw_rows(
+            session,
+            select(Candidate.id, *cols).where(
+                Candidate.job_id == job.id, Candidate.feasible.is_(True), *[c.is_not(None) for c in cols]
+            ),
+        )
+        if rows:
+            table = np.asarray(rows, dtype=float)
+            order = front_order(signed_points(list(table[:, 1:].T), objectives), table[:, 0])
+            front_ids = [int(i) for i in table[order, 0]]
+    session.execute(
+        update(Candidate)
+        .where(Candidate.job_id == job.id, Candidate.on_front.is_(True))
+        .values(on_front=False)
+        .execution_options(synchronize_session=False)
+    )
+    for start in range(0, len(front_ids), 900):  # under SQLite's bound-parameter limit
+        session.execute(
+            update(Candidate)
+            .where(Candidate.id.in_(front_ids[start : start + 900]))
+            .values(on_front=True)
+            .execution_options(synchronize_session=False)
+        )
+    job.front_candidates = total
+    session.commit()
+
+
 def pareto(session: Session, *, job: Job) -> list[Candidate]:
     """The non-dominated feasible candidates under the job's objectives, best first.
 
-    O(n log n) for two objectives (sort + sweep) and O(n·front) beyond; only the
-    objective columns of all candidates are loaded, full rows only for the front.
+    Reads the flagged rows only (the front, not the job's 50,000 candidates); when the
+    flags are stale it recomputes them first and commits (:func:`refresh_front`).
+    Order: lexicographic in the signed objectives (first objective best first), then id.
     """
-    objectives = [o for o in job.spec.get("objectives", []) if o["metric"] in OBJECTIVE_COLUMNS]
+    objectives = front_objectives(job.spec.get("objectives", []))
     if not objectives:
         return []
-    cols = [getattr(Candidate, o["metric"]) for o in objectives]
-    signs = [-1.0 if o["direction"] == "max" else 1.0 for o in objectives]
-    rows = session.execute(
-        select(Candidate.id, *cols).where(
-            Candidate.job_id == job.id, Candidate.feasible.is_(True), *[c.is_not(None) for c in cols]
-        )
+    counted = select(func.count(Candidate.id)).where(Candidate.job_id == Job.id).scalar_subquery()
+    accounted, total = session.execute(select(Job.front_candidates, counted).where(Job.id == job.id)).one()
+    if accounted != total:
+        refresh_front(session, job=job)
+    rows = session.scalars(
+        select(Candidate).where(Candidate.job_id == job.id, Candidate.on_front.is_(True))
     ).all()
-    points = sorted(
-        ((tuple(s * float(v) for s, v in zip(signs, row[1:], strict=True)), int(row[0])) for row in rows),
-    )
-    front: list[tuple[tuple[float, ...], int]] = []
-    if len(signs) == 1:
-        front = [p for p in points if p[0] == points[0][0]] if points else []
-    elif len(signs) == 2:
-        best = float("inf")
-        for vec, cid in points:
-            if vec[1] < best or (front and vec == front[-1][0]):
-                front.append((vec, cid))
-                best = min(best, vec[1])
-    else:
-        for vec, cid in points:  # lexicographic order: no later point dominates an earlier one
-            if not any(_dominates(f, vec) for f, _ in front):
-                front.append((vec, cid))
-    ids = [cid for _, cid in front]
-    if not ids:
+    if not rows:
         return []
-    by_id = {c.id: c for c in session.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
-    return [by_id[i] for i in ids]
-
-
-def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+    values = [np.asarray([getattr(r, o["metric"]) for r in rows], dtype=float) for o in objectives]
+    order = front_order(signed_points(values, objectives), np.asarray([r.id for r in rows]))
+    return [rows[int(i)] for i in order]
 
 
 def best_candidates(session: Session, *, job: Job, limit: int = 5) -> list[Candidate]:
@@ -357,7 +463,7 @@ def add_artifact(session: Session, *, tenant_id: int, candidate_id: int, **field
 
 
 def get_artifact(session: Session, *, tenant_id: int, artifact_id: int) -> Artifact | None:
-    artifact = session.get(Artifact, artifact_id)
+    artifact = session.get(Artifact, artifact_id) if storable_id(artifact_id) else None
     return artifact if artifact is not None and artifact.tenant_id == tenant_id else None
 
 

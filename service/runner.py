@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.leases import claim_job, release_job, renew_lease
 from db.models import Candidate, Dataset, Device, Job, Model
 from service import queries
-from service.executors import Executor, make_executor
+from service.executors import Executor, describe_executor, make_executor
 from service.search_bridge import (
     DatasetRef,
     DeviceRef,
@@ -246,7 +246,9 @@ class Runner:
                 return current is None or self._over_budget(session, current)
 
         def make(initializer: Callable[..., Any], initargs: tuple[Any, ...] = ()) -> Executor:
-            return make_executor(self.settings, initializer, initargs)
+            executor = make_executor(self.settings, initializer, initargs)
+            self._event(job_id, "executor", describe_executor(executor))  # where evaluations run
+            return executor
 
         return JobContext(
             job_id=job_id,
@@ -263,6 +265,7 @@ class Runner:
             set_baseline=lambda scores: self._set_baseline(job_id, scores),
             should_stop=should_stop,
             make_executor=make,
+            session_factory=self.factory,
         )
 
     def _persist(

@@ -141,6 +141,91 @@ class PredictorsPublic(_Out):
     count: int
 
 
+# --- calibration and device agents -----------------------------------------------------
+
+
+class CalibrationCreate(_In):
+    """Measure ``samples`` compressed models on the device, then fit a new predictor version.
+
+    Without ``model_id`` the samples are the general plan (zoo models at several resolutions
+    and random architectures); with it, a plan focused on that model (three quarters its own
+    random policies, one quarter random architectures), which is quicker to make accurate.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        protected_namespaces=(),
+        json_schema_extra={"examples": [{"samples": 200}, {"samples": 64, "model_id": 1}]},
+    )
+
+    samples: int = Field(default=200, ge=4, le=5000, description="compressed models to measure")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    runs: int = Field(default=100, ge=5, le=10_000, description="timed runs per model")
+    model_id: int | None = Field(default=None, description="focus the samples on this model")
+
+
+class CalibrationPublic(_Out):
+    """A calibration: its progress while it runs, the predictor version it made once done."""
+
+    id: int
+    device_id: int
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    params: dict[str, Any]
+    progress: dict[str, Any] = Field(description="done, total, skipped, message")
+    job_id: int | None = Field(description="the job that asked for it, if any")
+    model_id: int | None
+    predictor_version: int | None
+    metrics: dict[str, Any] = Field(description="held-out metrics of the new predictor version")
+    error: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class CalibrationsPublic(_Out):
+    data: list[CalibrationPublic]
+    count: int
+
+
+class TasksPublic(_Out):
+    """Measurement tasks handed to a device agent (the ``latency_models.tasks`` JSON)."""
+
+    tasks: list[dict[str, Any]]
+    count: int
+
+
+class AgentResult(_In):
+    """A device agent's result for one task (``latency_models.tasks.MeasurementResult``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {"task_id": "m-12", "device": "rpi4-ort", "status": "error", "error": "model failed to load"}
+            ]
+        },
+    )
+
+    task_id: str = Field(max_length=128)
+    device: str = Field(max_length=200)
+    status: Literal["ok", "error"]
+    measurement: dict[str, Any] | None = None
+    baseline: dict[str, Any] | None = None
+    speedup: float | None = None
+    error: str | None = Field(default=None, max_length=20_000)
+    agent: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResultAccepted(_Out):
+    """What happened to a posted result: stored, or a repeat of one already stored."""
+
+    task_id: str
+    measurement_id: int
+    status: str
+    stored: bool
+
+
 # --- jobs ---------------------------------------------------------------------------
 
 
@@ -221,7 +306,22 @@ class JobCreate(_In):
     constraints: dict[ConstraintName, Bound] = Field(default_factory=dict)
     budget: Budget = Field(default_factory=Budget)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    remeasure_top_k: int = Field(default=0, ge=0, le=50)
+    remeasure_top_k: int = Field(
+        default=3,
+        ge=0,
+        le=50,
+        description="front points measured on the device at the end, beside their predicted latency",
+    )
+    calibrate: Literal["auto", "model", "never"] = Field(
+        default="auto",
+        description=(
+            "auto: calibrate the device first if it has no predictor; model: also if its "
+            "measurements never included this model; never: fail instead"
+        ),
+    )
+    calibration_samples: int | None = Field(
+        default=None, ge=8, le=2000, description="size of the job's own calibration (default 48)"
+    )
 
     @field_validator("space")
     @classmethod

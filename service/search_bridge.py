@@ -111,6 +111,9 @@ class JobContext:
     set_baseline: Callable[[Scores], None]
     should_stop: Callable[[], bool]
     make_executor: Callable[..., Executor]
+    # The service database, for the latency side of a job (predictor versions, calibrations,
+    # device-agent tasks, re-measured candidates); None outside the service.
+    session_factory: Callable[[], Any] | None = None
 
 
 def run_job(ctx: JobContext) -> None:
@@ -136,6 +139,9 @@ class ExportContext:
     out_path: Path  # write the file here
     data_dir: Path  # the service's data directory (zoo weights cache, as for the job)
     progress: Callable[[dict[str, Any]], None]
+    # The service database: a remote device's export is timed by its device agent through a
+    # task; None outside the service.
+    session_factory: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)

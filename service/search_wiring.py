@@ -1,13 +1,16 @@
 """The real bodies behind ``search_bridge.run_job`` / ``export_candidate``.
 
 Kept apart from the bridge's contract so the runner's tests can import the bridge
-without torch. Latency during search comes from the device's newest predictor when
-one exists; otherwise each candidate is exported and measured on the device
-(slower, always honest), and the progress stream says which.
+without torch. A job's latency comes from its device's predictor (``service.job_latency``):
+a device without one is calibrated first (the job's progress says "calibrating 37/48"),
+the dense baseline is stored as soon as it is known, and at the end the top-k points of the
+front are measured on the device beside their predicted latency. Outside the service (no
+database in the context) each candidate is measured instead (slower, always honest).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -26,6 +29,7 @@ from compression.model_io import CompressibleModel
 from compression.onnx_export import export_onnx, onnx_accuracy
 from compression.resolve import resolve_model
 from compression.space import SpaceOptions
+from compression.space_builder import space_for
 from latency_models.devices import Device
 from latency_models.harness import measure_pair
 from modeltailor.device_latency import measured_latency
@@ -63,22 +67,34 @@ def device_of(ref: DeviceRef) -> Device:
     )
 
 
-def _score_fields(c: Candidate) -> Scores:
+def _score_fields(c: Candidate, version: int | None = None, kind: str | None = None) -> Scores:
     s = c.score
+    extra: dict[str, Any] = {"error": s.error} if s.error else {}
+    if kind:
+        extra["predictor"] = kind
     return Scores(
         accuracy=s.accuracy,
         latency_ms=s.latency_ms,
+        predictor_version=version,
         measured_latency_ms=s.measured_latency_ms,
         size_bytes=int(s.size_bytes),
         macs=int(s.macs),
         eval_seconds=s.eval_seconds,
-        extra={"error": s.error} if s.error else {},
+        extra=extra,
     )
+
+
+def _pinned_version(ctx: JobContext) -> int | None:
+    """The predictor version a resumed job's first candidates were scored with."""
+    versions = [d.scores.predictor_version for d in ctx.done if d.scores.predictor_version is not None]
+    return versions[0] if versions else None
 
 
 def run_job(ctx: JobContext) -> None:
     """Resume or start the job's search; persists every candidate as it is scored."""
     from agents import Score
+    from modeltailor.device_latency import predicted_latency
+    from modeltailor.search import Evaluator
 
     spec = ctx.spec
     seed = int(spec.get("seed", 0))
@@ -86,15 +102,67 @@ def run_job(ctx: JobContext) -> None:
     dataset = load_job_dataset(ctx.dataset)
     model = load_job_model(ctx.model, dataset, ctx.data_dir, seed)
     device = device_of(ctx.device)
-    latency = measured_latency(device, runs=SEARCH_RUNS, warmup=10)
-    ctx.progress("phase", {"phase": "searching", "latency_source": f"measured on {device.name}"})
     objective = Objective.from_dict(spec.get("objectives"), spec.get("constraints"))
     options = SpaceOptions.from_dict(dict(spec.get("space") or {}))
+    job_latency = None
+    version: int | None = None
+    kind: str | None = None
+    if ctx.session_factory is not None:
+        from service.job_latency import JobLatency
+        from service.latency import model_ids
+
+        job_latency = JobLatency(ctx)
+    try:
+        if job_latency is not None:
+            ids = model_ids(model, ctx.model.sha256, ctx.model.zoo)
+            loaded = job_latency.ensure_predictor(model, ids, pinned=_pinned_version(ctx))
+            version, kind = loaded.version, loaded.kind
+            latency = predicted_latency(loaded.predictor, space_for(model, options))
+            source = f"predictor v{version} ({kind}) of {device.name}"
+        else:
+            latency = measured_latency(device, runs=SEARCH_RUNS, warmup=10)
+            source = f"measured on {device.name}"
+        ctx.progress("phase", {"phase": "baseline", "message": "scoring the dense model"})
+        with torch.no_grad():
+            dense = Evaluator(model, dataset, latency, seed=seed).evaluate(Policy.dense())
+        if not dense.ok:
+            raise ValueError(f"the dense model cannot be evaluated: {dense.error}")
+        dense_measured = job_latency.measure_dense(model) if job_latency is not None else None
+        baseline = Scores(
+            accuracy=dense.accuracy,
+            latency_ms=dense.latency_ms,
+            predictor_version=version,
+            measured_latency_ms=dense_measured,
+            size_bytes=int(dense.size_bytes),
+            macs=int(dense.macs),
+        )
+        ctx.set_baseline(baseline)
+        ctx.progress("phase", {"phase": "searching", "latency_source": source, "predictor_version": version})
+        result = _search(ctx, model, dataset, latency, objective, options, seed, version, kind, Score)
+        if job_latency is not None:
+            _finish_latency(ctx, job_latency, model, result, baseline)
+    finally:
+        if job_latency is not None:
+            job_latency.close()
+
+
+def _search(
+    ctx: JobContext,
+    model: CompressibleModel,
+    dataset: Dataset,
+    latency: Callable[[Any], float],
+    objective: Objective,
+    options: SpaceOptions,
+    seed: int,
+    version: int | None,
+    kind: str | None,
+    score_cls: Any,
+) -> Any:
     previous = [
         Candidate(
             d.index,
             Policy.from_dict(d.policy),
-            Score(
+            score_cls(
                 accuracy=d.scores.accuracy or 0.0,
                 latency_ms=d.scores.latency_ms or 0.0,
                 size_bytes=float(d.scores.size_bytes or 0),
@@ -108,16 +176,18 @@ def run_job(ctx: JobContext) -> None:
     ]
     state: dict[str, Any] | None = json.loads(ctx.agent_state) if ctx.agent_state else None
     last_state: list[bytes | None] = [ctx.agent_state]
-    budget = spec.get("budget") or {}
+    budget = ctx.spec.get("budget") or {}
 
     def on_candidate(c: Candidate) -> None:
-        ctx.persist_candidate(c.policy.to_dict(), c.policy.hash, _score_fields(c), agent_state=last_state[0])
+        ctx.persist_candidate(
+            c.policy.to_dict(), c.policy.hash, _score_fields(c, version, kind), agent_state=last_state[0]
+        )
 
     def on_progress(p: Any) -> None:
         last_state[0] = json.dumps(p.agent_state()).encode()
 
     with torch.no_grad():
-        result = run_search(
+        return run_search(
             model,
             dataset,
             device_latency=latency,
@@ -132,8 +202,39 @@ def run_job(ctx: JobContext) -> None:
             agent_state=state,
             previous=previous,
             should_stop=ctx.should_stop,
+            executor=ctx.make_executor,  # local pool or Ray workers, from the settings
         )
-    ctx.set_baseline(_score_fields(result.dense))
+
+
+def _finish_latency(
+    ctx: JobContext, job_latency: Any, model: CompressibleModel, result: Any, baseline: Scores
+) -> None:
+    """Top-k of the front measured on the device; a remote dense timing collected."""
+    if job_latency.cancelled():
+        return
+    k = int(ctx.spec.get("remeasure_top_k") or 0)
+    front = [(c.policy, c.score.latency_ms) for c in result.pareto if c.score.ok]
+    points = job_latency.remeasure(model, front, k) if k > 0 else []
+    if job_latency.remote and baseline.measured_latency_ms is None:
+        measured = job_latency.dense_result(5.0 if not points else 60.0)
+        if measured is not None:
+            ctx.set_baseline(dataclasses.replace(baseline, measured_latency_ms=measured))
+    if points:
+        ctx.progress(
+            "remeasured",
+            {
+                "points": [
+                    {
+                        "policy_hash": p.policy_hash,
+                        "predicted_ms": p.predicted_ms,
+                        "measured_ms": p.measured_ms,
+                        "speedup": p.speedup,
+                        "error": p.error,
+                    }
+                    for p in points
+                ]
+            },
+        )
 
 
 def finetune(
@@ -187,12 +288,16 @@ def export_candidate(ctx: ExportContext) -> ExportResult:
         else:
             ctx.out_path.write_bytes(fp32.read_bytes())
         ctx.progress({"phase": "measuring", "device": device.name})
-        pair = measure_pair(dense_path, ctx.out_path, device, runs=200)
+        if ctx.device.kind == "remote":
+            measured_ms, dense_ms, speedup = _measure_on_agent(ctx, dense_path)
+        else:
+            pair = measure_pair(dense_path, ctx.out_path, device, runs=200)
+            measured_ms, dense_ms, speedup = pair.b.median_ms, pair.a.median_ms, pair.speedup
     data = ctx.out_path.read_bytes()
     metrics = {
-        "measured_latency_ms": pair.b.median_ms,
-        "dense_latency_ms": pair.a.median_ms,
-        "speedup": pair.speedup,
+        "measured_latency_ms": measured_ms,
+        "dense_latency_ms": dense_ms,
+        "speedup": speedup,
         "accuracy": onnx_accuracy(ctx.out_path, dataset.x_val, dataset.y_val),
         "predicted_latency_ms": ctx.scores.latency_ms,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -200,3 +305,50 @@ def export_candidate(ctx: ExportContext) -> ExportResult:
         "device": device.name,
     }
     return ExportResult(path=ctx.out_path, metrics=metrics)
+
+
+def _measure_on_agent(ctx: ExportContext, dense_path: Path) -> tuple[float, float, float]:
+    """Time the export against the dense model on a remote device, through its agent's task."""
+    import time
+
+    from db.models import Device as DeviceRow
+    from db.models import Measurement
+    from service import latency as lat
+    from service.job_latency import REMEASURE_WAIT_S
+
+    if ctx.session_factory is None:
+        raise RuntimeError(f"device {ctx.device.name} is remote: only the service can reach its agent")
+    with ctx.session_factory() as session:
+        row = session.get(DeviceRow, ctx.device.id)
+        if row is None:
+            raise RuntimeError(f"device {ctx.device.name} was deleted")
+        task = lat.add_task(
+            session,
+            data_dir=ctx.data_dir,
+            device=row,
+            tenant_id=row.tenant_id,
+            purpose="export",
+            model=ctx.out_path,
+            baseline=dense_path,
+            runs=200,
+            warmup=20,
+            info={"artifact_id": ctx.artifact_id},
+        )
+        task_id = task.id
+    deadline = time.monotonic() + REMEASURE_WAIT_S
+    while time.monotonic() < deadline:
+        with ctx.session_factory() as session:
+            m = session.get(Measurement, task_id)
+            if m is not None and m.status == "failed":
+                raise RuntimeError(f"the device agent could not time the export: {m.error}")
+            if m is not None and m.status == "done":
+                stats = dict(m.latency_stats)
+                dense = (stats.get("baseline") or {}).get("median_ms")
+                if m.latency_ms is None or dense is None or not stats.get("speedup"):
+                    raise RuntimeError("the device agent's result lacks the dense timing")
+                return float(m.latency_ms), float(dense), float(stats["speedup"])
+        time.sleep(lat.POLL_S)
+    raise RuntimeError(
+        f"no device agent timed the export on {ctx.device.name} within {REMEASURE_WAIT_S:.0f} s; "
+        f"is `modeltailor device-agent --device {ctx.device.id}` running?"
+    )

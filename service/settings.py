@@ -20,8 +20,9 @@ class Settings(BaseSettings):
         data_dir: uploaded files, artifacts, the SQLite database and the local API key.
         database_url: SQLAlchemy URL; default a SQLite file in ``data_dir``.
         executor: where candidate evaluations run: a local process pool or Ray.
-        workers: processes of the local pool (the CLI's ``--workers``).
-        ray_address: Ray cluster to join; None starts a local Ray for the process.
+        workers: processes of the local pool (the CLI's ``--workers``; 1 evaluates in the
+            runner's own process), or Ray actors of a job (capped at the cluster's CPUs).
+        ray_address: Ray cluster to join; None starts a local Ray for the process (loopback only).
         max_upload_bytes: largest model or data set upload accepted.
         run_jobs: run the job runner inside the API process (the embedded default).
         runner_slots: jobs one process runs at once.

@@ -46,6 +46,8 @@ class StepState:
         reduced_so_far: fraction of the dense MACs removed by the layers already decided.
         remaining: fraction of the dense MACs in this and the later layers.
         previous_action: the action taken at the previous layer (zeros at the first).
+        budget: the episode's resource budget as a fraction of dense (1 when there is none);
+            an agent that draws a budget per episode learns one policy per trade-off.
     """
 
     layer_index: int
@@ -53,18 +55,18 @@ class StepState:
     reduced_so_far: float
     remaining: float
     previous_action: np.ndarray
+    budget: float = 1.0
 
     def dynamic_vector(self) -> np.ndarray:
         """The part that changes within an episode (the static part is looked up by index)."""
-        return np.concatenate(
-            [np.asarray([self.reduced_so_far, self.remaining], dtype=np.float32), self.previous_action]
-        ).astype(np.float32)
+        head = np.asarray([self.reduced_so_far, self.remaining, self.budget], dtype=np.float32)
+        return np.concatenate([head, self.previous_action]).astype(np.float32)
 
     def as_vector(self) -> np.ndarray:
         return np.concatenate([self.features, self.dynamic_vector()]).astype(np.float32)
 
 
-DYNAMIC_DIM = 2 + ACTION_DIM
+DYNAMIC_DIM = 3 + ACTION_DIM
 
 
 class ActionWall:
@@ -123,7 +125,15 @@ class ActionWall:
 class CompressionEnv(gym.Env[np.ndarray, np.ndarray]):
     """Gymnasium environment: ``len(space.layers)`` steps, one layer each, policy at the end.
 
-    The reward is 0 until the last step, then ``reward_fn(policy)`` if one was given (agents
+    ``reset(options={"budget": b})`` sets the wall's budget for one episode. With
+    ``centred_width``, the width action is an offset from the episode's *uniform level*: the
+    one width which, kept at every layer, just meets the budget (the rule agent's uniform
+    policy); 0.5 means that level, 0 and 1 half the range narrower or wider. An actor that
+    outputs 0.5 everywhere then starts from a policy that meets the budget with the
+    compression spread evenly, rather than the wall's greedy one (early layers kept,
+    late ones crushed). ``info["raw_action"]`` is the executed action in the actor's terms.
+    The reward is 0
+    until the last step, then ``reward_fn(policy)`` if one was given (agents
     that evaluate outside the environment, as in ask/tell, leave it None and read
     ``info["policy"]``).
     """
@@ -136,6 +146,7 @@ class CompressionEnv(gym.Env[np.ndarray, np.ndarray]):
         *,
         wall: ActionWall | None = None,
         reward_fn: Callable[[Policy], float] | None = None,
+        centred_width: bool = False,
     ) -> None:
         if not space.layers:
             raise ValueError("the search space has no layers to decide")
@@ -151,6 +162,26 @@ class CompressionEnv(gym.Env[np.ndarray, np.ndarray]):
         self._decided: dict[int, LayerAction] = {}
         self._index = 0
         self._previous = np.zeros(ACTION_DIM, dtype=np.float32)
+        self.centred_width = centred_width
+        self.width_centre = 1.0
+
+    def uniform_level(self) -> float:
+        """The largest keep_width which, at every layer (all else kept), fits the wall's budget."""
+        if self.wall is None:
+            return 1.0
+        wall = self.wall
+
+        def fits(w: float) -> bool:
+            uniform = policy_from_actions(self.space, {}, rest=LayerAction(keep_width=w))
+            return wall.cost_fn(uniform) <= wall.budget
+
+        if fits(1.0):
+            return 1.0
+        lo, hi = 0.0, 1.0
+        for _ in range(WALL_STEPS):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
     @property
     def state(self) -> StepState:
@@ -164,27 +195,39 @@ class CompressionEnv(gym.Env[np.ndarray, np.ndarray]):
             reduced_so_far=float(reduced),
             remaining=float(self._dense_share[i:].sum()),
             previous_action=self._previous.copy(),
+            budget=float(self.wall.budget) if self.wall is not None else 1.0,
         )
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
+        if options and "budget" in options:
+            if self.wall is None:
+                raise ValueError("a per-episode budget needs an action wall")
+            self.wall.budget = float(options["budget"])
         self._decided = {}
         self._index = 0
         self._previous = np.zeros(ACTION_DIM, dtype=np.float32)
+        self.width_centre = self.uniform_level() if self.centred_width else 1.0
         state = self.state
         return state.as_vector(), {"state": state}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        act = LayerAction.from_array(np.asarray(action, dtype=np.float64).ravel())
+        raw = np.asarray(action, dtype=np.float64).ravel().copy()
+        if self.centred_width:
+            raw[0] = raw[0] + self.width_centre - 0.5
+        act = LayerAction.from_array(raw)
         if self.wall is not None:
             act = self.wall.clip(self._decided, self._index, act)
+        executed = act.as_array()
+        if self.centred_width:
+            executed[0] = min(1.0, max(0.0, executed[0] - self.width_centre + 0.5))
         self._decided[self._index] = act
         self._previous = act.as_array()
         self._index += 1
         done = self._index >= len(self.space.layers)
-        info: dict[str, Any] = {"action": act}
+        info: dict[str, Any] = {"action": act, "raw_action": executed}
         reward = 0.0
         if done:
             policy = policy_from_actions(self.space, self._decided)

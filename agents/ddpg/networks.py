@@ -8,6 +8,7 @@ and critic losses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -48,6 +49,15 @@ class Actor(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.net = _mlp(int(encoder.out_dim), hidden, action_dim)  # type: ignore[arg-type]
+
+    def start_at(self, action: Sequence[float]) -> None:
+        """Make the untrained actor output about ``action`` everywhere (small last-layer weights)."""
+        last = self.net[-1]
+        assert isinstance(last, nn.Linear)
+        a = torch.tensor(action, dtype=torch.float32).clamp(0.01, 0.99)
+        with torch.no_grad():
+            last.weight.mul_(0.1)
+            last.bias.copy_(torch.log(a / (1.0 - a)))
 
     def forward(self, layer: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(self.encoder(layer, dynamic)))

@@ -13,6 +13,7 @@ user's model asks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from latency_models.features import KernelBatch, kernel_features
 
 __all__ = [
     "REGISTRY",
+    "STATISTICS",
     "LatencyRecord",
     "Predictor",
     "Target",
@@ -36,6 +38,8 @@ __all__ = [
     "group_split",
     "holdout_metrics",
     "load_predictor",
+    "supports_statistic",
+    "with_statistic",
 ]
 
 Target = Literal["ms", "ratio"]
@@ -74,6 +78,66 @@ class LatencyRecord:
     measurement: dict[str, Any] = field(default_factory=dict)
 
 
+STATISTICS: tuple[str, ...] = ("median", "p10", "min")
+
+
+def with_statistic(records: Sequence[LatencyRecord], stat: str = "median") -> list[LatencyRecord]:
+    """The records re-expressed by another statistic of the same timed runs.
+
+    ``median`` is what calibration stores; ``p10`` / ``min`` take the fast tail of each model
+    (and of the interleaved dense and reference models) from the stored harness records:
+    steadier than medians when other processes load the machine. Records without the
+    needed fields (older measurements) keep their values for what they lack.
+    """
+    if stat == "median":
+        return list(records)
+    from latency_models.harness import Measurement
+
+    out = []
+    for r in records:
+        meas = r.measurement or {}
+        raw_b = meas.get("compressed") or meas.get("dense")
+        if not raw_b or not _has_statistic(raw_b, stat, r.ratio is not None):
+            out.append(r)
+            continue
+        b = Measurement.from_dict(raw_b)
+        ms, ratio = b.statistic(stat)
+        ref = b.reference_p10_ms if stat == "p10" else b.reference_min_ms
+        dense_ms, dense_ratio = (ms, ratio)
+        if meas.get("dense") and meas.get("compressed"):
+            dense_ms, dense_ratio = Measurement.from_dict(meas["dense"]).statistic(stat)
+        out.append(
+            dataclasses.replace(
+                r,
+                latency_ms=ms,
+                ratio=ratio,
+                reference_ms=ref,
+                dense_latency_ms=dense_ms,
+                dense_ratio=dense_ratio,
+                speedup=dense_ms / ms if r.speedup is not None else None,
+            )
+        )
+    return out
+
+
+def _has_statistic(raw: dict[str, Any], stat: str, needs_reference: bool) -> bool:
+    key = {"p10": "reference_p10_ms", "min": "reference_min_ms"}.get(stat)
+    return key is None or not needs_reference or raw.get(key) is not None
+
+
+def supports_statistic(records: Sequence[LatencyRecord], stat: str) -> bool:
+    """Whether every record carries what ``with_statistic(records, stat)`` needs (measurements
+    from older harness versions or agents lack the reference's p10 / min)."""
+    for r in records:
+        meas = r.measurement or {}
+        raw = meas.get("compressed") or meas.get("dense")
+        if not raw or not _has_statistic(raw, stat, r.ratio is not None):
+            return False
+        if meas.get("compressed") and meas.get("dense") and not _has_statistic(meas["dense"], stat, True):
+            return False
+    return True
+
+
 def by_space(records: Sequence[LatencyRecord]) -> list[tuple[SearchSpace, np.ndarray]]:
     """Records grouped by space (identity), as (space, indices into ``records``)."""
     groups: dict[int, tuple[SearchSpace, list[int]]] = {}
@@ -104,6 +168,8 @@ class Predictor(ABC):
         self.reference_ms = 1.0
         self.fitted = False
         self.metrics: dict[str, Any] = {}
+        #: which statistic of the timed runs the training records carried (``with_statistic``)
+        self.statistic = "median"
 
     # -- public API
     def fit(self, records: Sequence[LatencyRecord]) -> Predictor:
@@ -146,6 +212,7 @@ class Predictor(ABC):
             "seed": self.seed,
             "reference_ms": self.reference_ms,
             "metrics": self.metrics,
+            "statistic": self.statistic,
             "state": self._state(directory),
         }
         (directory / "predictor.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -164,6 +231,7 @@ class Predictor(ABC):
         obj = impl(target=meta["target"], seed=int(meta.get("seed", 0)))
         obj.reference_ms = float(meta["reference_ms"])
         obj.metrics = dict(meta.get("metrics") or {})
+        obj.statistic = str(meta.get("statistic", "median"))
         obj._restore(meta["state"], directory)
         obj.fitted = True
         return obj
@@ -220,7 +288,8 @@ def evaluate(predictor: Predictor, records: Sequence[LatencyRecord]) -> dict[str
     """Errors of ``predictor`` on ``records``: absolute ms, ratio to reference, speedup.
 
     The speedup error compares predicted dense/compressed with the speedup measured
-    interleaved in one run (records without a dense timing are left out of it).
+    interleaved in one run (records without a dense timing, and the dense models themselves,
+    are left out of it).
     """
     pred = np.zeros(len(records))
     pred_dense = np.full(len(records), np.nan)
@@ -239,7 +308,9 @@ def evaluate(predictor: Predictor, records: Sequence[LatencyRecord]) -> dict[str
             ratio_pred = pred[with_ratio] / np.array([records[i].reference_ms or 1.0 for i in with_ratio])
         ratio_true = np.array([records[i].ratio or 0.0 for i in with_ratio])
         out.update(error_metrics(ratio_pred, ratio_true, "ratio_"))
-    sp = [i for i, r in enumerate(records) if r.speedup is not None]
+    # dense records have speedup 1 by construction (and predicted 1 too): leave them out
+    dense = Policy.dense()
+    sp = [i for i, r in enumerate(records) if r.speedup is not None and r.policy != dense]
     if sp:
         sp_pred = pred_dense[sp] / pred[sp]
         sp_true = np.array([records[i].speedup or 0.0 for i in sp])

@@ -19,7 +19,12 @@ from modeltailor.cli import app
 @app.command("device-agent")
 def device_agent(
     device: Annotated[
-        str, typer.Option("--device", help="Device id on the server, or a built-in device name.")
+        str,
+        typer.Option(
+            "--device",
+            help="With --server: the device's id or name on the server (its threads and settings "
+            "apply). With --dir: a built-in device name or a new ONNX Runtime device name.",
+        ),
     ],
     server: Annotated[
         str | None, typer.Option("--server", help="Service URL, e.g. http://127.0.0.1:8000.")
@@ -41,7 +46,11 @@ def device_agent(
         Path | None, typer.Option("--cache-dir", help="Where received models are kept.")
     ] = None,
 ) -> None:
-    """Pull measurement tasks, time them with ONNX Runtime, post the results; runs until stopped."""
+    """Pull measurement tasks, time them with ONNX Runtime, post the results; runs until stopped.
+
+    Network errors, 429 and 5xx answers are retried with backoff (the agent never exits
+    because the server is down); a rejected token or an unknown device stops it (exit 2).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         done = serve(

@@ -50,6 +50,17 @@ def calibrate_cmd(
     target: Annotated[
         str, typer.Option("--target", help="Train on 'ratio' (to reference) or 'ms'.")
     ] = "ratio",
+    statistic: Annotated[
+        str,
+        typer.Option(
+            "--statistic",
+            help="Statistic of the timed runs to learn: 'min' (steadiest on a shared machine), "
+            "'p10' or 'median'.",
+        ),
+    ] = "min",
+    fit_only: Annotated[
+        bool, typer.Option("--fit-only", help="Measure nothing; refit on the stored measurements.")
+    ] = False,
 ) -> None:
     """Measure sampled models on DEVICE, fit its predictors, print held-out metrics."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -60,6 +71,8 @@ def calibrate_cmd(
 
     if target not in ("ratio", "ms"):
         raise typer.BadParameter("--target must be 'ratio' or 'ms'")
+    if statistic not in ("min", "p10", "median"):
+        raise typer.BadParameter("--statistic must be 'min', 'p10' or 'median'")
     try:
         dev = get_device(device)
     except DeviceError as exc:
@@ -67,18 +80,34 @@ def calibrate_cmd(
         raise typer.Exit(code=2) from exc
     store = DeviceStore(dev.name)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(f"measuring on {dev.name}", total=samples)
+    if not fit_only:
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(f"measuring on {dev.name}", total=samples)
 
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, description=f"{dev.name}: {what[:48]}")
+            def progress(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, description=f"{dev.name}: {what[:48]}")
 
-        calibrate(dev, samples, seed=seed, progress=progress, runs=runs, store=store)
+            calibrate(dev, samples, seed=seed, progress=progress, runs=runs, store=store)
     records = store.records()
+    if len({r.arch_id for r in records}) < 2:
+        typer.echo(
+            f"error: {len(records)} measurements of fewer than two architectures: measure more", err=True
+        )
+        raise typer.Exit(code=2)
     typer.echo(f"fitting predictors on {len(records)} measurements ({store.measurements})", err=True)
-    _, doc, version = fit_predictors(records, target=target, seed=seed, store=store)  # type: ignore[arg-type]
+    _, doc, version = fit_predictors(
+        records,
+        target=target,  # type: ignore[arg-type]
+        seed=seed,
+        store=store,
+        statistic=statistic,
+    )
     typer.echo(f"device {dev.name}: predictor version {version}, default {doc['default']}")
-    typer.echo(f"held-out architectures: {doc['predictors'][doc['default']]['n_arch']:.0f}")  # type: ignore[index]
+    held = doc["predictors"][doc["default"]]  # type: ignore[index]
+    typer.echo(
+        f"held-out: {held['n']:.0f} measurements of {held['n_arch']:.0f} architectures never seen in "
+        f"training (trained on {held['n_train']:.0f} of {held['n_train_arch']:.0f}); statistic {statistic}"
+    )
     typer.echo(metrics_table(doc))
 
 
@@ -117,6 +146,7 @@ def predict_cmd(
         "holdout_within_10pct": predictor.metrics.get("within_10pct"),
         "holdout_speedup_within_10pct": predictor.metrics.get("speedup_within_10pct"),
         "holdout_mape": predictor.metrics.get("mape"),
+        "statistic": predictor.statistic,
     }
     if measure:
         from latency_models.calibrate import export_for_device
@@ -127,6 +157,7 @@ def predict_cmd(
         with tempfile.TemporaryDirectory(prefix="mt-predict-") as tmp:
             runnable, shape, int8 = export_for_device(cm, space, pol, dev, Path(tmp) / "model.onnx")
             m = harness_measure(runnable, dev, input_shape=shape)
-        out["measured_ms"] = round(m.median_ms, 6)
+        out["measured_ms"] = round(m.statistic(predictor.statistic)[0], 6)
+        out["measured_median_ms"] = round(m.median_ms, 6)
         out["int8"] = int8
     sys.stdout.write(json.dumps(out) + "\n")

@@ -196,3 +196,119 @@ def create_tenant_cmd(name: str) -> None:
         engine.dispose()
     typer.echo(f"created tenant {tenant.name!r} (id {tenant.id}); API key:")
     typer.echo(key)
+
+
+# --- devices, calibration and predictors (REST) ---------------------------------------------
+
+device_app = typer.Typer(
+    help="Devices on the server: list, register, calibrate, show the predictor.", no_args_is_help=True
+)
+app.add_typer(device_app, name="device")
+
+
+@device_app.command("list")
+def device_list(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """List your devices and the built-in ones."""
+    from modeltailor.client import ApiError
+
+    try:
+        rows = _client(url, api_key).devices()
+    except ApiError as exc:
+        _fail(exc)
+    table = Table("id", "name", "kind", "runtime", "threads", "shared")
+    for d in rows:
+        table.add_row(str(d["id"]), d["name"], d["kind"], d["runtime"], str(d["threads"]), str(d["shared"]))
+    console.print(table)
+
+
+@device_app.command("create")
+def device_create(
+    name: str,
+    threads: Annotated[int, typer.Option(min=1, help="intra-op threads on the device")] = 1,
+    local: Annotated[bool, typer.Option("--local", help="measured by the server, not by an agent")] = False,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Register a device (remote by default: a device agent on it measures); prints its id last."""
+    from modeltailor.client import ApiError
+
+    try:
+        device = _client(url, api_key).create_device(
+            name, threads=threads, kind="local" if local else "remote"
+        )
+    except ApiError as exc:
+        _fail(exc)
+    if not local:
+        console.print(
+            f"start its agent on the device: modeltailor device-agent --server URL --device {device['id']} "
+            "--token KEY"
+        )
+    typer.echo(device["id"])
+
+
+@device_app.command("calibrate")
+def device_calibrate(
+    device: Annotated[str, typer.Argument(help="device name or id")],
+    samples: Annotated[int, typer.Option(min=4, help="compressed models to measure")] = 200,
+    model_id: Annotated[int | None, typer.Option(help="focus the samples on this model")] = None,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    wait: Annotated[bool, typer.Option(help="wait with a progress bar and print the metrics")] = True,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Calibrate a device on the server: measure sampled models, fit a new predictor version."""
+    from modeltailor.client import ApiError
+
+    client = _client(url, api_key)
+    ref: str | int = int(device) if device.isdigit() else device
+    try:
+        cal = client.calibrate(ref, samples, model_id=model_id, seed=seed, wait=wait)
+    except (ApiError, TimeoutError) as exc:
+        _fail(exc)
+    if not wait:
+        console.print(f"calibration {cal['id']} {cal['status']}")
+        return
+    _print_predictor_metrics(cal.get("metrics") or {}, cal.get("predictor_version"))
+
+
+@device_app.command("predictor")
+def device_predictor(
+    device: Annotated[str, typer.Argument(help="device name or id")],
+    version: Annotated[int | None, typer.Option(help="a version (default: the newest)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Show the device's current predictor and its held-out metrics."""
+    from modeltailor.client import ApiError
+
+    ref: str | int = int(device) if device.isdigit() else device
+    try:
+        pred = _client(url, api_key).predictor(ref, version)
+    except ApiError as exc:
+        _fail(exc)
+    if pred is None:
+        console.print(f"device {device} has no predictor yet: modeltailor device calibrate {device}")
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(pred))
+        return
+    _print_predictor_metrics(pred.get("metrics") or {}, pred.get("version"))
+
+
+def _print_predictor_metrics(metrics: dict[str, Any], version: Any) -> None:
+    detail = metrics.get("detail") or {}
+    kinds = detail.get("predictors") or {}
+    console.print(
+        f"predictor v{version} ({detail.get('kind')}): {metrics.get('records', '?')} measurements of "
+        f"{metrics.get('architectures', '?')} architectures; held-out = architectures not trained on"
+    )
+    table = Table("kind", "within ±10 %", "within ±5 %", "MAPE %", "speedup ±10 %", "held-out n")
+    for kind, m in kinds.items():
+        table.add_row(
+            kind + (" *" if kind == detail.get("kind") else ""),
+            *(f"{float(m.get(k, float('nan'))):.1f}" for k in ("within_10pct", "within_5pct", "mape")),
+            f"{float(m.get('speedup_within_10pct', float('nan'))):.1f}",
+            f"{int(m.get('n', 0))}",
+        )
+    console.print(table)

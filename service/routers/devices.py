@@ -1,17 +1,40 @@
-"""``/v1/devices`` and ``/v1/predictors``: latency targets and their predictors."""
+"""``/v1/devices``, ``/v1/predictors`` and ``/v1/calibrations``: latency targets, their
+predictors, calibrations, and the device agent's task pull / result push."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from pathlib import Path
+from typing import Annotated
 
-from db.models import Device
-from service import queries
-from service.deps import CurrentTenant, SessionDep
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from db.models import Calibration, Dataset, Device
+from service import latency, queries
+from service.deps import CurrentTenant, SessionDep, SettingsDep
 from service.routers.models import ERRORS
-from service.schemas import DeviceCreate, DevicePublic, DevicesPublic, PredictorPublic, PredictorsPublic
+from service.schemas import (
+    AgentResult,
+    CalibrationCreate,
+    CalibrationPublic,
+    CalibrationsPublic,
+    DeviceCreate,
+    DevicePublic,
+    DevicesPublic,
+    Message,
+    PredictorPublic,
+    PredictorsPublic,
+    ResultAccepted,
+    TasksPublic,
+)
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 predictors_router = APIRouter(prefix="/predictors", tags=["devices"])
+calibrations_router = APIRouter(prefix="/calibrations", tags=["devices"])
+CONFLICT: dict[int | str, dict[str, object]] = {
+    409: {"model": Message, "description": "a calibration of this device is already running"}
+}
 
 
 def to_public(device: Device) -> DevicePublic:
@@ -25,6 +48,17 @@ def to_public(device: Device) -> DevicePublic:
         shared=device.tenant_id is None,
         created_at=device.created_at,
     )
+
+
+def calibration_public(cal: Calibration) -> CalibrationPublic:
+    return CalibrationPublic.model_validate(cal, from_attributes=True)
+
+
+def _device_or_404(session: SessionDep, tenant_id: int, device_id: int) -> Device:
+    device = queries.get_device(session, tenant_id=tenant_id, device_id=device_id)
+    if device is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {device_id} not found")
+    return device
 
 
 @router.get("", response_model=DevicesPublic, responses=ERRORS)
@@ -52,18 +86,205 @@ def create_device(body: DeviceCreate, session: SessionDep, tenant: CurrentTenant
 @router.get("/{device_id}", response_model=DevicePublic, responses=ERRORS)
 def get_device(device_id: int, session: SessionDep, tenant: CurrentTenant) -> DevicePublic:
     """One device."""
-    device = queries.get_device(session, tenant_id=tenant.id, device_id=device_id)
-    if device is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {device_id} not found")
-    return to_public(device)
+    return to_public(_device_or_404(session, tenant.id, device_id))
+
+
+# --- calibration and predictors -----------------------------------------------------------
+
+
+@router.post(
+    "/{device_id}/calibrate",
+    response_model=CalibrationPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={**ERRORS, **CONFLICT, 422: {"model": Message}},
+)
+def calibrate_device(
+    device_id: int,
+    body: CalibrationCreate,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+) -> CalibrationPublic:
+    """Start measuring sampled models on the device and fitting a new predictor version.
+
+    Answers at once with the calibration's handle; follow it with
+    ``GET /v1/calibrations/{id}`` (progress: done / total). A local device is measured by
+    the server itself; a remote one by its device agents, which pull the measurement tasks
+    from ``GET /v1/devices/{id}/tasks``.
+    """
+    device = _device_or_404(session, tenant.id, device_id)
+    if device.kind == "remote" and device.runtime != "onnxruntime":
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"device {device.name} is remote with runtime {device.runtime}: device agents time ONNX models "
+            "with onnxruntime only",
+        )
+    loader = None
+    if body.model_id is not None:
+        model = queries.get_model(session, tenant_id=tenant.id, model_id=body.model_id)
+        if model is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {body.model_id} not found")
+        dataset = session.get(Dataset, model.dataset_id) if model.dataset_id is not None else None
+        loader = latency.focus_loader(
+            name=model.name,
+            path=model.path,
+            zoo=model.zoo,
+            sha256=model.sha256,
+            shapes=dict(dataset.shapes) if dataset is not None else None,
+        )
+    params = {
+        "samples": body.samples,
+        "seed": body.seed,
+        "runs": body.runs,
+        "plan": "focused" if body.model_id is not None else "general",
+    }
+    cal = latency.create_calibration(
+        session, device=device, tenant_id=tenant.id, params=params, model_id=body.model_id
+    )
+    if cal is None:
+        active = latency.active_calibration(session, device_id=device.id)
+        which = f" (calibration {active.id})" if active is not None and active.tenant_id == tenant.id else ""
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"device {device.name} is being calibrated already{which}; wait for it to end",
+        )
+    latency.start_calibration_thread(
+        request.app.state.session_factory, Path(settings.data_dir), cal.id, model_loader=loader
+    )
+    return calibration_public(cal)
+
+
+@router.get("/{device_id}/calibrations", response_model=CalibrationsPublic, responses=ERRORS)
+def list_calibrations(device_id: int, session: SessionDep, tenant: CurrentTenant) -> CalibrationsPublic:
+    """Your calibrations of the device, newest first."""
+    device = _device_or_404(session, tenant.id, device_id)
+    latency.active_calibration(session, device_id=device.id)  # fails an abandoned one
+    rows = session.scalars(
+        select(Calibration)
+        .where(Calibration.device_id == device.id, Calibration.tenant_id == tenant.id)
+        .order_by(Calibration.id.desc())
+        .limit(200)
+    ).all()
+    return CalibrationsPublic(data=[calibration_public(c) for c in rows], count=len(rows))
+
+
+@calibrations_router.get("/{calibration_id}", response_model=CalibrationPublic, responses=ERRORS)
+def get_calibration(calibration_id: int, session: SessionDep, tenant: CurrentTenant) -> CalibrationPublic:
+    """One calibration: status, progress (done / total, message), and the predictor it made."""
+    cal = session.get(Calibration, calibration_id) if queries.storable_id(calibration_id) else None
+    if cal is None or cal.tenant_id != tenant.id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"calibration {calibration_id} not found")
+    latency.active_calibration(session, device_id=cal.device_id)  # fails it if abandoned
+    session.refresh(cal)
+    return calibration_public(cal)
+
+
+@router.get(
+    "/{device_id}/predictor",
+    response_model=PredictorPublic,
+    responses={**ERRORS, 404: {"model": Message, "description": "no such device, or no predictor yet"}},
+)
+def current_predictor(
+    device_id: int,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    version: Annotated[
+        int | None, Query(ge=1, le=queries.MAX_ID, description="a version (default: the newest)")
+    ] = None,
+) -> PredictorPublic:
+    """The device's current predictor (newest version) with its held-out metrics.
+
+    Metrics are measured on architectures the predictor never trained on: ``within_10pct``
+    and ``within_5pct`` (% of predictions), ``mape`` (%), ``rmse_ms``, the same for the
+    predicted speedup over the dense model, and every predictor kind's figures under
+    ``detail``.
+    """
+    device = _device_or_404(session, tenant.id, device_id)
+    rows = latency.sync_predictors(session, device=device, data_dir=Path(settings.data_dir))
+    chosen = [p for p in rows if version is None or p.version == version]
+    if not chosen:
+        what = f"version {version}" if version is not None else "predictor yet"
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"device {device.name} has no {what}; calibrate it with POST /v1/devices/{device.id}/calibrate",
+        )
+    return PredictorPublic.model_validate(chosen[-1], from_attributes=True)
 
 
 @predictors_router.get("", response_model=PredictorsPublic, responses=ERRORS)
-def list_predictors(device_id: int, session: SessionDep, tenant: CurrentTenant) -> PredictorsPublic:
+def list_predictors(
+    device_id: int, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
+) -> PredictorsPublic:
     """Predictor versions of a device with their held-out metrics."""
-    if queries.get_device(session, tenant_id=tenant.id, device_id=device_id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {device_id} not found")
-    rows = queries.list_predictors(session, device_id=device_id)
+    device = _device_or_404(session, tenant.id, device_id)
+    rows = latency.sync_predictors(session, device=device, data_dir=Path(settings.data_dir))
     return PredictorsPublic(
         data=[PredictorPublic.model_validate(p, from_attributes=True) for p in rows], count=len(rows)
     )
+
+
+# --- the device agent ---------------------------------------------------------------------
+
+
+@router.get("/{device_id}/tasks", response_model=TasksPublic, responses=ERRORS)
+def pull_tasks(
+    device_id: int,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=50, description="most tasks to hand out")] = 1,
+) -> TasksPublic:
+    """Hand measurement tasks to a device agent (claims them: each goes to one agent).
+
+    A task not answered within the task lease (default 10 minutes) is handed out again, so
+    a crashed agent loses nothing. Each task names its ONNX files by sha256 and a
+    ``/v1/devices/{id}/blobs/{sha256}`` URL. An empty list means nothing to do.
+    """
+    device = _device_or_404(session, tenant.id, device_id)
+    claimed = latency.claim_tasks(session, device=device, limit=limit)
+    tasks = [latency.task_json(m) for m in claimed]
+    return TasksPublic(tasks=tasks, count=len(tasks))
+
+
+@router.post(
+    "/{device_id}/measurements",
+    response_model=ResultAccepted,
+    responses={**ERRORS, 422: {"model": Message}},
+)
+def push_result(
+    device_id: int, body: AgentResult, session: SessionDep, tenant: CurrentTenant
+) -> ResultAccepted:
+    """Store a device agent's result for one task (repeats of a stored result are accepted
+    and ignored, so an agent may safely re-send after a network error)."""
+    from latency_models.tasks import MeasurementResult, TaskError
+
+    device = _device_or_404(session, tenant.id, device_id)
+    try:
+        result = MeasurementResult.from_dict(body.model_dump())
+    except TaskError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"invalid result: {exc}") from None
+    problem = latency.check_result(result)
+    if problem is not None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"invalid result: {problem}")
+    row, stored = latency.record_result(session, device=device, result=result)
+    if row is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"task {result.task_id} is not a task of device {device_id}"
+        )
+    return ResultAccepted(task_id=result.task_id, measurement_id=row.id, status=row.status, stored=stored)
+
+
+@router.get(
+    "/{device_id}/blobs/{sha256}",
+    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+)
+def get_blob(
+    device_id: int, sha256: str, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
+) -> FileResponse:
+    """An ONNX file of one of the device's tasks, by its sha256."""
+    device = _device_or_404(session, tenant.id, device_id)
+    path = latency.blob_path(Path(settings.data_dir), device.id, sha256)
+    if path is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {sha256[:16]} for device {device_id}")
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{sha256}.onnx")

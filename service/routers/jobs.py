@@ -82,7 +82,7 @@ def list_jobs(
     tenant: CurrentTenant,
     status_: Annotated[str | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=queries.MAX_ID)] = 0,
 ) -> JobsPublic:
     """Your jobs, newest first."""
     rows, total = queries.list_jobs(session, tenant_id=tenant.id, status=status_, limit=limit, offset=offset)
@@ -108,7 +108,7 @@ def list_candidates(
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=queries.MAX_ID)] = 0,
 ) -> CandidatesPublic:
     """Evaluated candidates in evaluation order, with policy and every score."""
     job = _job_or_404(session, tenant.id, job_id)
@@ -157,7 +157,7 @@ def job_events(
     request: Request,
     session: SessionDep,
     tenant: CurrentTenant,
-    last_event_id: Annotated[int | None, Header()] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=queries.MAX_ID)] = None,
 ) -> StreamingResponse:
     """Progress as server-sent events (``status``, ``progress``, ``phase``...); resumes from Last-Event-ID."""
     _job_or_404(session, tenant.id, job_id)

@@ -1,4 +1,4 @@
-"""Every agent passes the same contract on real spaces, and every learning agent beats random."""
+"""Every agent passes the same contract on real spaces, and the learning agents beat random."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from agents import AGENTS, Agent, Objective, make
 from agents.ddpg import DDPGConfig
+from agents.objective import hypervolume_2d
 from agents.testing import (
     RESTRICTED_OPTIONS,
     AgentFactory,
@@ -95,12 +96,14 @@ def test_synthetic_problem_is_honest(resnet_space: SearchSpace) -> None:
     assert problem.score(sparse).latency_ms == pytest.approx(dense.latency_ms)
 
 
-# Within 64 candidates only these beat random reliably; NSGA-II ties it and DDPG / AGMC
-# (AMC uses 100 warm-up + 300 learned episodes) trail it — see the closing notes of issue 4.
-LEARNERS = ["rule", "optuna-tpe"]
-SLOW_LEARNERS = ["optuna-nsga2", "ddpg", "agmc"]
+# Within 64 candidates these beat random on the constrained synthetic problem (median of three
+# fixed seeds, by a margin); NSGA-II ties it. DDPG and AGMC do since their warm start (prior at
+# the budget's uniform width), per-episode budgets and self-imitation -- see the issue 4 notes.
+LEARNERS = ["rule", "optuna-tpe", "ddpg", "agmc"]
+SLOW_LEARNERS = ["optuna-nsga2"]
 BUDGET = 64
 SEEDS = (0, 1, 2)
+MARGIN = {"rule": 0.0, "optuna-tpe": 0.0, "ddpg": 0.01, "agmc": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +121,7 @@ def test_learning_agent_beats_random(name: str, resnet_space: SearchSpace, rando
         best_feasible_accuracy(factory(name), resnet_space, objective, s, BUDGET) for s in SEEDS
     )
     print(f"{name}: median best feasible accuracy {got:.4f} vs random {random_baseline:.4f}")
-    assert got > random_baseline
+    assert got > random_baseline + MARGIN[name]
 
 
 @pytest.mark.parametrize("name", SLOW_LEARNERS)
@@ -131,3 +134,29 @@ def test_slow_learner_finds_feasible_policies_near_random(
         best_feasible_accuracy(factory(name), resnet_space, objective, s, BUDGET) for s in SEEDS
     )
     assert got > 0.85 * random_baseline
+
+
+HV_BUDGET = 48
+
+
+def front_hypervolume(name: str, space: SearchSpace, seed: int) -> float:
+    """Unconstrained search on the synthetic problem: hypervolume of the (accuracy, latency) front."""
+    problem = SyntheticProblem(space)
+    dense = problem.dense_score()
+    agent = factory(name)(space, Objective().with_dense(dense), seed)
+    found = []
+    for _ in range(HV_BUDGET // 4):
+        policies = agent.ask(4)
+        scores = [problem.score(p) for p in policies]
+        agent.tell(policies, scores)
+        found += [(s.accuracy, s.latency_ms) for s in scores]
+    return hypervolume_2d(found, (dense.accuracy - 0.10, dense.latency_ms))
+
+
+@pytest.mark.parametrize("name", ["ddpg", "agmc"])
+def test_amc_agents_beat_random_on_the_front(name: str, resnet_space: SearchSpace) -> None:
+    """Without a constraint, DDPG / AGMC cover the accuracy-latency front better than random."""
+    rand = statistics.mean(front_hypervolume("random", resnet_space, s) for s in (0, 1))
+    got = statistics.mean(front_hypervolume(name, resnet_space, s) for s in (0, 1))
+    print(f"{name}: hypervolume {got:.5f} vs random {rand:.5f}")
+    assert got > 1.5 * rand + 0.005

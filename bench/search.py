@@ -1,0 +1,429 @@
+"""Search-quality benchmark: agents replayed against a table of really scored policies.
+
+Every policy is scored once for real (apply, BatchNorm recalibration on 4x64 training images,
+accuracy on 1,000 validation images, latency from ``--latency``) and appended to a JSONL
+table keyed by policy hash (``~/.modeltailor/bench-search/<model>.jsonl``); the table is
+read back on start, so an interrupted run resumes where it stopped. Agents are then
+replayed: a proposal already in the table costs nothing, a new one is scored and added.
+
+For each agent and seed the search runs to the largest budget; a smaller budget is the
+prefix of that run (every agent here is anytime: none is told its budget). Reported per
+agent and budget, mean (and spread) over seeds:
+
+- ``hv``: hypervolume of the (accuracy, latency) front found, as a fraction of the
+  best-known front's (everything in the table), reference point (dense accuracy - 10
+  points, dense latency);
+- ``acc@50%``: best accuracy among candidates with latency <= 50 % of dense (0 if none).
+
+Run (niced, resumable)::
+
+    nohup nice -n 10 .venv/bin/python -m bench.search --model resnet20 > /tmp/bench-search.log &
+    .venv/bin/python -m bench.search --model resnet20 --report-only   # table from the cache
+
+``--fill-random N`` first adds N uniform random samples to the table (more of the space
+known, a better "best-known" front); ``--agents`` / ``--seeds`` / ``--budgets`` choose the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents import AGENTS, Objective, Score, make
+from agents.objective import hypervolume_2d
+from compression.data import load_dataset
+from compression.model_io import CompressibleModel
+from compression.policy import Policy
+from compression.resolve import data_dir, resolve_model
+from compression.space import SearchSpace
+from compression.space_builder import space_for
+from modeltailor.device_latency import PROXY_LABEL, macs_proxy
+from modeltailor.search import Evaluator
+
+AGENT_ORDER = ("random", "rule", "optuna-tpe", "optuna-nsga2", "ddpg", "agmc")
+BUDGETS = (50, 100, 200)
+SEEDS = (0, 1, 2, 3, 4)
+ASK_BATCH = 4
+MAX_IDLE_ROUNDS = 50
+REF_ACCURACY_DROP = 0.10
+LATENCY_FRACTION = 0.5
+
+
+EARLY_IMAGES = 250  # a policy hopeless on these is not evaluated on the rest
+EARLY_MARGIN = 0.30  # hopeless: more than 10 + 30 points below dense after EARLY_IMAGES
+
+
+def evaluate_early_stop(evaluator: Evaluator, policy: Policy, hopeless_below: float) -> tuple[Score, int]:
+    """``evaluator.evaluate`` but stopping after EARLY_IMAGES when the accuracy is hopeless.
+
+    Such a policy is far below the reference point, so it can never count in a hypervolume;
+    its stored accuracy is then the estimate from the first EARLY_IMAGES images (the table
+    records how many images each accuracy used). Everything else sees all validation images.
+    """
+    from compression.evaluate import predict
+    from compression.metrics import measure
+    from compression.policy import PolicyError
+    from compression.scoring import compress
+
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            cm = compress(evaluator.model, policy, evaluator.calibration)
+            x, y = evaluator.x_val, evaluator.y_val
+            first = predict(cm.gm, x[:EARLY_IMAGES]).argmax(dim=-1).numpy() == y[:EARLY_IMAGES]
+            if first.mean() < hopeless_below:
+                correct, n = first, EARLY_IMAGES
+            else:
+                rest = predict(cm.gm, x[EARLY_IMAGES:], batch_size=500).argmax(dim=-1).numpy()
+                correct, n = np.concatenate([first, rest == y[EARLY_IMAGES:]]), len(y)
+            m = measure(cm)
+        latency = float(evaluator.device_latency(cm))
+    except (PolicyError, ValueError, RuntimeError) as exc:
+        return Score.failed(f"{type(exc).__name__}: {exc}"), 0
+    score = Score(
+        accuracy=float(correct.mean()),
+        latency_ms=latency,
+        size_bytes=float(m.size_bytes),
+        macs=float(m.macs),
+        eval_seconds=time.perf_counter() - start,
+    )
+    return score, n
+
+
+def runs_from_sources(path: Path, names: Sequence[str], seeds: Sequence[int], budget: int) -> list[Run]:
+    """Runs read back from the table's ``source`` column ("agent/seed", in the order scored).
+
+    No agent is run: this is exact for a run whose proposals were never scored first by
+    another run (true of the continuous agents, whose policies never coincide), which is
+    what makes it a quick report while the tabulation is still going.
+    """
+    by_source: dict[str, list[Score]] = {}
+    seen: set[tuple[str, str]] = set()  # two processes replaying one run both append its policies
+    with path.open() as f:
+        for line in f:
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (raw["source"], raw["hash"]) in seen:
+                continue
+            seen.add((raw["source"], raw["hash"]))
+            by_source.setdefault(raw["source"], []).append(Score.from_dict(raw["score"]))
+    runs = []
+    for name in names:
+        for seed in seeds:
+            scores = by_source.get(f"{name}/{seed}", [])[:budget]
+            if scores:
+                runs.append(Run(name, seed, scores, 0.0, cut_short=len(scores) < budget))
+    return runs
+
+
+class Table:
+    """Scores by policy hash, persisted as one JSON line per policy (append-only, resumable)."""
+
+    def __init__(self, path: Path | None, score_fn: Callable[[Policy], tuple[Score, int]]) -> None:
+        self.path = path
+        self.score_fn = score_fn
+        self.scores: dict[str, Score] = {}
+        self.policies: dict[str, dict[str, Any]] = {}
+        self.misses = 0
+        self.hits = 0
+        self.seconds = 0.0
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None and path.is_file():
+            with path.open() as f:
+                for line in f:
+                    try:
+                        raw = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by a kill
+                    self.scores[raw["hash"]] = Score.from_dict(raw["score"])
+                    self.policies[raw["hash"]] = raw["policy"]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def score(self, policy: Policy, source: str) -> Score:
+        """The policy's score: from the table, or scored now and appended."""
+        h = policy.hash
+        cached = self.scores.get(h)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        start = time.perf_counter()
+        s, images = self.score_fn(policy)
+        self.seconds += time.perf_counter() - start
+        self.misses += 1
+        self.scores[h] = s
+        self.policies[h] = policy.to_dict()
+        if self.path is None:
+            return s
+        with self.path.open("a") as f:
+            line = {
+                "hash": h,
+                "source": source,
+                "val_images": images,
+                "policy": policy.to_dict(),
+                "score": s.to_dict(),
+            }
+            f.write(json.dumps(line) + "\n")
+        return s
+
+
+@dataclass
+class Run:
+    """The distinct candidates one agent proposed, in order."""
+
+    agent: str
+    seed: int
+    scores: list[Score]
+    seconds: float
+    cut_short: bool = False  # --report-only met a policy not in the table
+
+
+def replay(
+    name: str,
+    space: SearchSpace,
+    objective: Objective,
+    table: Table,
+    seed: int,
+    budget: int,
+    agent_options: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Run:
+    """Run agent ``name`` until it has proposed ``budget`` distinct policies (or converged)."""
+    agent = make(name, space, objective, seed, **(agent_options or {}))
+    seen: set[str] = set()
+    out: list[Score] = []
+    idle = 0
+    start = time.perf_counter()
+    while len(out) < budget and idle < MAX_IDLE_ROUNDS:
+        policies = agent.ask(min(ASK_BATCH, budget - len(out)))
+        scores = []
+        new = 0
+        for p in policies:
+            try:
+                s = table.score(p, f"{name}/{seed}")
+            except LookupError:
+                return Run(name, seed, out, time.perf_counter() - start, cut_short=True)
+            scores.append(s)
+            if p.hash not in seen:
+                seen.add(p.hash)
+                out.append(s)
+                new += 1
+        agent.tell(policies, scores)
+        idle = 0 if new else idle + 1
+        if progress and new and len(out) % 25 < new:
+            print(
+                f"  {name}/{seed}: {len(out)}/{budget}, table {len(table)}, "
+                f"{time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+    return Run(name, seed, out, time.perf_counter() - start)
+
+
+def reference(dense: Score) -> tuple[float, float]:
+    return (dense.accuracy - REF_ACCURACY_DROP, dense.latency_ms)
+
+
+def hypervolume(scores: Sequence[Score], dense: Score) -> float:
+    return hypervolume_2d([(s.accuracy, s.latency_ms) for s in scores if s.ok], reference(dense))
+
+
+def best_under(scores: Sequence[Score], max_latency: float) -> float:
+    ok = [s.accuracy for s in scores if s.ok and s.latency_ms <= max_latency]
+    return max(ok) if ok else 0.0
+
+
+def summarise(
+    runs: Sequence[Run], dense: Score, best_hv: float, budgets: Sequence[int]
+) -> dict[str, dict[int, dict[str, float]]]:
+    """agent -> budget -> mean/std of the hv fraction and of acc@50 % over seeds."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name in dict.fromkeys(r.agent for r in runs):
+        out[name] = {}
+        for b in budgets:
+            # A run cut short counts only at the budgets it reached.
+            mine = [r for r in runs if r.agent == name and (not r.cut_short or len(r.scores) >= b)]
+            if not mine:
+                continue
+            hv = [hypervolume(r.scores[:b], dense) / best_hv for r in mine]
+            acc = [best_under(r.scores[:b], LATENCY_FRACTION * dense.latency_ms) for r in mine]
+            out[name][b] = {
+                "hv": statistics.mean(hv),
+                "hv_std": statistics.pstdev(hv),
+                "hv_min": min(hv),
+                "acc50": statistics.mean(acc),
+                "acc50_std": statistics.pstdev(acc),
+                "n": min(len(r.scores) for r in mine),
+                "seeds": len(mine),
+            }
+    return out
+
+
+def format_table(summary: dict[str, dict[int, dict[str, float]]], budgets: Sequence[int]) -> str:
+    head = f"{'agent':13}" + "".join(f" {'hv@' + str(b):>14}" for b in budgets)
+    head += "".join(f" {'acc50@' + str(b):>15}" for b in budgets)
+    head += "  seeds@" + "/".join(map(str, budgets))
+    lines = [head, "-" * len(head)]
+    missing = f" {'-':>14}"
+    for name, per in summary.items():
+        row = f"{name:13}"
+        row += "".join(
+            f" {per[b]['hv']:7.3f}±{per[b]['hv_std']:5.3f} " if b in per else missing for b in budgets
+        )
+        row += "".join(
+            f" {per[b]['acc50']:8.4f}±{per[b]['acc50_std']:5.3f}" if b in per else missing + " "
+            for b in budgets
+        )
+        row += "  " + "/".join(str(int(per[b]["seeds"])) if b in per else "0" for b in budgets)
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def load_model(arch: str) -> tuple[CompressibleModel, Any]:
+    data = load_dataset("mnist")
+    model = resolve_model(arch, data, cache_dir=data_dir() / "zoo")
+    return model, data
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--agents", default=",".join(AGENT_ORDER))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--fill-random", type=int, default=0, help="uniform samples to add first")
+    parser.add_argument("--table", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report-only", action="store_true", help="score nothing new; skip runs with misses")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary here")
+    parser.add_argument(
+        "--from-sources",
+        action="store_true",
+        help="report from the table's source column without running agents (see runs_from_sources)",
+    )
+    parser.add_argument("--no-early-stop", action="store_true", help="every policy on all validation images")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="score with agents.testing.SyntheticProblem (no model run, no table)",
+    )
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = [n for n in args.agents.split(",") if n]
+    for n in names:
+        if n not in AGENTS:
+            raise SystemExit(f"unknown agent {n!r}")
+    path = args.table or data_dir() / "bench-search" / f"{args.model}.jsonl"
+
+    if args.synthetic:
+        from agents.testing import SyntheticProblem
+        from compression.model_io import from_module
+        from compression.zoo import build_model
+
+        torch.manual_seed(0)
+        net = build_model(args.model, in_channels=1, image_size=28, num_classes=10)
+        space = space_for(from_module(net, torch.randn(2, 1, 28, 28), name=args.model))
+        problem = SyntheticProblem(space)
+        table = Table(None, lambda p: (problem.score(p), 0))
+    else:
+        model, data = load_model(args.model)
+        space = space_for(model)
+        evaluator = Evaluator(model, data, macs_proxy, val_images=1000, seed=0)
+
+        hopeless: list[float] = []  # set once the dense accuracy is known
+
+        def score_fn(policy: Policy) -> tuple[Score, int]:
+            if args.report_only:
+                raise LookupError(policy.hash)
+            if not hopeless:
+                return evaluator.evaluate(policy), len(evaluator.y_val)
+            return evaluate_early_stop(evaluator, policy, hopeless[0])
+
+        table = Table(path, score_fn)
+    print(
+        f"{args.model}: {len(space.layers)} layers, {len(space.blocks)} skippable blocks; "
+        f"table {path if not args.synthetic else None} holds {len(table)} policies; "
+        f"latency: {PROXY_LABEL if not args.synthetic else 'SyntheticProblem'}",
+        flush=True,
+    )
+    dense = table.score(Policy.dense(), "dense")
+    if not args.synthetic and not args.no_early_stop:
+        hopeless.append(dense.accuracy - REF_ACCURACY_DROP - EARLY_MARGIN)
+    objective = Objective().with_dense(dense)
+    print(f"dense: accuracy {dense.accuracy:.4f}, latency {dense.latency_ms:.3f}", flush=True)
+
+    if args.fill_random:
+        import random
+
+        rng = random.Random(12345)
+        start = time.perf_counter()
+        for i in range(args.fill_random):
+            table.score(space.sample(rng), "fill")
+            if (i + 1) % 100 == 0:
+                print(
+                    f"fill {i + 1}/{args.fill_random}: table {len(table)}, "
+                    f"{(time.perf_counter() - start) / (i + 1):.2f} s/policy",
+                    flush=True,
+                )
+
+    runs: list[Run] = []
+    if args.from_sources:
+        runs = runs_from_sources(path, names, seeds, max(budgets))
+        names = []  # nothing to replay
+    for name in names:
+        for seed in seeds:
+            misses = table.misses
+            run = replay(name, space, objective, table, seed, max(budgets), progress=not args.synthetic)
+            if not run.scores:
+                print(f"{name} seed {seed}: not in the table (run without --report-only)", flush=True)
+                continue
+            runs.append(run)
+            print(
+                f"{name} seed {seed}: {len(run.scores)} candidates, {table.misses - misses} scored now, "
+                f"table {len(table)}, {run.seconds:.0f} s",
+                flush=True,
+            )
+
+    best_hv = hypervolume(list(table.scores.values()), dense)
+    summary = summarise(runs, dense, best_hv, budgets)
+    best_acc = best_under(list(table.scores.values()), LATENCY_FRACTION * dense.latency_ms)
+    print(
+        f"\n{args.model}: best-known hypervolume {best_hv:.5f} from {len(table)} policies; "
+        f"best-known acc@50%: {best_acc:.4f}"
+    )
+    print(format_table(summary, budgets))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "table_size": len(table),
+                    "best_hv": best_hv,
+                    "dense": dense.to_dict(),
+                    "summary": summary,
+                },
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
