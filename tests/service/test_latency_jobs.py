@@ -44,21 +44,27 @@ def real_live(tmp_path: Path) -> Iterator[LiveServer]:
 
 
 def _watch(job: Job, timeout: float = 600) -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:
-    """Poll a job to its end: (final info, phases seen, baselines seen while candidates existed)."""
-    phases: list[str] = []
+    """Poll a job to its end: (final info, its phases in order, baselines seen while candidates existed).
+
+    Phases come from the job's stored event log (replayed over SSE from the start), not from
+    polling, which can miss a short phase.
+    """
     with_candidates: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while True:
         info = job.status()
-        phase = str(info["progress"].get("phase"))
-        if not phases or phases[-1] != phase:
-            phases.append(phase)
         if info["progress"].get("done"):
             with_candidates.append(dict(info["baseline"]))
         if info["status"] in ("succeeded", "failed", "cancelled"):
-            return info, phases, with_candidates
-        assert time.monotonic() < deadline, f"job still {info['status']} ({phase})"
+            break
+        assert time.monotonic() < deadline, f"job still {info['status']} ({info['progress'].get('phase')})"
         time.sleep(0.2)
+    phases: list[str] = []
+    for kind, data in job.events():
+        phase = data.get("phase") if kind in ("phase", "progress") and isinstance(data, dict) else None
+        if phase is not None and (not phases or phases[-1] != phase):
+            phases.append(str(phase))
+    return info, phases, with_candidates
 
 
 def test_job_calibrates_the_device_first_then_uses_its_predictor(
