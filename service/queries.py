@@ -485,6 +485,8 @@ def finish_artifact(
     artifact.status = status
     artifact.path, artifact.sha256, artifact.size_bytes = path, sha256, size_bytes
     artifact.metrics = metrics or {}
+    if isinstance(artifact.metrics.get("int8"), bool):  # the exporter may choose int8 from the policy
+        artifact.int8 = artifact.metrics["int8"]
     artifact.error = error
     artifact.finished_at = utcnow()
     session.commit()

@@ -264,7 +264,15 @@ def finetune(
 
 
 def export_candidate(ctx: ExportContext) -> ExportResult:
-    """Build the candidate, write ONNX (int8 QDQ if asked), and measure it against dense."""
+    """Build the candidate, write ONNX and measure it against dense.
+
+    The file is int8 QDQ when asked, or when the policy's bits make this runtime run it as
+    int8 (``latency_models.features.runtime_int8``: the rule its latency was predicted and
+    re-measured with), so the exported speedup is the one the search saw.
+    """
+    from compression.space_builder import space_for
+    from latency_models.features import runtime_int8
+
     seed = int(ctx.job_spec.get("seed", 0))
     dataset = load_job_dataset(ctx.dataset)
     model = load_job_model(ctx.model, dataset, ctx.data_dir, seed)
@@ -281,7 +289,8 @@ def export_candidate(ctx: ExportContext) -> ExportResult:
         example = model.example_input(2)
         dense_path = export_onnx(dense.gm, example, Path(tmp) / "dense.onnx")
         fp32 = export_onnx(cm.gm, example, Path(tmp) / "fp32.onnx")
-        if ctx.int8:
+        int8 = ctx.int8 or (device.runtime == "onnxruntime" and runtime_int8(space_for(model), policy))
+        if int8:
             from compression.quantize_onnx import quantize_int8
 
             quantize_int8(fp32, (b.numpy() for b in calib), ctx.out_path)
@@ -303,6 +312,7 @@ def export_candidate(ctx: ExportContext) -> ExportResult:
         "sha256": hashlib.sha256(data).hexdigest(),
         "size_bytes": len(data),
         "device": device.name,
+        "int8": int8,
     }
     return ExportResult(path=ctx.out_path, metrics=metrics)
 

@@ -63,7 +63,7 @@ def demo(
     console.print(
         f"   predictor v{predictor.get('version')}"
         + (
-            f": {100 * held_out:.0f} % of held-out {model} policies within ±10 %"
+            f": {held_out:.0f} % of held-out {model} policies within ±10 %"
             if held_out is not None
             else ""
         )

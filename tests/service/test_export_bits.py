@@ -1,0 +1,48 @@
+"""An export runs the policy the way its latency was predicted: 8-bit weights become an int8 QDQ file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from compression.policy import Policy
+from service.search_bridge import DatasetRef, DeviceRef, ExportContext, ModelRef, Scores
+from service.search_wiring import export_candidate
+
+DEVICE = DeviceRef(id=1, name="cpu-ort-1t", kind="local", runtime="onnxruntime", threads=1, settings={})
+
+
+def _export(
+    tmp_path: Path, policy: dict[str, object], *, int8: bool = False
+) -> tuple[dict[str, object], set[str]]:
+    out = tmp_path / f"{Policy.from_dict(policy).hash}-{int8}.onnx"
+    ctx = ExportContext(
+        artifact_id=1,
+        policy=policy,
+        scores=Scores(latency_ms=0.1),
+        job_spec={"seed": 0},
+        model=ModelRef(id=1, name="lenet5", path=None, zoo="lenet5", sha256=None),
+        dataset=DatasetRef(id=1, name="digits", path=None, builtin="digits"),
+        device=DEVICE,
+        int8=int8,
+        finetune_epochs=0,
+        out_path=out,
+        data_dir=tmp_path / "data",
+        progress=lambda _data: None,
+    )
+    result = export_candidate(ctx)
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    return dict(result.metrics), ops
+
+
+def test_bits_in_the_policy_decide_the_exported_precision(tmp_path: Path) -> None:
+    quant, quant_ops = _export(tmp_path, {"default": {"bits": 8}})
+    assert quant["int8"] is True and "QuantizeLinear" in quant_ops and "DequantizeLinear" in quant_ops
+    assert 0.5 < float(quant["accuracy"]) <= 1.0  # type: ignore[arg-type]
+
+    fp32, fp32_ops = _export(tmp_path, {"default": {"width": 0.75}})
+    assert fp32["int8"] is False and "QuantizeLinear" not in fp32_ops
+
+    forced, forced_ops = _export(tmp_path, {"default": {"width": 0.75}}, int8=True)
+    assert forced["int8"] is True and "QuantizeLinear" in forced_ops
