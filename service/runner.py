@@ -200,7 +200,7 @@ class Runner:
     @staticmethod
     def _over_budget(session: Session, job: Job) -> bool:
         budget = job.spec.get("budget", {})
-        if budget.get("seconds") is not None and queries.seconds_since(job.started_at) >= budget["seconds"]:
+        if budget.get("seconds") is not None and _search_seconds(job) >= budget["seconds"]:
             return True
         n = budget.get("candidates")
         return n is not None and queries.count_candidates(session, job_id=job.id) >= n
@@ -286,7 +286,7 @@ class Runner:
                 watch.lease_lost.set()
                 return False
             done = queries.count_candidates(session, job_id=job_id)
-            elapsed = queries.seconds_since(job.started_at)
+            elapsed = _search_seconds(job)
             total = job.spec.get("budget", {}).get("candidates")
             progress = self._progress(session, job, done + 1, total, elapsed)
             job.progress = progress
@@ -322,6 +322,8 @@ class Runner:
             "elapsed_s": round(elapsed, 2),
             "eta_s": None if eta is None else round(eta, 1),
             "best_accuracy": best,
+            # kept so the seconds budget keeps excluding the calibration (see _search_seconds)
+            **({"calibration": job.progress["calibration"]} if "calibration" in (job.progress or {}) else {}),
         }
 
     def _event(self, job_id: int, kind: str, data: dict[str, Any]) -> None:
@@ -339,3 +341,18 @@ class Runner:
             if job is not None and job.lease_owner == self.owner:
                 job.baseline = {k: v for k, v in vars(scores).items() if v is not None and k != "extra"}
                 session.commit()
+
+
+def _search_seconds(job: Job) -> float:
+    """Seconds the job has spent searching: a device calibration it ran first does not count.
+
+    The seconds budget is the user's search budget; calibrating a device is a one-off cost
+    shared by later jobs (it shows in the job's progress as its own phase).
+    """
+    progress = job.progress or {}
+    phase = str(progress.get("phase") or "")
+    if phase.startswith(("calibrating", "waiting for calibration")):
+        return 0.0
+    calibration = progress.get("calibration") or {}
+    spent = calibration.get("seconds") if isinstance(calibration, dict) else None
+    return max(0.0, queries.seconds_since(job.started_at) - float(spent or 0.0))
