@@ -28,8 +28,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.dashboard.harness import launch_browser, live_server, seed_job, seed_refs  # noqa: E402
 from service.dashboard.routes import PLOTLY_JS  # noqa: E402
+from tests.dashboard.harness import launch_browser, live_server, seed_job, seed_refs  # noqa: E402
 
 GOAL_S = 2.0
 
