@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from compression.graph import ModelGraph, analyze, has_symbolic_batch, strip_guards
+from compression.tracing import TRACE_LOCK
 
 
 class ModelLoadError(ValueError):
@@ -121,15 +122,13 @@ def from_module(module: torch.nn.Module, example: torch.Tensor, name: str = "mod
         ModelTraceError: naming the op or construct ``torch.export`` could not trace.
     """
     module = module.eval()
-    try:
-        ep = torch.export.export(
-            module,
-            (example,),
-            dynamic_shapes={next(iter(_arg_names(module))): {0: torch.export.Dim("batch", min=1, max=4096)}},
-        )
-    except Exception as exc:  # torch raises many types here; name what failed
-        raise ModelTraceError(f"torch.export cannot trace {name}: {_trace_hint(exc)}") from exc
-    return from_exported(ep, name)
+    batch = {next(iter(_arg_names(module))): {0: torch.export.Dim("batch", min=1, max=4096)}}
+    with TRACE_LOCK:
+        try:
+            ep = torch.export.export(module, (example,), dynamic_shapes=batch)
+        except Exception as exc:  # torch raises many types here; name what failed
+            raise ModelTraceError(f"torch.export cannot trace {name}: {_trace_hint(exc)}") from exc
+        return from_exported(ep, name)
 
 
 def _arg_names(module: torch.nn.Module) -> list[str]:
@@ -150,21 +149,23 @@ def load_pt2(path: str | Path, name: str | None = None) -> CompressibleModel:
         raise ModelLoadError(f"{p}: no such file")
     if not zipfile.is_zipfile(p):
         raise ModelLoadError(f"{p}: not a torch.export archive (.pt2 files are zip archives)")
-    try:
-        ep = torch.export.load(str(p))
-    except Exception as exc:  # corrupt archives raise a variety of errors
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{p}: not a loadable torch.export archive: {msg}") from exc
-    return from_exported(ep, name or p.stem)
+    with TRACE_LOCK:
+        try:
+            ep = torch.export.load(str(p))
+        except Exception as exc:  # corrupt archives raise a variety of errors
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"{p}: not a loadable torch.export archive: {msg}") from exc
+        return from_exported(ep, name or p.stem)
 
 
 def save_pt2(module: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
     """Export a module with a dynamic batch and save it as a ``.pt2`` archive."""
     module = module.eval()
-    ep = torch.export.export(
-        module,
-        (example,),
-        dynamic_shapes={_arg_names(module)[0]: {0: torch.export.Dim("batch", min=1, max=4096)}},
-    )
-    torch.export.save(ep, str(path))
+    with TRACE_LOCK:
+        ep = torch.export.export(
+            module,
+            (example,),
+            dynamic_shapes={_arg_names(module)[0]: {0: torch.export.Dim("batch", min=1, max=4096)}},
+        )
+        torch.export.save(ep, str(path))
     return Path(path)

@@ -24,6 +24,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from compression.tracing import TRACE_LOCK
+
 __all__ = [
     "ExportError",
     "OnnxModel",
@@ -83,7 +85,7 @@ def _plain_copy(gm: torch.nn.Module) -> torch.nn.Module:
 
 
 def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with TRACE_LOCK, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             _plain_copy(model),
@@ -100,7 +102,7 @@ def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Pat
 
 def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with TRACE_LOCK, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,

@@ -239,8 +239,11 @@ class TorchEagerCPU:
             path = Path(model)
             if path.suffix != ".pt2":
                 raise RuntimeSetupError(f"{self.name} times torch modules or .pt2 archives, not {path.name}")
+            from compression.tracing import TRACE_LOCK
+
             try:
-                program = torch.export.load(str(path))
+                with TRACE_LOCK:
+                    program = torch.export.load(str(path))
             except Exception as exc:
                 raise RuntimeSetupError(f"{path} is not a torch.export archive: {exc}") from exc
             if input_shape is None:

@@ -37,6 +37,7 @@ from compression.policy import Policy, PolicyError
 from compression.scoring import compress
 from compression.space import SpaceOptions
 from compression.space_builder import space_for
+from compression.tracing import TRACE_LOCK
 
 DeviceLatency = Callable[[CompressedModel], float]
 MAX_IDLE_ROUNDS = 50  # rounds in a row without a new policy: the agent has converged, stop
@@ -220,17 +221,17 @@ def model_archive(model: CompressibleModel) -> bytes:
     """``model`` as ``torch.export.save`` bytes: same node names, shapes and weights when loaded."""
     example = model.example_input(2)
     shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if model.dynamic_batch else None
-    with warnings.catch_warnings():
+    with TRACE_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(model.gm, (example,), dynamic_shapes=shapes)
-    buf = io.BytesIO()
-    torch.export.save(ep, buf)
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
     return buf.getvalue()
 
 
 def model_from_archive(data: bytes, name: str) -> CompressibleModel:
     """Inverse of :func:`model_archive`."""
-    with warnings.catch_warnings():
+    with TRACE_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return from_exported(torch.export.load(io.BytesIO(data)), name)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from compression.tracing import TRACE_LOCK
 from compression.zoo.lenet import lenet5
 from compression.zoo.mobilenet import mobilenetv2
 from compression.zoo.resnet import resnet20, resnet56
@@ -58,4 +59,5 @@ def export_model(model: nn.Module, example: torch.Tensor) -> torch.export.Export
     if not isinstance(example, torch.Tensor) or example.dim() < 1:
         raise ValueError("export_model needs an example input tensor with a batch dimension")
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    return torch.export.export(model.eval(), (example,), dynamic_shapes={"x": {0: batch}})
+    with TRACE_LOCK:
+        return torch.export.export(model.eval(), (example,), dynamic_shapes={"x": {0: batch}})
