@@ -398,6 +398,15 @@ class JobsPublic(_Out):
 
 
 class ExportCreate(_In):
+    """``int8`` forces int8 QDQ; without it the file is int8 exactly when the policy's bits make
+    the device's runtime run it as int8 (the rule its latency was predicted with)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        protected_namespaces=(),
+        json_schema_extra={"examples": [{}, {"finetune_epochs": 2}, {"int8": True}]},
+    )
+
     format: Literal["onnx"] = "onnx"
     int8: bool = False
     finetune_epochs: int = Field(default=0, ge=0, le=100)
