@@ -20,11 +20,12 @@ from compression.metrics import measure as measure_cost
 from latency_models.devices import Device
 
 if TYPE_CHECKING:
+    from compression.model_io import CompressibleModel
     from compression.space import SearchSpace
     from latency_models.predictors import Predictor
 
-LatencySource = Literal["measured", "macs-proxy"]
-LATENCY_SOURCES: tuple[LatencySource, ...] = ("measured", "macs-proxy")
+LatencySource = Literal["auto", "predicted", "measured", "macs-proxy"]
+LATENCY_SOURCES: tuple[LatencySource, ...] = ("auto", "predicted", "measured", "macs-proxy")
 PROXY_MACS_PER_MS = 1e6
 PROXY_LABEL = "macs-proxy: latency_ms = MACs / 1e6 (NOT measured on the device)"
 
@@ -74,8 +75,46 @@ def measured_latency(
     return latency
 
 
-def latency_callback(source: LatencySource, device: str) -> tuple[Callable[[CompressedModel], float], str]:
-    """The callback for ``source`` and the label to print and store with the results."""
+def stored_predictor_latency(
+    device: str, model: CompressibleModel
+) -> tuple[Callable[[CompressedModel], float], str] | None:
+    """The device's newest stored predictor (``modeltailor calibrate``) as a callback; None if none."""
+    from compression.space_builder import space_for
+    from latency_models.store import DeviceStore
+
+    store = DeviceStore(device)
+    if not store.versions():
+        return None
+    predictor, version, kind = store.load()
+    held_out = store.metrics(version).get("predictors", {}).get(kind, {})
+    figure = held_out.get("speedup_within_10pct")
+    label = f"predicted: {kind} v{version} for {device}" + (
+        f" ({figure:.0f} % of held-out speedups within ±10 %)" if isinstance(figure, (int, float)) else ""
+    )
+    return predicted_latency(predictor, space_for(model)), label
+
+
+def latency_callback(
+    source: LatencySource, device: str, model: CompressibleModel | None = None
+) -> tuple[Callable[[CompressedModel], float], str]:
+    """The callback for ``source`` and the label to print and store with the results.
+
+    ``auto`` uses the device's stored predictor when it has one (``modeltailor calibrate``),
+    else measures every candidate; ``predicted`` requires the predictor (and ``model``).
+
+    Raises:
+        ValueError: unknown source, or ``predicted`` for a device with no stored predictor.
+    """
+    if source in ("auto", "predicted"):
+        found = stored_predictor_latency(device, model) if model is not None else None
+        if found is not None:
+            return found
+        if source == "predicted":
+            raise ValueError(
+                f"device {device} has no stored predictor: run `modeltailor calibrate --device {device}` "
+                "first, or use --latency measured"
+            )
+        source = "measured"
     if source == "macs-proxy":
         return macs_proxy, PROXY_LABEL
     if source == "measured":

@@ -42,9 +42,11 @@ def search(
     latency: Annotated[
         str,
         typer.Option(
-            "--latency", help="measured (export + time each candidate) or macs-proxy (no measuring)."
+            "--latency",
+            help="auto (the device's predictor from `modeltailor calibrate` if it has one, else measured), "
+            "predicted, measured (export + time each candidate) or macs-proxy (no measuring).",
         ),
-    ] = "measured",
+    ] = "auto",
 ) -> None:
     """Search per-layer compression policies of MODEL for DEVICE; write dense, candidates and Pareto front."""
     from agents import AGENTS, Objective
@@ -66,10 +68,11 @@ def search(
     from rich.progress import Progress as Bar
 
     try:
-        callback, label = latency_callback(latency, device)  # type: ignore[arg-type]
         dataset = load_dataset(data)
         with err.status(f"loading {model} (a zoo model trains on first use)"):
             cmodel = resolve_model(model, dataset, seed=seed)
+        callback, label = latency_callback(latency, device, cmodel)  # type: ignore[arg-type]
+        err.print(f"latency: {label}")
         if latency == "macs-proxy":
             err.print(f"[yellow]warning:[/yellow] latency is a proxy, not measured: {label}")
         objective = Objective(max_latency_ms=max_latency_ms, max_accuracy_drop=max_accuracy_drop)

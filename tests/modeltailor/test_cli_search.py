@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import modeltailor.cli.search  # noqa: F401  (registers the command on the app)
 from compression import Policy
+from compression.model_io import CompressibleModel
+from compression.space_builder import space_for
+from latency_models.predictors.base import LatencyRecord
+from latency_models.predictors.baselines import MacsLinear
+from latency_models.sampling import SPACE_OPTIONS, random_policy
+from latency_models.store import DeviceStore
 from modeltailor.cli import _register, app
 
 _register()  # the other commands too, so typer dispatches on the command name as installed
 
 
 def test_search_writes_dense_candidates_and_front_with_measured_latency(
-    tiny_files: tuple[Path, Path], tmp_path: Path
+    tiny_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("MODELTAILOR_DATA_DIR", str(tmp_path / "home"))  # no stored predictor: auto measures
     pt2, npz = tiny_files
     out = tmp_path / "front.json"
     args = ["search", str(pt2), "--data", str(npz), "--device", "cpu-ort-1t", "--algorithm", "rule"]
@@ -49,3 +58,45 @@ def test_proxy_latency_is_labelled_and_bad_input_exits_2(
         app, ["search", str(tmp_path / "no.pt2"), "--data", str(npz), "--out", str(out)]
     )
     assert missing.exit_code == 2
+
+
+def test_search_uses_the_devices_stored_predictor(
+    tiny_files: tuple[Path, Path],
+    tiny_model: CompressibleModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MODELTAILOR_DATA_DIR", str(tmp_path / "home"))
+    pt2, npz = tiny_files
+    out = tmp_path / "front.json"
+    base = [
+        "search",
+        str(pt2),
+        "--data",
+        str(npz),
+        "--algorithm",
+        "random",
+        "--budget",
+        "3",
+        "--out",
+        str(out),
+    ]
+    refused = CliRunner().invoke(app, [*base, "--latency", "predicted"])
+    assert refused.exit_code == 2 and "modeltailor calibrate" in refused.output
+
+    # a predictor as `modeltailor calibrate` stores it: latency proportional to MACs, fitted on 8 policies
+    space = space_for(tiny_model, SPACE_OPTIONS)
+    rng = random.Random(0)
+    records = [
+        LatencyRecord("tiny", "tiny", space, random_policy(space, rng), latency_ms=0.5 + i / 20)
+        for i in range(8)
+    ]
+    predictor = MacsLinear().fit(records)
+    DeviceStore("cpu-ort-1t").save_version({"macs": predictor}, {"predictors": {}}, "macs")
+    result = CliRunner().invoke(app, base)  # --latency auto
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["latency_source"].startswith("predicted: macs v1 for cpu-ort-1t")
+    for entry in doc["candidates"]:
+        expected = predictor.predict(space, [Policy.from_dict(entry["policy"])])[0]
+        assert entry["latency_ms"] == pytest.approx(expected, rel=1e-5)
