@@ -30,7 +30,7 @@ from compression.quantize_onnx import quantize_int8
 from compression.space import SearchSpace
 from latency_models.devices import Device, get_device
 from latency_models.features import runtime_int8
-from latency_models.harness import measure_pair
+from latency_models.harness import Measurement, measure_pair
 from latency_models.predictors import KINDS, REGISTRY, LatencyRecord, Predictor, holdout_metrics
 from latency_models.predictors.base import Target, supports_statistic, with_statistic
 from latency_models.profiling import profile_onnx
@@ -102,23 +102,51 @@ def measure_sample(
         profiles["profile"] = profile_onnx(model_b, device)
         if first:
             profiles["dense_profile"] = profile_onnx(model_a, device)
+    return sample_records(
+        sample,
+        b,
+        a,
+        speedup=pair.speedup,
+        int8=int8,
+        with_dense=first,
+        extra=profiles,
+        dense_extra={"profile": profiles.get("dense_profile")},
+    )
+
+
+def sample_records(
+    sample: CalibrationSample,
+    b: Measurement,
+    a: Measurement | None,
+    *,
+    speedup: float | None,
+    int8: bool,
+    with_dense: bool,
+    extra: dict[str, Any] | None = None,
+    dense_extra: dict[str, Any] | None = None,
+) -> list[LatencyRecord]:
+    """The training records of one measured sample: ``b`` (the compressed model) against the dense
+    ``a`` timed in the same run, plus the dense model's own record when ``with_dense``.
+
+    Local measurement and the service's device-agent results both build records here.
+    """
     out = [
         LatencyRecord(
             policy=sample.policy,
             latency_ms=b.median_ms,
             ratio=b.ratio_to_reference,
             reference_ms=b.reference_median_ms,
-            dense_latency_ms=a.median_ms,
-            dense_ratio=a.ratio_to_reference,
-            speedup=pair.speedup,
+            dense_latency_ms=a.median_ms if a else None,
+            dense_ratio=a.ratio_to_reference if a else None,
+            speedup=speedup,
             int8=int8,
-            measurement={"compressed": b.to_dict(), "dense": a.to_dict(), **profiles},
+            measurement={"compressed": b.to_dict(), **({"dense": a.to_dict()} if a else {}), **(extra or {})},
             arch_id=sample.arch_id,
             space_id=sample.space_id,
             space=sample.space,
         )
     ]
-    if first:
+    if with_dense and a is not None:
         out.append(
             LatencyRecord(
                 policy=Policy.dense(),
@@ -129,7 +157,7 @@ def measure_sample(
                 dense_ratio=a.ratio_to_reference,
                 speedup=1.0,
                 int8=False,
-                measurement={"dense": a.to_dict(), "profile": profiles.get("dense_profile")},
+                measurement={"dense": a.to_dict(), **(dense_extra or {})},
                 arch_id=sample.arch_id,
                 space_id=sample.space_id,
                 space=sample.space,

@@ -1019,48 +1019,20 @@ def records_from_result(
     sample: CalibrationSample, int8: bool, stats: dict[str, Any], *, with_dense: bool
 ) -> list[LatencyRecord]:
     """Calibration records from an agent's result (the same shape ``measure_sample`` returns)."""
+    from latency_models.calibrate import sample_records
     from latency_models.harness import Measurement as HM
-    from latency_models.predictors import LatencyRecord
 
     b = HM.from_dict(stats["measurement"])
     a = HM.from_dict(stats["baseline"]) if stats.get("baseline") else None
     speedup = stats.get("speedup")
-    out = [
-        LatencyRecord(
-            arch_id=sample.arch_id,
-            space_id=sample.space_id,
-            space=sample.space,
-            policy=sample.policy,
-            latency_ms=b.median_ms,
-            ratio=b.ratio_to_reference,
-            reference_ms=b.reference_median_ms,
-            dense_latency_ms=a.median_ms if a else None,
-            dense_ratio=a.ratio_to_reference if a else None,
-            speedup=float(speedup) if speedup is not None else None,
-            int8=int8,
-            measurement={"compressed": b.to_dict(), **({"dense": a.to_dict()} if a else {})},
-        )
-    ]
-    if with_dense and a is not None:
-        from compression.policy import Policy
-
-        out.append(
-            LatencyRecord(
-                arch_id=sample.arch_id,
-                space_id=sample.space_id,
-                space=sample.space,
-                policy=Policy.dense(),
-                latency_ms=a.median_ms,
-                ratio=a.ratio_to_reference,
-                reference_ms=a.reference_median_ms,
-                dense_latency_ms=a.median_ms,
-                dense_ratio=a.ratio_to_reference,
-                speedup=1.0,
-                int8=False,
-                measurement={"dense": a.to_dict()},
-            )
-        )
-    return out
+    return sample_records(
+        sample,
+        b,
+        a,
+        speedup=float(speedup) if speedup is not None else None,
+        int8=int8,
+        with_dense=with_dense,
+    )
 
 
 def holdout_pairs(records: Sequence[LatencyRecord], kind: str, *, seed: int = 0) -> dict[str, Any] | None:
