@@ -27,12 +27,14 @@ known, a better "best-known" front); ``--agents`` / ``--seeds`` / ``--budgets`` 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +43,14 @@ import torch
 
 from agents import AGENTS, Objective, Score, make
 from agents.objective import hypervolume_2d
+from compression.apply import CompressedModel
 from compression.data import load_dataset
 from compression.model_io import CompressibleModel
 from compression.policy import Policy
 from compression.resolve import data_dir, resolve_model
 from compression.space import SearchSpace
 from compression.space_builder import space_for
-from modeltailor.device_latency import PROXY_LABEL, macs_proxy
+from modeltailor.device_latency import PROXY_LABEL, PROXY_MACS_PER_MS, macs_proxy, stored_predictor_latency
 from modeltailor.search import Evaluator
 
 AGENT_ORDER = ("random", "rule", "optuna-tpe", "optuna-nsga2", "ddpg", "agmc")
@@ -57,6 +60,7 @@ ASK_BATCH = 4
 MAX_IDLE_ROUNDS = 50
 REF_ACCURACY_DROP = 0.10
 LATENCY_FRACTION = 0.5
+TABLES = Path(__file__).parent / "tables"
 
 
 EARLY_IMAGES = 250  # a policy hopeless on these is not evaluated on the rest
@@ -84,7 +88,7 @@ def evaluate_early_stop(evaluator: Evaluator, policy: Policy, hopeless_below: fl
             if first.mean() < hopeless_below:
                 correct, n = first, EARLY_IMAGES
             else:
-                rest = predict(cm.gm, x[EARLY_IMAGES:], batch_size=500).argmax(dim=-1).numpy()
+                rest = predict(cm.gm, x[EARLY_IMAGES:]).argmax(dim=-1).numpy()
                 correct, n = np.concatenate([first, rest == y[EARLY_IMAGES:]]), len(y)
             m = measure(cm)
         latency = float(evaluator.device_latency(cm))
@@ -100,7 +104,9 @@ def evaluate_early_stop(evaluator: Evaluator, policy: Policy, hopeless_below: fl
     return score, n
 
 
-def runs_from_sources(path: Path, names: Sequence[str], seeds: Sequence[int], budget: int) -> list[Run]:
+def runs_from_sources(
+    path: Path, table: Table, names: Sequence[str], seeds: Sequence[int], budget: int
+) -> list[Run]:
     """Runs read back from the table's ``source`` column ("agent/seed", in the order scored).
 
     No agent is run: this is exact for a run whose proposals were never scored first by
@@ -109,16 +115,13 @@ def runs_from_sources(path: Path, names: Sequence[str], seeds: Sequence[int], bu
     """
     by_source: dict[str, list[Score]] = {}
     seen: set[tuple[str, str]] = set()  # two processes replaying one run both append its policies
-    with path.open() as f:
-        for line in f:
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (raw["source"], raw["hash"]) in seen:
-                continue
-            seen.add((raw["source"], raw["hash"]))
-            by_source.setdefault(raw["source"], []).append(Score.from_dict(raw["score"]))
+    for raw in _read_lines(path):
+        if (raw["source"], raw["hash"]) in seen:
+            continue
+        seen.add((raw["source"], raw["hash"]))
+        # The table's current score: its latency is recomputed for the source in use.
+        score = table.scores.get(raw["hash"]) or Score.from_dict(raw["score"])
+        by_source.setdefault(raw["source"], []).append(score)
     runs = []
     for name in names:
         for seed in seeds:
@@ -128,28 +131,76 @@ def runs_from_sources(path: Path, names: Sequence[str], seeds: Sequence[int], bu
     return runs
 
 
-class Table:
-    """Scores by policy hash, persisted as one JSON line per policy (append-only, resumable)."""
+Relatency = Callable[[Sequence[Policy], Sequence[Score]], Sequence[float]]
 
-    def __init__(self, path: Path | None, score_fn: Callable[[Policy], tuple[Score, int]]) -> None:
+
+def _read_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The table's rows; a row cut short by a kill (or a gzip member cut short) ends the read."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt") as f:
+            for line in f:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+        print(f"warning: {path}: stopped reading at a damaged row ({exc})", flush=True)
+
+
+def _append_line(path: Path, row: dict[str, Any]) -> None:
+    """Append one row in a single write (O_APPEND), so two processes can share a table.
+
+    A ``.gz`` table gets one gzip member per row: members concatenate into a valid stream.
+    """
+    data = (json.dumps(row) + "\n").encode()
+    if path.suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+class Table:
+    """Scores by policy hash, persisted as one JSON line per policy (append-only, resumable).
+
+    The table is the expensive part, accuracy: latency is whatever ``relatency`` says when
+    the table is read (the device's predictor, or the MACs proxy), so one table serves every
+    latency source and a refitted predictor does not invalidate it.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        score_fn: Callable[[Policy], tuple[Score, int]],
+        relatency: Relatency | None = None,
+    ) -> None:
         self.path = path
         self.score_fn = score_fn
         self.scores: dict[str, Score] = {}
         self.policies: dict[str, dict[str, Any]] = {}
+        self.sources: dict[str, str] = {}
         self.misses = 0
         self.hits = 0
         self.seconds = 0.0
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         if path is not None and path.is_file():
-            with path.open() as f:
-                for line in f:
-                    try:
-                        raw = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by a kill
-                    self.scores[raw["hash"]] = Score.from_dict(raw["score"])
-                    self.policies[raw["hash"]] = raw["policy"]
+            for raw in _read_lines(path):
+                self.scores[raw["hash"]] = Score.from_dict(raw["score"])
+                self.policies[raw["hash"]] = raw["policy"]
+                self.sources.setdefault(raw["hash"], raw["source"])
+        if relatency is not None and self.scores:
+            self._relatency(relatency)
+
+    def _relatency(self, relatency: Relatency) -> None:
+        ok = [h for h, s in self.scores.items() if s.ok]
+        policies = [Policy.from_dict(self.policies[h]) for h in ok]
+        latencies = relatency(policies, [self.scores[h] for h in ok])
+        for h, lat in zip(ok, latencies, strict=True):
+            self.scores[h] = replace(self.scores[h], latency_ms=float(lat))
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -167,17 +218,10 @@ class Table:
         self.misses += 1
         self.scores[h] = s
         self.policies[h] = policy.to_dict()
-        if self.path is None:
-            return s
-        with self.path.open("a") as f:
-            line = {
-                "hash": h,
-                "source": source,
-                "val_images": images,
-                "policy": policy.to_dict(),
-                "score": s.to_dict(),
-            }
-            f.write(json.dumps(line) + "\n")
+        self.sources[h] = source
+        if self.path is not None:
+            row = {"hash": h, "source": source, "val_images": images, "policy": policy.to_dict()}
+            _append_line(self.path, {**row, "score": s.to_dict()})
         return s
 
 
@@ -292,6 +336,34 @@ def format_table(summary: dict[str, dict[int, dict[str, float]]], budgets: Seque
     return "\n".join(lines)
 
 
+def latency_source(
+    kind: str, device: str, model: CompressibleModel
+) -> tuple[Callable[[CompressedModel], float], Relatency, str]:
+    """The evaluator's latency callback, the table's batch re-latency, and a label to print.
+
+    Raises:
+        SystemExit: ``predicted`` for a device with no stored predictor (says how to make one).
+    """
+    if kind == "macs-proxy":
+        return macs_proxy, lambda _p, scores: [s.macs / PROXY_MACS_PER_MS for s in scores], PROXY_LABEL
+    found = stored_predictor_latency(device, model)
+    if found is None:
+        raise SystemExit(
+            f"device {device} has no stored predictor: run `modeltailor calibrate --device {device}` "
+            "first, or pass --latency macs-proxy"
+        )
+    callback, label = found
+    from latency_models.store import DeviceStore
+
+    predictor, _, _ = DeviceStore(device).load()
+    space = space_for(model)
+
+    def relatency(policies: Sequence[Policy], _scores: Sequence[Score]) -> Sequence[float]:
+        return list(predictor.predict(space, list(policies)))
+
+    return callback, relatency, label
+
+
 def load_model(arch: str) -> tuple[CompressibleModel, Any]:
     data = load_dataset("mnist")
     model = resolve_model(arch, data, cache_dir=data_dir() / "zoo")
@@ -307,7 +379,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--fill-random", type=int, default=0, help="uniform samples to add first")
-    parser.add_argument("--table", type=Path, default=None)
+    parser.add_argument(
+        "--table", type=Path, default=None, help="default bench/tables/MODEL.jsonl.gz (kept in git)"
+    )
+    parser.add_argument(
+        "--latency",
+        choices=("predicted", "macs-proxy"),
+        default="predicted",
+        help="predicted: the device's stored predictor (modeltailor calibrate); macs-proxy: MACs / 1e6",
+    )
+    parser.add_argument("--device", default="cpu-ort-1t", help="device whose predictor gives latency")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-only", action="store_true", help="score nothing new; skip runs with misses")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
@@ -331,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for n in names:
         if n not in AGENTS:
             raise SystemExit(f"unknown agent {n!r}")
-    path = args.table or data_dir() / "bench-search" / f"{args.model}.jsonl"
+    path = args.table or TABLES / f"{args.model}.jsonl.gz"
 
     if args.synthetic:
         from agents.testing import SyntheticProblem
@@ -343,10 +424,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         space = space_for(from_module(net, torch.randn(2, 1, 28, 28), name=args.model))
         problem = SyntheticProblem(space)
         table = Table(None, lambda p: (problem.score(p), 0))
+        label = "SyntheticProblem"
     else:
         model, data = load_model(args.model)
         space = space_for(model)
-        evaluator = Evaluator(model, data, macs_proxy, val_images=1000, seed=0)
+        latency_fn, relatency, label = latency_source(args.latency, args.device, model)
+        evaluator = Evaluator(model, data, latency_fn, val_images=1000, seed=0)
 
         hopeless: list[float] = []  # set once the dense accuracy is known
 
@@ -357,11 +440,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 return evaluator.evaluate(policy), len(evaluator.y_val)
             return evaluate_early_stop(evaluator, policy, hopeless[0])
 
-        table = Table(path, score_fn)
+        table = Table(path, score_fn, relatency)
     print(
         f"{args.model}: {len(space.layers)} layers, {len(space.blocks)} skippable blocks; "
         f"table {path if not args.synthetic else None} holds {len(table)} policies; "
-        f"latency: {PROXY_LABEL if not args.synthetic else 'SyntheticProblem'}",
+        f"latency: {label if not args.synthetic else 'SyntheticProblem'}",
         flush=True,
     )
     dense = table.score(Policy.dense(), "dense")
@@ -386,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     runs: list[Run] = []
     if args.from_sources:
-        runs = runs_from_sources(path, names, seeds, max(budgets))
+        runs = runs_from_sources(path, table, names, seeds, max(budgets))
         names = []  # nothing to replay
     for name in names:
         for seed in seeds:

@@ -91,15 +91,22 @@ def recalibrate_bn(gm: fx.GraphModule, batches: Iterable[torch.Tensor]) -> int:
     return count
 
 
+#: Images per forward pass when evaluating. Small batches keep the activations in cache: on
+#: this 1-thread CPU, 1,000 MNIST images take 0.43 s in batches of 32 against 0.81 s in
+#: batches of 500 (ResNet-20), and 1.9 s against 11 s (MobileNetV2, whose wide expanded
+#: activations spill out of cache first).
+EVAL_BATCH = 32
+
+
 @torch.no_grad()
-def predict(gm: torch.nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def predict(gm: torch.nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     """Logits for every row of ``x`` (batched, no grad)."""
     xt = torch.as_tensor(x, dtype=torch.float32)
     outs = [gm(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)]
     return torch.cat(outs)
 
 
-def accuracy(gm: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+def accuracy(gm: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_BATCH) -> float:
     """Top-1 accuracy in [0, 1]."""
     logits = predict(gm, x, batch_size)
     return float((logits.argmax(dim=-1).numpy() == np.asarray(y)).mean())

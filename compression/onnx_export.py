@@ -243,7 +243,7 @@ class OnnxModel:
         outputs = self.session.run(None, {self.input_name: x})
         return np.asarray(outputs[0])
 
-    def predict(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    def predict(self, x: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
         """Arg-max class per row, in batches so large validation sets fit in memory."""
         preds = [self.run(x[i : i + batch_size]).argmax(axis=1) for i in range(0, len(x), batch_size)]
         return np.concatenate(preds) if preds else np.zeros((0,), dtype=np.int64)

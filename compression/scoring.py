@@ -66,7 +66,7 @@ def score_policy(
     start = time.perf_counter()
     with torch.no_grad():
         cm = compress(model, policy, calibration, importance=importance)
-        acc = accuracy(cm.gm, x_val, y_val, batch_size=500)
+        acc = accuracy(cm.gm, x_val, y_val)
         m = measure(cm)
     return PolicyScore(
         accuracy=acc,

@@ -134,7 +134,7 @@ def _set_eval(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def evaluate_accuracy(
-    model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, batch_size: int = 500
+    model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, batch_size: int = 32
 ) -> float:
     """Top-1 accuracy (0..1) of ``model`` on ``x, y``, in eval mode, batch by batch."""
     if len(x) != len(y) or len(x) == 0:

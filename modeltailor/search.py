@@ -203,7 +203,7 @@ class Evaluator:
         try:
             with torch.no_grad():
                 cm = compress(self.model, policy, self.calibration)
-                acc = accuracy(cm.gm, self.x_val, self.y_val, batch_size=500)
+                acc = accuracy(cm.gm, self.x_val, self.y_val)
                 m = measure(cm)
             latency = float(self.device_latency(cm))
         except (PolicyError, ValueError, RuntimeError) as exc:

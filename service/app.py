@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 import modeltailor
 from db.engine import make_engine, make_session_factory
@@ -49,6 +50,41 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         content={"detail": f"invalid request: {text}", "errors": safe},
     )
+
+
+def _service_models() -> dict[str, type[BaseModel]]:
+    """The pydantic models defined in ``service.*``, by class name (their schema title)."""
+    found: dict[str, type[BaseModel]] = {}
+    stack: list[type[BaseModel]] = [BaseModel]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            stack.append(sub)
+            if sub.__module__.startswith("service."):
+                found.setdefault(sub.__name__, sub)
+    return found
+
+
+def restore_example_nulls(spec: Any, models: dict[str, type[BaseModel]]) -> None:
+    """Put back the ``null`` values FastAPI drops from schema examples (fastapi#5559).
+
+    FastAPI serialises the whole document with ``exclude_none``, so ``{"error": None}`` in a
+    model's examples would reach ``/docs`` without its required ``error`` key. Every schema
+    titled like one of ``models`` that shows examples gets the model's own examples back.
+    """
+    if isinstance(spec, list):
+        for item in spec:
+            restore_example_nulls(item, models)
+        return
+    if not isinstance(spec, dict):
+        return
+    title = spec.get("title")
+    model = models.get(title) if isinstance(title, str) else None
+    if model is not None and "examples" in spec:
+        own = model.model_json_schema().get("examples")
+        if own:
+            spec["examples"] = own
+    for value in spec.values():
+        restore_example_nulls(value, models)
 
 
 def create_app(
@@ -113,11 +149,21 @@ def create_app(
     app.include_router(v1)
     app.include_router(dashboard_router)
 
-    @app.get("/healthz", tags=["meta"])
+    @app.get(
+        "/healthz",
+        tags=["meta"],
+        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+    )
     def healthz() -> dict[str, str]:
         """Liveness probe (no auth)."""
         return {"status": "ok"}
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            restore_example_nulls(FastAPI.openapi(app), _service_models())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -33,7 +33,6 @@ Choices (documented here because the issue leaves them open):
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Candidate, Device, Job, Measurement, utcnow
 from service import latency as lat
 from service.search_bridge import JobContext
+from service.settings import Timeouts
 
 if TYPE_CHECKING:
     from compression.model_io import CompressibleModel
@@ -57,7 +57,8 @@ log = logging.getLogger("modeltailor.job_latency")
 JOB_CALIBRATION_SAMPLES = 48
 REMEASURE_RUNS = 200
 #: How long the end of a job waits for device agents to time its re-measurement tasks.
-REMEASURE_WAIT_S = float(os.environ.get("MODELTAILOR_REMEASURE_WAIT_S", "300"))
+#: (``MODELTAILOR_REMEASURE_WAIT_S``, default 300; a bad value fails the import.)
+REMEASURE_WAIT_S: float = Timeouts().remeasure_wait_s
 
 
 def spread(n: int, k: int) -> list[int]:

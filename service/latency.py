@@ -45,6 +45,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Calibration, Device, Measurement, Predictor, utcnow
+from service.settings import Timeouts
 
 if TYPE_CHECKING:
     from compression.model_io import CompressibleModel
@@ -59,19 +60,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("modeltailor.latency")
 
 
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-#: A running calibration whose heartbeat is older than this was abandoned.
-STALE_S = _env_float("MODELTAILOR_CALIBRATION_STALE_S", 300.0)
-#: A claimed task not answered within this long is handed to the next agent that asks.
-TASK_LEASE_S = _env_float("MODELTAILOR_TASK_LEASE_S", 600.0)
-#: How long a calibration waits for any device agent to pick up its tasks before failing.
-AGENT_WAIT_S = _env_float("MODELTAILOR_AGENT_WAIT_S", 900.0)
+_TIMEOUTS = Timeouts()  # a bad MODELTAILOR_* value fails the import, naming the field
+#: A running calibration whose heartbeat is older than this was abandoned
+#: (``MODELTAILOR_CALIBRATION_STALE_S``, default 300).
+STALE_S: float = _TIMEOUTS.calibration_stale_s
+#: A claimed task not answered within this long is handed to the next agent that asks
+#: (``MODELTAILOR_TASK_LEASE_S``, default 600).
+TASK_LEASE_S: float = _TIMEOUTS.task_lease_s
+#: How long a calibration waits for any device agent to pick up its tasks before failing
+#: (``MODELTAILOR_AGENT_WAIT_S``, default 900).
+AGENT_WAIT_S: float = _TIMEOUTS.agent_wait_s
 #: A task handed out this many times without a result fails.
 MAX_TASK_ATTEMPTS = 3
 #: Tasks of one calibration outstanding at once on a remote device (keeps agents busy).

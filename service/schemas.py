@@ -20,6 +20,221 @@ BuiltinDataset = Literal["mnist", "digits"]
 MAX_BUDGET_CANDIDATES = 1_000_000
 MAX_BUDGET_SECONDS = 7 * 24 * 3600
 
+# --- OpenAPI examples (realistic answers of a small job; each validates against its schema) ---
+
+_T0 = "2026-03-02T10:15:30.512000"
+_T1 = "2026-03-02T10:16:02.104000"
+_T2 = "2026-03-02T10:31:47.880000"
+_SHA_MODEL = "3f0a9c5e1b7d2a4c6e8f0a1b3c5d7e9f2a4b6c8d0e1f3a5b7c9d1e3f5a7b9c0d"
+_SHA_EXPORT = "1aea5303c868c33e0c82dba70ed30647f2a1e90be852c3ed8935d355dfec5db6"
+_SHA_DENSE = "9b1c7e2d4f6a8b0c2d4e6f8a0b2c4d6e8f0a2b4c6d8e0f2a4b6c8d0e2f4a6b8c"
+EXAMPLE_MODEL: dict[str, Any] = {
+    "id": 1,
+    "name": "resnet20",
+    "source": "zoo",
+    "status": "ready",
+    "zoo": "resnet20",
+    "dataset_id": 1,
+    "sha256": _SHA_MODEL,
+    "size_bytes": 1_124_311,
+    "params": 272_474,
+    "macs": 40_552_192,
+    "layers": [
+        {
+            "name": "conv1",
+            "op": "conv",
+            "in_channels": 3,
+            "out_channels": 16,
+            "kernel": 3,
+            "stride": 1,
+            "groups": 1,
+            "in_h": 32,
+            "in_w": 32,
+            "out_h": 32,
+            "out_w": 32,
+            "params": 432,
+            "macs": 442_368,
+            "position": 0.0,
+            "index": 0,
+        }
+    ],
+    "created_at": _T0,
+}
+EXAMPLE_DATASET: dict[str, Any] = {
+    "id": 1,
+    "name": "digits",
+    "builtin": "digits",
+    "sha256": None,
+    "size_bytes": None,
+    "shapes": {
+        "x_train": [1257, 1, 8, 8],
+        "y_train": [1257],
+        "x_val": [270, 1, 8, 8],
+        "y_val": [270],
+        "x_test": [270, 1, 8, 8],
+        "y_test": [270],
+        "num_classes": 10,
+    },
+    "created_at": _T0,
+}
+EXAMPLE_DEVICE: dict[str, Any] = {
+    "id": 4,
+    "name": "rpi4-ort",
+    "kind": "remote",
+    "runtime": "onnxruntime",
+    "threads": 4,
+    "settings": {},
+    "shared": False,
+    "created_at": _T0,
+}
+EXAMPLE_PREDICTOR: dict[str, Any] = {
+    "id": 2,
+    "device_id": 1,
+    "version": 2,
+    "kind": "kernel_gbdt",
+    "metrics": {
+        "within_10pct": 91.7,
+        "within_5pct": 66.7,
+        "mape": 5.3,
+        "rmse_ms": 0.041,
+        "speedup_within_10pct": 95.8,
+        "speedup_mape": 3.9,
+        "n_train": 192,
+        "n_test": 48,
+        "records": 240,
+        "architectures": 61,
+        "detail": {
+            "kind": "kernel_gbdt",
+            "target": "ratio",
+            "split": "held-out architectures (group split by arch_id)",
+            "test_fraction": 0.2,
+        },
+    },
+    "created_at": _T2,
+}
+EXAMPLE_CALIBRATION: dict[str, Any] = {
+    "id": 3,
+    "device_id": 4,
+    "status": "running",
+    "params": {"samples": 64, "seed": 0, "runs": 100, "plan": "focused"},
+    "progress": {"done": 17, "total": 64, "skipped": 0, "message": "calibrating 17/64"},
+    "job_id": None,
+    "model_id": 1,
+    "predictor_version": None,
+    "metrics": {},
+    "error": None,
+    "created_at": _T0,
+    "started_at": _T1,
+    "finished_at": None,
+}
+EXAMPLE_TASK: dict[str, Any] = {
+    "id": "m-12",
+    "model": {"sha256": _SHA_EXPORT, "url": f"/v1/devices/4/blobs/{_SHA_EXPORT}"},
+    "runs": 100,
+    "warmup": 10,
+    "input_shape": [1, 3, 32, 32],
+    "baseline": {"sha256": _SHA_DENSE, "url": f"/v1/devices/4/blobs/{_SHA_DENSE}"},
+}
+EXAMPLE_CANDIDATE: dict[str, Any] = {
+    "id": 37,
+    "job_id": 1,
+    "index": 36,
+    "policy": {
+        "default": {"width": 0.75, "scheme": "nm", "sparsity": 0.0, "nm": [2, 4], "block": None, "bits": 8},
+        "layers": {
+            "conv1": {
+                "width": 1.0,
+                "scheme": "dense",
+                "sparsity": 0.0,
+                "nm": None,
+                "block": None,
+                "bits": None,
+            }
+        },
+        "skip": ["layer3.2"],
+        "act_bits": 8,
+    },
+    "policy_hash": "1191b77e0872af70",
+    "accuracy": 0.9112,
+    "latency_ms": 1.42,
+    "predictor_version": 2,
+    "measured_latency_ms": 1.47,
+    "size_bytes": 612_480,
+    "macs": 23_101_440,
+    "eval_seconds": 3.8,
+    "feasible": True,
+    "created_at": _T1,
+}
+EXAMPLE_JOB_SPEC: dict[str, Any] = {
+    "model_id": 1,
+    "dataset_id": 1,
+    "device_id": 1,
+    "algorithm": "optuna-tpe",
+    "space": {},
+    "objectives": [{"metric": "accuracy", "direction": "max"}, {"metric": "latency_ms", "direction": "min"}],
+    "constraints": {"accuracy_drop": {"min": None, "max": 0.01}},
+    "budget": {"candidates": 200, "seconds": 900.0},
+    "seed": 0,
+    "remeasure_top_k": 3,
+    "calibrate": "auto",
+    "calibration_samples": None,
+}
+EXAMPLE_JOB: dict[str, Any] = {
+    "id": 1,
+    "status": "running",
+    "algorithm": "optuna-tpe",
+    "model_id": 1,
+    "dataset_id": 1,
+    "device_id": 1,
+    "spec": EXAMPLE_JOB_SPEC,
+    "progress": {
+        "phase": "searching",
+        "done": 37,
+        "total": 200,
+        "elapsed_s": 141.2,
+        "eta_s": 622.0,
+        "best_accuracy": 0.9188,
+    },
+    "baseline": {"accuracy": 0.9201, "latency_ms": 2.31, "predictor_version": 2},
+    "best": [EXAMPLE_CANDIDATE],
+    "cancel_requested": False,
+    "attempts": 1,
+    "error": None,
+    "created_at": _T0,
+    "started_at": _T1,
+    "finished_at": None,
+}
+EXAMPLE_ARTIFACT: dict[str, Any] = {
+    "id": 5,
+    "candidate_id": 37,
+    "status": "ready",
+    "format": "onnx",
+    "int8": False,
+    "finetune_epochs": 0,
+    "sha256": _SHA_EXPORT,
+    "size_bytes": 618_903,
+    "measured_latency_ms": 1.47,
+    "dense_latency_ms": 2.35,
+    "speedup": 1.6,
+    "accuracy": 0.9112,
+    "predicted_latency_ms": 1.42,
+    "metrics": {
+        "measured_latency_ms": 1.47,
+        "dense_latency_ms": 2.35,
+        "speedup": 1.6,
+        "accuracy": 0.9112,
+        "predicted_latency_ms": 1.42,
+    },
+    "error": None,
+    "created_at": _T1,
+    "finished_at": _T2,
+}
+
+
+def examples(*values: dict[str, Any]) -> ConfigDict:
+    """``model_config`` that shows ``values`` as the schema's OpenAPI examples."""
+    return ConfigDict(json_schema_extra={"examples": list(values)})
+
 
 class _In(BaseModel):
     """Request bodies: unknown fields are errors, so a typo is never silently ignored."""
@@ -34,6 +249,8 @@ class _Out(BaseModel):
 class Message(_Out):
     """Every error answer: what went wrong, in words."""
 
+    model_config = examples({"detail": "job 42 not found"})
+
     detail: str
 
 
@@ -43,12 +260,20 @@ class Message(_Out):
 class ZooModelCreate(_In):
     """Ask for a built-in architecture trained on one of your data sets (trained on first use)."""
 
+    model_config = examples(
+        {"zoo": "resnet20", "dataset_id": 1}, {"zoo": "lenet5", "dataset_id": 2, "name": "lenet"}
+    )
+
     zoo: str = Field(examples=["resnet20"])
     dataset_id: int
     name: str | None = Field(default=None, max_length=200)
 
 
 class ModelPublic(_Out):
+    """A model: ``status`` is ``pending`` while a zoo model trains, then ``ready`` (or ``failed``)."""
+
+    model_config = examples(EXAMPLE_MODEL)
+
     id: int
     name: str
     source: Literal["upload", "zoo"]
@@ -64,6 +289,8 @@ class ModelPublic(_Out):
 
 
 class ModelsPublic(_Out):
+    model_config = examples({"data": [EXAMPLE_MODEL], "count": 1})
+
     data: list[ModelPublic]
     count: int
 
@@ -74,11 +301,15 @@ class ModelsPublic(_Out):
 class BuiltinDatasetCreate(_In):
     """Use a data set that ships with modeltailor."""
 
+    model_config = examples({"builtin": "mnist"}, {"builtin": "digits", "name": "digits-8x8"})
+
     builtin: BuiltinDataset = Field(examples=["mnist"])
     name: str | None = Field(default=None, max_length=200)
 
 
 class DatasetPublic(_Out):
+    model_config = examples(EXAMPLE_DATASET)
+
     id: int
     name: str
     builtin: str | None
@@ -89,6 +320,8 @@ class DatasetPublic(_Out):
 
 
 class DatasetsPublic(_Out):
+    model_config = examples({"data": [EXAMPLE_DATASET], "count": 1})
+
     data: list[DatasetPublic]
     count: int
 
@@ -112,6 +345,8 @@ class DeviceCreate(_In):
 
 
 class DevicePublic(_Out):
+    model_config = examples(EXAMPLE_DEVICE)
+
     id: int
     name: str
     kind: str
@@ -123,11 +358,34 @@ class DevicePublic(_Out):
 
 
 class DevicesPublic(_Out):
+    model_config = examples(
+        {
+            "data": [
+                {
+                    "id": 1,
+                    "name": "cpu-ort-1t",
+                    "kind": "local",
+                    "runtime": "onnxruntime",
+                    "threads": 1,
+                    "settings": {},
+                    "shared": True,
+                    "created_at": _T0,
+                },
+                EXAMPLE_DEVICE,
+            ],
+            "count": 2,
+        }
+    )
+
     data: list[DevicePublic]
     count: int
 
 
 class PredictorPublic(_Out):
+    """A predictor version with its held-out metrics (percentages, ms, and counts)."""
+
+    model_config = examples(EXAMPLE_PREDICTOR)
+
     id: int
     device_id: int
     version: int
@@ -137,6 +395,8 @@ class PredictorPublic(_Out):
 
 
 class PredictorsPublic(_Out):
+    model_config = examples({"data": [EXAMPLE_PREDICTOR], "count": 1})
+
     data: list[PredictorPublic]
     count: int
 
@@ -167,6 +427,8 @@ class CalibrationCreate(_In):
 class CalibrationPublic(_Out):
     """A calibration: its progress while it runs, the predictor version it made once done."""
 
+    model_config = examples(EXAMPLE_CALIBRATION)
+
     id: int
     device_id: int
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -183,12 +445,16 @@ class CalibrationPublic(_Out):
 
 
 class CalibrationsPublic(_Out):
+    model_config = examples({"data": [EXAMPLE_CALIBRATION], "count": 1})
+
     data: list[CalibrationPublic]
     count: int
 
 
 class TasksPublic(_Out):
     """Measurement tasks handed to a device agent (the ``latency_models.tasks`` JSON)."""
+
+    model_config = examples({"tasks": [EXAMPLE_TASK], "count": 1}, {"tasks": [], "count": 0})
 
     tasks: list[dict[str, Any]]
     count: int
@@ -220,6 +486,8 @@ class AgentResult(_In):
 class ResultAccepted(_Out):
     """What happened to a posted result: stored, or a repeat of one already stored."""
 
+    model_config = examples({"task_id": "m-12", "measurement_id": 12, "status": "done", "stored": True})
+
     task_id: str
     measurement_id: int
     status: str
@@ -230,6 +498,8 @@ class ResultAccepted(_Out):
 
 
 class Objective(_In):
+    model_config = examples({"metric": "latency_ms", "direction": "min"})
+
     metric: Metric
     direction: Literal["max", "min"]
 
@@ -242,6 +512,8 @@ class Objective(_In):
 
 
 class Bound(_In):
+    model_config = examples({"max": 0.01}, {"min": 0.9})
+
     min: float | None = None
     max: float | None = None
 
@@ -256,6 +528,8 @@ class Bound(_In):
 
 class Budget(_In):
     """Stop at ``candidates`` evaluated or ``seconds`` elapsed, whichever comes first."""
+
+    model_config = examples({"candidates": 200, "seconds": 900}, {"candidates": None, "seconds": 3600})
 
     candidates: int | None = Field(default=200, ge=1, le=MAX_BUDGET_CANDIDATES)
     seconds: float | None = Field(default=900, gt=0, le=MAX_BUDGET_SECONDS)
@@ -344,11 +618,15 @@ class JobCreate(_In):
 
 
 class JobAccepted(_Out):
+    model_config = examples({"id": 1, "status": "queued"})
+
     id: int
     status: str
 
 
 class CandidatePublic(_Out):
+    model_config = examples(EXAMPLE_CANDIDATE)
+
     id: int
     job_id: int
     index: int
@@ -366,11 +644,15 @@ class CandidatePublic(_Out):
 
 
 class CandidatesPublic(_Out):
+    model_config = examples({"data": [EXAMPLE_CANDIDATE], "count": 1})
+
     data: list[CandidatePublic]
     count: int
 
 
 class JobPublic(_Out):
+    model_config = examples(EXAMPLE_JOB)
+
     id: int
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     algorithm: str
@@ -390,6 +672,8 @@ class JobPublic(_Out):
 
 
 class JobsPublic(_Out):
+    model_config = examples({"data": [{**EXAMPLE_JOB, "best": []}], "count": 1})
+
     data: list[JobPublic]
     count: int
 
@@ -413,11 +697,15 @@ class ExportCreate(_In):
 
 
 class ExportAccepted(_Out):
+    model_config = examples({"artifact_id": 5, "status": "pending"})
+
     artifact_id: int
     status: str
 
 
 class ArtifactPublic(_Out):
+    model_config = examples(EXAMPLE_ARTIFACT)
+
     id: int
     candidate_id: int
     status: Literal["pending", "ready", "failed"]

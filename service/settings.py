@@ -29,6 +29,9 @@ class Settings(BaseSettings):
         lease_s: job lease length; a dead runner's job is resumed after this long.
         poll_s: how often an idle runner looks for queued jobs.
         create_local_tenant: on first start, create tenant "local" and save its key.
+
+    Each field is read from ``MODELTAILOR_<FIELD>`` (``DATABASE_URL`` and ``RAY_ADDRESS`` also
+    without the prefix). The device-latency timeouts are in :class:`Timeouts`.
     """
 
     model_config = SettingsConfigDict(env_prefix="MODELTAILOR_", extra="ignore", populate_by_name=True)
@@ -64,3 +67,31 @@ class Settings(BaseSettings):
         """Create the data directory tree (files land in sub-folders by kind)."""
         for sub in ("", "models", "datasets", "artifacts", "tmp"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+class Timeouts(BaseSettings):
+    """Device-latency timeouts, in seconds, read once when ``service.latency`` and
+    ``service.job_latency`` are imported (module constants of the same meaning).
+
+    A bad value (not a positive finite number) fails the import with a ``ValidationError`` that
+    names the field, instead of falling back to the default.
+
+    Attributes:
+        calibration_stale_s: ``MODELTAILOR_CALIBRATION_STALE_S`` (300): a running calibration
+            whose heartbeat is older than this was abandoned (``latency.STALE_S``).
+        task_lease_s: ``MODELTAILOR_TASK_LEASE_S`` (600): a measurement task claimed by a
+            device agent and not answered within this long is handed out again
+            (``latency.TASK_LEASE_S``).
+        agent_wait_s: ``MODELTAILOR_AGENT_WAIT_S`` (900): how long a calibration waits for
+            any device agent to pick up its tasks before failing (``latency.AGENT_WAIT_S``).
+        remeasure_wait_s: ``MODELTAILOR_REMEASURE_WAIT_S`` (300): how long the end of a job
+            waits for device agents to time its re-measurement tasks
+            (``job_latency.REMEASURE_WAIT_S``).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELTAILOR_", extra="ignore")
+
+    calibration_stale_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+    task_lease_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    agent_wait_s: float = Field(default=900.0, gt=0, allow_inf_nan=False)
+    remeasure_wait_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)

@@ -62,11 +62,7 @@ def demo(
     held_out = focus.get("speedup_within_10pct", focus.get("within_10pct"))
     console.print(
         f"   predictor v{predictor.get('version')}"
-        + (
-            f": {held_out:.0f} % of held-out {model} policies within ±10 %"
-            if held_out is not None
-            else ""
-        )
+        + (f": {held_out:.0f} % of held-out {model} policies within ±10 %" if held_out is not None else "")
     )
     front_rows = []
     dense_latency = None

@@ -30,8 +30,12 @@ async def json_body(request: Request, schema: type[M]) -> M:
         raise RequestValidationError(errors) from None
 
 
-def upload_or_json(json_schema: type[BaseModel], description: str) -> dict[str, Any]:
-    """OpenAPI ``requestBody`` documenting both accepted content types."""
+def upload_or_json(json_schema: type[BaseModel], description: str, file_description: str) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` documenting both accepted content types.
+
+    The JSON schema carries its own examples (``model_config``); each multipart field is
+    described, since a file upload has no useful JSON example.
+    """
     return {
         "requestBody": {
             "required": True,
@@ -42,8 +46,11 @@ def upload_or_json(json_schema: type[BaseModel], description: str) -> dict[str, 
                         "type": "object",
                         "required": ["file"],
                         "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "name": {"type": "string"},
+                            "file": {"type": "string", "format": "binary", "description": file_description},
+                            "name": {
+                                "type": "string",
+                                "description": "display name (default: the uploaded file's name)",
+                            },
                         },
                     }
                 },

@@ -11,7 +11,7 @@ from db.models import Artifact
 from service import queries
 from service.deps import CurrentTenant, SessionDep
 from service.routers.models import ERRORS
-from service.schemas import ArtifactPublic
+from service.schemas import ArtifactPublic, Message
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
 METRIC_FIELDS = ("measured_latency_ms", "dense_latency_ms", "speedup", "accuracy", "predicted_latency_ms")
@@ -51,10 +51,19 @@ def get_artifact(artifact_id: int, session: SessionDep, tenant: CurrentTenant) -
 
 @router.get(
     "/{artifact_id}/download",
+    response_class=FileResponse,
     responses={
         **ERRORS,
-        409: {"description": "not ready"},
-        200: {"content": {"application/octet-stream": {}}},
+        409: {"model": Message, "description": "not ready"},
+        410: {"model": Message, "description": "the file was removed from the server"},
+        200: {
+            "description": (
+                "The exported model: an ONNX file (binary protobuf, opset as exported; int8 QDQ nodes "
+                "when the artifact is int8), named `candidate-<id>.onnx` in Content-Disposition. "
+                "Its sha256 and size are the artifact's `sha256` and `size_bytes`."
+            ),
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
     },
 )
 def download_artifact(artifact_id: int, session: SessionDep, tenant: CurrentTenant) -> FileResponse:

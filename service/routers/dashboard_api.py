@@ -15,6 +15,7 @@ from service import queries
 from service.dashboard.data import DEFAULT_MAX_POINTS, device_measurements, job_scatter
 from service.deps import CurrentTenant, SessionDep
 from service.routers.models import ERRORS
+from service.schemas import EXAMPLE_JOB, examples
 
 router = APIRouter(tags=["dashboard"])
 
@@ -23,8 +24,69 @@ class _Out(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
 
+_POINTS = {
+    "id": [37, 12, 5],
+    "accuracy": [0.9112, 0.9034, 0.8751],
+    "latency_ms": [1.42, 1.18, 0.91],
+    "size_bytes": [612_480, 498_112, 301_960],
+    "feasible": [True, True, True],
+    "summary": [
+        "all layers: width 0.75, 2:4 sparse, int8 | conv1 dense | skip 1 block: layer3.2 | activations int8",
+        "all layers: width 0.60, 2:4 sparse, int8",
+        "all layers: width 0.40, int8",
+    ],
+}
+_OTHERS = {
+    "id": [2, 9],
+    "accuracy": [0.8402, 0.7311],
+    "latency_ms": [1.95, 1.02],
+    "size_bytes": [702_144, 340_016],
+    "feasible": [True, False],
+    "summary": ["all layers: width 0.90, unstructured 50%", "all layers: width 0.30"],
+}
+_JOB = {k: EXAMPLE_JOB[k] for k in ("id", "status", "algorithm", "model_id", "dataset_id", "device_id")}
+_SCATTER = {
+    "job_id": 1,
+    "status": "running",
+    "job": {**_JOB, "progress": EXAMPLE_JOB["progress"], "error": None},
+    "objectives": EXAMPLE_JOB["spec"]["objectives"],
+    "constraints": {"accuracy_drop": {"max": 0.01}},
+    "baseline": EXAMPLE_JOB["baseline"],
+    "total": 37,
+    "feasible_total": 36,
+    "shown": 5,
+    "decimated": False,
+    "front": _POINTS,
+    "size_front_ids": [5, 12, 37],
+    "others": _OTHERS,
+}
+_MEASUREMENT = {
+    "id": 12,
+    "device_id": 1,
+    "status": "done",
+    "purpose": "calibration",
+    "latency_ms": 1.47,
+    "latency_stats": {"dense_latency_ms": 2.35, "speedup": 1.6, "ratio_to_reference": 0.82},
+    "features": {
+        "total_macs": 23_101_440.0,
+        "n_kernels": 21.0,
+        "input_numel": 3072.0,
+        "int8": 1.0,
+        "total_out_numel": 180_224.0,
+        "total_params": 151_914.0,
+        "macs": 23_101_440.0,
+        "space_id": "resnet20@32",
+    },
+    "error": None,
+    "created_at": "2026-03-02T10:15:30.512000",
+    "measured_at": "2026-03-02T10:16:02.104000",
+}
+
+
 class ScatterPoints(_Out):
     """Columnar points (one list per field, same length)."""
+
+    model_config = examples(_POINTS)
 
     id: list[int]
     accuracy: list[float | None]
@@ -35,6 +97,8 @@ class ScatterPoints(_Out):
 
 
 class JobScatter(_Out):
+    model_config = examples(_SCATTER)
+
     job_id: int
     status: str
     job: dict[str, Any] = Field(
@@ -53,6 +117,8 @@ class JobScatter(_Out):
 
 
 class MeasurementPublic(_Out):
+    model_config = examples(_MEASUREMENT)
+
     id: int
     device_id: int
     status: str
@@ -66,6 +132,8 @@ class MeasurementPublic(_Out):
 
 
 class MeasurementsPublic(_Out):
+    model_config = examples({"data": [_MEASUREMENT], "count": 1})
+
     data: list[MeasurementPublic]
     count: int
 

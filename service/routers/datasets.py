@@ -15,6 +15,7 @@ from service.uploads import builtin_shapes, checked, discard, inspect_dataset, r
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
+
 def to_public(dataset: Dataset) -> DatasetPublic:
     return DatasetPublic.model_validate(dataset, from_attributes=True)
 
@@ -25,7 +26,10 @@ def to_public(dataset: Dataset) -> DatasetPublic:
     status_code=status.HTTP_201_CREATED,
     responses=ERRORS,
     openapi_extra=upload_or_json(
-        BuiltinDatasetCreate, "multipart `file` (.npz with x_train, y_train, x_val, y_val) + `name`, or JSON"
+        BuiltinDatasetCreate,
+        "multipart `file` (.npz with x_train, y_train, x_val, y_val) + `name`, or JSON",
+        "a NumPy .npz archive with arrays x_train, y_train, x_val, y_val (x_test, y_test optional); "
+        "x is float (N, C, H, W), y integer class labels; pickled arrays are refused",
     ),
 )
 async def create_dataset(

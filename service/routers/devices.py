@@ -277,7 +277,17 @@ def push_result(
 
 @router.get(
     "/{device_id}/blobs/{sha256}",
-    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    response_class=FileResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "description": (
+                "An ONNX model file (binary protobuf) named by a task; its sha256 is the one in the "
+                "URL, which the agent checks before timing it."
+            ),
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+    },
 )
 def get_blob(
     device_id: int, sha256: str, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant

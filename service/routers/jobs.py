@@ -27,6 +27,21 @@ from service.schemas import (
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
+SSE_DESCRIPTION = (
+    "A `text/event-stream` (server-sent events). Each stored event of the job is one message: "
+    "`id:` (the event id, send it back as `Last-Event-ID` to resume), `event:` (`status`, "
+    "`progress`, `phase`, ...) and `data:` (a JSON object). `status` data: `status` and, once "
+    "finished, `error`; `progress` data: `phase`, `done`, `total`, `elapsed_s`, `eta_s`, "
+    "`best_accuracy`. A `: keepalive` comment comes every 15 s of silence. Once the job is "
+    "finished and every event sent, a last `event: end` with `data: {}` closes the stream."
+)
+SSE_EXAMPLE = (
+    'id: 2\nevent: status\ndata: {"status": "running", "resumed_from": 0}\n\n'
+    'id: 3\nevent: progress\ndata: {"phase": "searching", "done": 1, "total": 200, '
+    '"elapsed_s": 3.9, "eta_s": 776.1, "best_accuracy": 0.9034}\n\n'
+    'id: 41\nevent: status\ndata: {"status": "succeeded", "error": null}\n\n'
+    "event: end\ndata: {}\n\n"
+)
 
 
 def to_candidate(candidate: Candidate) -> CandidatePublic:
@@ -150,7 +165,14 @@ def _sse(factory: sessionmaker[Session], job_id: int, after: int) -> Iterator[st
 
 @router.get(
     "/{job_id}/events",
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
+    response_class=StreamingResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "description": SSE_DESCRIPTION,
+            "content": {"text/event-stream": {"schema": {"type": "string"}, "example": SSE_EXAMPLE}},
+        },
+    },
 )
 def job_events(
     job_id: int,

@@ -36,7 +36,9 @@ def to_public(model: Model) -> ModelPublic:
     status_code=status.HTTP_201_CREATED,
     responses=ERRORS,
     openapi_extra=upload_or_json(
-        ZooModelCreate, "multipart `file` (.pt2 from torch.export.save) + `name`, or JSON for a zoo model"
+        ZooModelCreate,
+        "multipart `file` (.pt2 from torch.export.save) + `name`, or JSON for a zoo model",
+        "a `torch.export` archive (.pt2, written by `torch.export.save`) of a model in eval mode",
     ),
 )
 async def create_model(
