@@ -8,6 +8,12 @@ pattern that suits them (N:M for convs, 1xN blocks for linear layers). One "keep
 group is then chosen by a short 1-D search over asks: a uniform sweep first, then
 coordinate steps per group that halve after each round. Cheap, strong, and a warm start
 for the other agents.
+
+With a latency or size limit the search climbs one reward (accuracy under the limit). Without
+one the user wants the whole accuracy/latency front, so the coordinate steps start from every
+member of the current Pareto front in turn (a Pareto local search): a step that lands on the
+front joins it, one that is dominated is dropped, and the front spreads and sharpens at every
+latency instead of converging on a single trade-off.
 """
 
 from __future__ import annotations
@@ -90,6 +96,12 @@ class RuleAgent(Agent):
         self.pending: dict[str, Config] = {}
         self.cursor = 0  # next group of the coordinate search
         self.step = FIRST_STEP
+        # Pareto mode (no resource limit): the non-dominated configs found so far, with scores.
+        self.multi = objective.max_latency_ms is None and objective.max_size_bytes is None
+        self.front: list[tuple[Config, Score]] = []
+        self.member = 0  # next front member to step from
+        if self.multi:
+            self.queue.insert(0, self._uniform(1.0))  # everything kept: the cheap end of bits only
 
     # ------------------------------------------------------------------ mapping
 
@@ -133,6 +145,9 @@ class RuleAgent(Agent):
 
     def _refill(self) -> None:
         """Next coordinate step: the current group at best ± step; halve the step after a round."""
+        if self.multi and self.front:
+            self._refill_front()
+            return
         for _ in range(4 * max(1, len(self.groups))):
             g = self.groups[self.cursor]
             self.cursor += 1
@@ -147,12 +162,52 @@ class RuleAgent(Agent):
             if self.queue:
                 return
         # Every coordinate step was tried: perturb all groups at once.
-        self.queue.append(
-            {
-                g: round(min(1.0, max(self.min_ratio, r + self.rng.gauss(0.0, self.step))), 4)
-                for g, r in self.best.items()
-            }
-        )
+        self.queue.append(self._jitter(self.best))
+
+    def _refill_front(self) -> None:
+        """Pareto mode: step each front member along the current group (± step), member by member;
+        after every member had its turn move to the next group, and after all groups halve the step."""
+        members = sorted(self.front, key=lambda cs: self._resource(cs[1]))
+        for _ in range(4 * max(1, len(self.groups)) * max(1, len(members))):
+            if self.member >= len(members):
+                self.member = 0
+                self.cursor += 1
+                if self.cursor >= len(self.groups):
+                    self.cursor = 0
+                    self.step = max(MIN_STEP, self.step / 2)
+            config = members[self.member][0]
+            self.member += 1
+            g = self.groups[self.cursor % len(self.groups)]
+            for delta in (-self.step, self.step):
+                r = round(min(1.0, max(self.min_ratio, config.get(g, 1.0) + delta)), 4)
+                cand = {**config, g: r}
+                if self._key(cand) not in self.proposed:
+                    self.queue.append(cand)
+            if self.queue:
+                return
+        self.queue.append(self._jitter(members[self.rng.randrange(len(members))][0]))
+
+    def _jitter(self, config: Config) -> Config:
+        """Every group moved at once by a normal step (when no coordinate step is left)."""
+        return {
+            g: round(min(1.0, max(self.min_ratio, r + self.rng.gauss(0.0, self.step))), 4)
+            for g, r in config.items()
+        }
+
+    def _resource(self, score: Score) -> float:
+        metric = self.objective.resource
+        return score.get(metric) if metric is not None else 0.0
+
+    def _add_to_front(self, config: Config, score: Score) -> None:
+        if not self.objective.feasible(score):
+            return
+        for _, other in self.front:
+            if self.objective.dominates(other, score) or self.objective.values(
+                other
+            ) == self.objective.values(score):
+                return
+        self.front = [(c, s) for c, s in self.front if not self.objective.dominates(score, s)]
+        self.front.append((dict(config), score))
 
     @staticmethod
     def _key(config: Config) -> str:
@@ -180,6 +235,8 @@ class RuleAgent(Agent):
             reward = self.objective.reward(score)
             if reward > self.best_reward:
                 self.best_reward, self.best = reward, dict(config)
+            if self.multi:
+                self._add_to_front(config, score)
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()
@@ -192,6 +249,8 @@ class RuleAgent(Agent):
             "pending": self.pending,
             "cursor": self.cursor,
             "step": self.step,
+            "front": [{"config": c, "score": sc.to_dict()} for c, sc in self.front],
+            "member": self.member,
             "rng": [version, list(internal), gauss],
         }
 
@@ -202,5 +261,7 @@ class RuleAgent(Agent):
         self.proposed = set(state["proposed"])
         self.pending = {h: dict(c) for h, c in state["pending"].items()}
         self.cursor, self.step = int(state["cursor"]), float(state["step"])
+        self.front = [(dict(m["config"]), Score.from_dict(m["score"])) for m in state.get("front", [])]
+        self.member = int(state.get("member", 0))
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))

@@ -153,10 +153,30 @@ def front_hypervolume(name: str, space: SearchSpace, seed: int) -> float:
     return hypervolume_2d(found, (dense.accuracy - 0.10, dense.latency_ms))
 
 
-@pytest.mark.parametrize("name", ["ddpg", "agmc"])
-def test_amc_agents_beat_random_on_the_front(name: str, resnet_space: SearchSpace) -> None:
-    """Without a constraint, DDPG / AGMC cover the accuracy-latency front better than random."""
+@pytest.mark.parametrize("name", ["ddpg", "agmc", "rule"])
+def test_learning_agents_beat_random_on_the_front(name: str, resnet_space: SearchSpace) -> None:
+    """Without a constraint, DDPG / AGMC / rule cover the accuracy-latency front better than random."""
     rand = statistics.mean(front_hypervolume("random", resnet_space, s) for s in (0, 1))
     got = statistics.mean(front_hypervolume(name, resnet_space, s) for s in (0, 1))
     print(f"{name}: hypervolume {got:.5f} vs random {rand:.5f}")
     assert got > 1.5 * rand + 0.005
+
+
+def test_rule_agent_spreads_along_the_front_without_a_limit(resnet_space: SearchSpace) -> None:
+    """No resource limit: the rule agent keeps a Pareto front and steps from each member, so its
+    proposals cover many latencies instead of converging on one trade-off."""
+    from agents.rule import RuleAgent
+
+    problem = SyntheticProblem(resnet_space)
+    dense = problem.dense_score()
+    agent = RuleAgent(resnet_space, Objective().with_dense(dense), seed=0)
+    for _ in range(HV_BUDGET // 4):
+        policies = agent.ask(4)
+        agent.tell(policies, [problem.score(p) for p in policies])
+    latencies = sorted(s.latency_ms / dense.latency_ms for _, s in agent.front)
+    assert len(latencies) >= 4, latencies
+    assert latencies[-1] - latencies[0] > 0.3, latencies
+    # Restored from its state it continues exactly (front and cursor included).
+    clone = RuleAgent(resnet_space, Objective().with_dense(dense), seed=0)
+    clone.load_state_dict(agent.state_dict())
+    assert [p.hash for p in clone.ask(4)] == [p.hash for p in agent.ask(4)]
