@@ -45,6 +45,7 @@ __all__ = [
     "MODEL_FEATURES",
     "SCHEME_CODES",
     "KernelBatch",
+    "LayerIndex",
     "SpaceIndex",
     "kernel_features",
     "runtime_int8",
@@ -132,14 +133,15 @@ class KernelBatch:
         return self.model[:, MODEL_FEATURES.index("int8")] > 0.5
 
 
-class SpaceIndex:
-    """Index arrays of one SearchSpace, computed once; ``features`` batches policies."""
+class LayerIndex:
+    """Static index arrays of one SearchSpace's layers, computed once and shared by the
+    batched feature builders (``SpaceIndex`` here, ``latency_models.rows.RowIndex``)."""
 
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
         layers = space.layers
         self.names = [ls.name for ls in layers]
-        pos = {n: i for i, n in enumerate(self.names)}
+        pos = self.pos = {n: i for i, n in enumerate(self.names)}
         self.n_layers = len(layers)
         f = [ls.features for ls in layers]
         self.op = np.array([OP_TYPES.index(x.op) for x in f], dtype=np.int64)
@@ -177,13 +179,18 @@ class SpaceIndex:
         self.seg_to_layer[np.arange(len(seg_layer)), seg_layer] = 1.0
         self.expand = np.array([ls.in_expand for ls in layers], dtype=np.float64)
         self.block_names = {b.name: j for j, b in enumerate(space.blocks)}
-        self.block_layers = np.zeros((len(space.blocks), self.n_layers), dtype=bool)
+        # (B, L) 0/1: which layers each skippable block holds.
+        self.block_layers = np.zeros((len(space.blocks), self.n_layers))
         for j, b in enumerate(space.blocks):
             for name in b.layers:
                 if name in pos:
-                    self.block_layers[j, pos[name]] = True
+                    self.block_layers[j, pos[name]] = 1.0
         first = f[0] if f else None
         self.input_numel = float(first.in_channels * first.in_h * first.in_w) if first else 0.0
+
+
+class SpaceIndex(LayerIndex):
+    """Index arrays of one SearchSpace, computed once; ``features`` batches policies."""
 
     def encode(self, policies: Sequence[Policy]) -> tuple[np.ndarray, np.ndarray]:
         """Policies as a (P, L, 7) array (width, scheme, sparsity, N, M, block, bits) + (P, B) skips.
@@ -234,7 +241,7 @@ class SpaceIndex:
         )
         cin = (seg_kept @ self.seg_to_layer) * self.expand
         groups = np.where(self.is_dw, cout, self.groups)
-        present = ~((skips.astype(np.float64) @ self.block_layers.astype(np.float64)) > 0)
+        present = ~((skips.astype(np.float64) @ self.block_layers) > 0)
         k2 = self.kernel * self.kernel
         params = cin / groups * cout * k2
         macs = params * self.out_h * self.out_w * present

@@ -37,7 +37,7 @@ import numpy as np
 
 from compression.policy import LayerPolicy, Policy
 from compression.space import OP_TYPES, SearchSpace
-from latency_models.features import INT8_MAC_FRACTION, SCHEME_CODES
+from latency_models.features import INT8_MAC_FRACTION, SCHEME_CODES, LayerIndex
 
 __all__ = [
     "POLICY_FEATURES",
@@ -167,65 +167,29 @@ def nchwc_ok(
     return is_conv & (dense | dw | grouped)
 
 
-class RowIndex:
+class RowIndex(LayerIndex):
     """Static facts of one space, computed once; ``arrays`` / ``rows`` batch policies."""
 
     def __init__(self, space: SearchSpace) -> None:
-        self.space = space
-        layers = space.layers
-        self.names = [ls.name for ls in layers]
-        pos = {n: i for i, n in enumerate(self.names)}
-        L = self.n_layers = len(layers)
-        f = [ls.features for ls in layers]
-        self.op = np.array([OP_TYPES.index(x.op) for x in f], dtype=np.int64)
-        self.cout0 = np.array([x.out_channels for x in f], dtype=np.float64)
-        self.kernel = np.array([x.kernel for x in f], dtype=np.float64)
-        self.stride = np.array([x.stride for x in f], dtype=np.float64)
-        self.groups0 = np.array([x.groups for x in f], dtype=np.float64)
-        self.in_h = np.array([x.in_h for x in f], dtype=np.float64)
-        self.in_w = np.array([x.in_w for x in f], dtype=np.float64)
-        self.out_h = np.array([x.out_h for x in f], dtype=np.float64)
-        self.out_w = np.array([x.out_w for x in f], dtype=np.float64)
-        self.is_dw = self.op == OP_TYPES.index("dwconv")
+        super().__init__(space)
+        L = self.n_layers
+        f = [ls.features for ls in space.layers]
         self.tokens = np.where(self.op == OP_TYPES.index("linear"), self.in_h * self.in_w, 0.0)
-        leader = np.array(
-            [pos[ls.width_leader] if ls.width_leader is not None else -1 for ls in layers], dtype=np.int64
-        )
         # Only the widths of layers that lead a channel group are ever read from a policy.
-        seg_layer, seg_leader, seg_len = [], [], []
-        for i, ls in enumerate(layers):
-            for lead, length in ls.in_segments or ((None, ls.features.in_channels),):
-                seg_layer.append(i)
-                seg_leader.append(pos[lead] if lead is not None else -1)
-                seg_len.append(length)
-        seg_leader_a = np.array(seg_leader, dtype=np.int64)
-        used = sorted({int(i) for i in (*leader, *seg_leader_a) if i >= 0})
+        used = sorted({int(i) for i in (*self.leader, *self.seg_leader) if i >= 0})
         self.width_layers = used
         self.width_names = [self.names[i] for i in used]
         col = {layer: j for j, layer in enumerate(used)}
-        self.leader_col = np.array([col.get(int(i), -1) for i in leader], dtype=np.int64)
-        self.seg_col = np.array([col.get(int(i), -1) for i in seg_leader_a], dtype=np.int64)
-        tied = np.ones(L)
-        for ls in layers:
-            if ls.features.op == "gconv":
-                for lead in [ls.width_leader, *(seg[0] for seg in ls.in_segments)]:
-                    if lead is not None:
-                        tied[pos[lead]] = max(tied[pos[lead]], ls.features.groups)
-        self.t_out = tied[np.maximum(leader, 0)]
-        self.t_seg = tied[np.maximum(seg_leader_a, 0)]
-        self.seg_len = np.array(seg_len, dtype=np.float64)
-        self.seg_to_layer = np.zeros((len(seg_layer), L))
-        self.seg_to_layer[np.arange(len(seg_layer)), seg_layer] = 1.0
-        self.expand = np.array([ls.in_expand for ls in layers], dtype=np.float64)
+        self.leader_col = np.array([col.get(int(i), -1) for i in self.leader], dtype=np.int64)
+        self.seg_col = np.array([col.get(int(i), -1) for i in self.seg_leader], dtype=np.int64)
+        self.t_out = self.tied[np.maximum(self.leader, 0)]
+        self.t_seg = self.tied[np.maximum(self.seg_leader, 0)]
         # Blocks: skipping removes their layers and their residual add (on the block's output).
-        self.block_names = {b.name: j for j, b in enumerate(space.blocks)}
         B = len(space.blocks)
-        self.block_layers = np.zeros((B, L))
         self.block_out = np.zeros(B, dtype=np.int64)
-        for j, b in enumerate(space.blocks):
-            idx = [pos[n] for n in b.layers if n in pos]
-            self.block_layers[j, idx] = 1.0
-            self.block_out[j] = max(idx) if idx else 0
+        for j in range(B):
+            idx = np.flatnonzero(self.block_layers[j])
+            self.block_out[j] = int(idx.max()) if len(idx) else 0
         self.is_block_out = np.zeros(L)
         self.is_block_out[self.block_out[[j for j, b in enumerate(space.blocks) if b.layers]]] = 1.0
         e = np.asarray(space.edges, dtype=np.int64).reshape(-1, 2)
@@ -240,7 +204,6 @@ class RowIndex:
         self.fan_in = np.bincount(e[:, 1], minlength=L).astype(np.float64) if L else np.zeros(0)
         self.fan_out = np.bincount(e[:, 0], minlength=L).astype(np.float64) if L else np.zeros(0)
         first = f[0] if f else None
-        self.input_numel = float(first.in_channels * first.in_h * first.in_w) if first else 0.0
         self.input_channels = float(first.in_channels) if first else 0.0
         self.input_h = float(first.in_h) if first else 0.0
         cin_max = max([int(x.in_channels * e) for x, e in zip(f, self.expand, strict=True)] + [1])
@@ -290,8 +253,8 @@ class RowIndex:
             seg_w = np.ones((P, len(self.seg_len)))
         cout = np.where(
             self.leader_col >= 0,
-            self.t_out * np.maximum(1.0, np.round(lead_w * (self.cout0 // self.t_out))),
-            self.cout0,
+            self.t_out * np.maximum(1.0, np.round(lead_w * (self.cout // self.t_out))),
+            self.cout,
         )
         seg = np.where(
             self.seg_col >= 0,
@@ -300,7 +263,7 @@ class RowIndex:
         )
         cin = (seg @ self.seg_to_layer) * self.expand
         present = (skips @ self.block_layers) < 0.5
-        groups = np.where(self.is_dw, cout, self.groups0)
+        groups = np.where(self.is_dw, cout, self.groups)
         macs = cin / groups * cout * self.kernel * self.kernel * self.out_h * self.out_w * present
         total = macs.sum(axis=1)
         int8 = (macs * quant).sum(axis=1) >= INT8_MAC_FRACTION * np.maximum(total, 1e-9)
@@ -381,7 +344,7 @@ class RowIndex:
         k = kind == 0
         li = item[k]
         kc, kcin = cout[k], cin[k]
-        groups = np.where(self.is_dw[li], kc, self.groups0[li])
+        groups = np.where(self.is_dw[li], kc, self.groups[li])
         kk = self.kernel[li]
         ohw = self.out_h[li] * self.out_w[li]
         params = kcin / groups * kc * kk * kk
