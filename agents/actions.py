@@ -71,7 +71,9 @@ def layer_policy(
     """The policy ``action`` stands for at layer ``ls`` (``scheme`` defaults to its first fine scheme)."""
     width = 1.0
     if options.width and ls.decides_width:
-        width = round(options.min_width + action.keep_width * (1.0 - options.min_width), 3)
+        width = options.snap_width(
+            ls, round(options.min_width + action.keep_width * (1.0 - options.min_width), 3)
+        )
     scheme = scheme if scheme in ls.schemes else fine_scheme(ls)
     bits_choices = _sorted_bits(ls)
     bits = bits_choices[min(int(action.bits * len(bits_choices)), len(bits_choices) - 1)]

@@ -57,7 +57,7 @@ def to_policy(space: SearchSpace, params: Mapping[str, Any]) -> Policy:
         scheme = params.get(p + "scheme", ls.schemes[0])
         bits_key = params.get(p + "bits", _bits_key(ls.bits_choices[0]))
         kw: dict[str, Any] = {
-            "width": round(float(params.get(p + "width", 1.0)), 4),
+            "width": space.options.snap_width(ls, round(float(params.get(p + "width", 1.0)), 4)),
             "scheme": scheme,
             "bits": None if bits_key == FLOAT else int(bits_key),
         }

@@ -30,6 +30,9 @@ RESTRICTED_OPTIONS: dict[str, SpaceOptions] = {
     "block-only": SpaceOptions(schemes=("block",), bits=(None,), width=False, depth=False),
     "depth-only": SpaceOptions(schemes=("dense",), bits=(None,), width=False, depth=True),
     "int8-no-float": SpaceOptions(schemes=("dense", "nm"), bits=(8,), width=True, depth=True),
+    "width-round-to-4": SpaceOptions(
+        schemes=("dense", "nm"), bits=(None, 8), width=True, depth=True, round_to=4
+    ),
 }
 
 
@@ -130,6 +133,12 @@ def check_policy_in_space(space: SearchSpace, policy: Policy) -> None:
         where = f"layer {ls.name}: {lp}"
         if o.width and ls.decides_width:
             assert o.min_width - 1e-9 <= lp.width <= 1.0, where
+            n = ls.features.out_channels
+            if o.round_to > 1 and lp.width < 1.0:
+                kept = max(1, round(lp.width * n))
+                assert kept % o.round_to == 0, (
+                    f"{where} keeps {kept} of {n} channels, not a multiple of {o.round_to}"
+                )
         else:
             assert lp.width == 1.0, f"{where} sets a width it does not decide"
         assert lp.scheme in ls.schemes, where

@@ -342,6 +342,7 @@ def space_from_dict(raw: Mapping[str, Any]) -> SearchSpace:
         max_sparsity=float(opts["max_sparsity"]),
         nm_choices=tuple((int(a), int(b)) for a, b in opts["nm_choices"]),
         block_choices=tuple(int(b) for b in opts["block_choices"]),
+        round_to=int(opts.get("round_to", 1)),
     )
     edges = tuple((int(a), int(b)) for a, b in raw["edges"])
     return SearchSpace(layers=tuple(layers), blocks=blocks, edges=edges, options=options)

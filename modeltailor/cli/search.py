@@ -47,6 +47,14 @@ def search(
             "predicted, measured (export + time each candidate) or macs-proxy (no measuring).",
         ),
     ] = "auto",
+    options: Annotated[
+        str | None,
+        typer.Option(
+            "--options",
+            help='Restrict the space (as `modeltailor space --options`), e.g. \'{"schemes": ["nm"], '
+            '"bits": [null, 8], "depth": false, "round_to": 16}\'.',
+        ),
+    ] = None,
 ) -> None:
     """Search per-layer compression policies of MODEL for DEVICE; write dense, candidates and Pareto front."""
     from agents import AGENTS, Objective
@@ -54,6 +62,7 @@ def search(
     from compression.model_io import ModelLoadError, ModelTraceError
     from compression.policy import PolicyError
     from compression.resolve import resolve_model
+    from compression.space import SpaceOptions
     from latency_models.devices import DeviceError
     from modeltailor.device_latency import LATENCY_SOURCES, latency_callback
     from modeltailor.search import Candidate, Progress, run_search
@@ -67,6 +76,14 @@ def search(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as Bar
 
+    try:
+        space_options = SpaceOptions.from_dict(json.loads(options)) if options else None
+    except json.JSONDecodeError as exc:
+        err.print(f"[red]error:[/red] --options is not valid JSON: {exc}")
+        raise typer.Exit(2) from exc
+    except (PolicyError, TypeError) as exc:
+        err.print(f"[red]error:[/red] --options: {exc}")
+        raise typer.Exit(2) from exc
     try:
         dataset = load_dataset(data)
         with err.status(f"loading {model} (a zoo model trains on first use)"):
@@ -106,6 +123,7 @@ def search(
                 budget_seconds=budget_seconds,
                 seed=seed,
                 objective=objective,
+                space_options=space_options,
                 on_candidate=candidate,
                 on_progress=progress,
             )

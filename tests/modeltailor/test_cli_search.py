@@ -100,3 +100,22 @@ def test_search_uses_the_devices_stored_predictor(
     for entry in doc["candidates"]:
         expected = predictor.predict(space, [Policy.from_dict(entry["policy"])])[0]
         assert entry["latency_ms"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_search_options_restrict_the_space_and_bad_options_exit_2(
+    tiny_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    pt2, npz = tiny_files
+    out = tmp_path / "front.json"
+    base = ["search", str(pt2), "--data", str(npz), "--out", str(out), "--latency", "macs-proxy"]
+    only_nm = json.dumps({"schemes": ["nm"], "bits": [None], "width": False, "depth": False})
+    ok = CliRunner().invoke(app, [*base, "--algorithm", "random", "--budget", "6", "--options", only_nm])
+    assert ok.exit_code == 0, ok.output
+    for entry in json.loads(out.read_text())["candidates"]:
+        policy = Policy.from_dict(entry["policy"])
+        assert not policy.skip
+        for lp in policy.layers.values():
+            assert lp.scheme in ("dense", "nm") and lp.bits is None and lp.width == 1.0, lp
+    for bad, says in (("{nope", "not valid JSON"), ('{"round_to": 0}', "round_to"), ('{"colour": 1}', "colour")):
+        res = CliRunner().invoke(app, [*base, "--budget", "2", "--options", bad])
+        assert res.exit_code == 2 and says in res.output, res.output
