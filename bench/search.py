@@ -163,6 +163,28 @@ def _append_line(path: Path, row: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def pack(path: Path) -> tuple[int, int]:
+    """Rewrite a table as one gzip stream (rows in their order, a repeated row once).
+
+    Appends write one gzip member per row, which compresses each row alone; one stream
+    shares the dictionary across rows (several times smaller, for keeping tables in git).
+    Returns (bytes before, bytes after).
+    """
+    before = path.stat().st_size
+    seen: set[tuple[str, str]] = set()
+    rows = []
+    for raw in _read_lines(path):
+        key = (raw["source"], raw["hash"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(json.dumps(raw))
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt", compresslevel=9) as f:
+        f.write("\n".join(rows) + "\n")
+    os.replace(tmp, path)
+    return before, path.stat().st_size
+
+
 class Table:
     """Scores by policy hash, persisted as one JSON line per policy (append-only, resumable).
 
@@ -403,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="score with agents.testing.SyntheticProblem (no model run, no table)",
     )
+    parser.add_argument(
+        "--pack", action="store_true", help="rewrite the table as one gzip stream and exit (run alone)"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -413,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if n not in AGENTS:
             raise SystemExit(f"unknown agent {n!r}")
     path = args.table or TABLES / f"{args.model}.jsonl.gz"
+    if args.pack:
+        before, after = pack(path)
+        print(f"{path}: {before:,} -> {after:,} bytes")
+        return
 
     if args.synthetic:
         from agents.testing import SyntheticProblem
