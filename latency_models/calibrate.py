@@ -14,8 +14,9 @@ with the measurement, teach the kernel predictor how the model's time splits ove
 from __future__ import annotations
 
 import functools
+import itertools
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +177,12 @@ def calibrate(
     warmup: int = 10,
     store: DeviceStore | None = None,
     zoo_fraction: float = 0.3,
+    plan: Iterable[CalibrationSample] | None = None,
 ) -> list[LatencyRecord]:
     """Measure ``samples`` compressed models on ``device``; returns the records.
+
+    ``plan`` replaces the general sampling plan (e.g. ``latency_models.focus.focused_plan``
+    for one model); it is cut at ``samples``.
 
     With ``store`` each sample's records are appended as soon as measured, so an
     interrupted calibration keeps what it timed. A sample whose export or quantization
@@ -190,7 +195,8 @@ def calibrate(
     dense_cache: dict[str, Any] = {}
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory(prefix="mt-calib-") as tmp:
-        for i, sample in enumerate(sample_plan(samples, seed=seed, zoo_fraction=zoo_fraction)):
+        todo = plan if plan is not None else sample_plan(samples, seed=seed, zoo_fraction=zoo_fraction)
+        for i, sample in enumerate(itertools.islice(todo, samples)):
             try:
                 new = measure_sample(
                     sample, dev, Path(tmp), runs=runs, warmup=warmup, dense_cache=dense_cache

@@ -13,7 +13,7 @@ Choices (documented here because the issue leaves them open):
   A calibration another job or the REST API is already running on the device is waited
   for, not duplicated.
 * **What a job's calibration measures.** A *focused* plan
-  (``service.latency.focused_plan``): :data:`JOB_CALIBRATION_SAMPLES` samples, three quarters
+  (``latency_models.focus.focused_plan``): :data:`JOB_CALIBRATION_SAMPLES` samples, three quarters
   random policies of the job's own model and one quarter random architectures; each is timed
   interleaved with its dense model and the reference (100 runs), then every predictor kind is
   fitted on all of the device's measurements. Measured on this 2-core machine for ResNet-20

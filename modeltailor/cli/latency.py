@@ -8,11 +8,12 @@ JSON line, optionally with a real measurement next to it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -61,6 +62,19 @@ def calibrate_cmd(
     fit_only: Annotated[
         bool, typer.Option("--fit-only", help="Measure nothing; refit on the stored measurements.")
     ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Focus on one model (a .pt2 or a zoo name): mostly its own random policies plus a "
+            "quarter random architectures, as a service job calibrates (48 samples are typical); "
+            "also prints the error on its held-out policies.",
+        ),
+    ] = None,
+    data: Annotated[
+        str,
+        typer.Option("--data", help="With a zoo --model: the data set whose image shape it takes."),
+    ] = "mnist",
 ) -> None:
     """Measure sampled models on DEVICE, fit its predictors, print held-out metrics."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -79,6 +93,7 @@ def calibrate_cmd(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     store = DeviceStore(dev.name)
+    focus = _focus_plan(model, data, samples, seed) if model is not None and not fit_only else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     if not fit_only:
         with Progress(*columns, transient=False) as bar:
@@ -87,7 +102,8 @@ def calibrate_cmd(
             def progress(done: int, total: int, what: str) -> None:
                 bar.update(task, completed=done, description=f"{dev.name}: {what[:48]}")
 
-            calibrate(dev, samples, seed=seed, progress=progress, runs=runs, store=store)
+            plan = focus[1] if focus is not None else None
+            calibrate(dev, samples, seed=seed, progress=progress, runs=runs, store=store, plan=plan)
     records = store.records()
     if len({r.arch_id for r in records}) < 2:
         typer.echo(
@@ -109,6 +125,42 @@ def calibrate_cmd(
         f"training (trained on {held['n_train']:.0f} of {held['n_train_arch']:.0f}); statistic {statistic}"
     )
     typer.echo(metrics_table(doc))
+    if focus is not None:
+        from latency_models.focus import focus_metrics
+
+        got = focus_metrics(records, focus[0], str(doc["default"]), seed=seed)
+        if got is not None:
+            typer.echo(
+                f"{focus[0]}: {got['within_10pct']:.1f} % of held-out policies within ±10 % "
+                f"(MAPE {got['mape']:.1f} %, {doc['default']})"
+            )
+
+
+def _focus_plan(model: str, data: str, samples: int, seed: int) -> tuple[str, Any]:
+    """(space id, focused sampling plan) of ``model``: a zoo name (built untrained at the data
+    set's shape: latency needs no trained weights) or a .pt2 archive. Exits 2 on bad input."""
+    import torch
+
+    from compression.data import DataError, load_dataset
+    from compression.model_io import ModelLoadError, ModelTraceError, from_module, load_pt2
+    from compression.zoo import ZOO, build_model
+    from latency_models.focus import focused_plan, model_ids
+
+    try:
+        if model in ZOO:
+            ds = load_dataset(data)
+            c, h = ds.x_val.shape[1], ds.x_val.shape[2]
+            module = build_model(model, in_channels=c, image_size=h, num_classes=ds.num_classes)
+            cm = from_module(module.eval(), torch.randn(2, c, h, ds.x_val.shape[3]), model)
+            arch, space_id = model_ids(cm, None, model)
+        else:
+            cm = load_pt2(model)
+            digest = hashlib.sha256(Path(model).read_bytes()).hexdigest()
+            arch, space_id = model_ids(cm, digest, None)
+    except (DataError, ModelLoadError, ModelTraceError, OSError, ValueError) as exc:
+        typer.echo(f"error: --model {model}: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    return space_id, focused_plan(cm, arch, space_id, samples, seed=seed)
 
 
 @app.command("predict")
