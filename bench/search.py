@@ -71,10 +71,11 @@ def evaluate_early_stop(evaluator: Evaluator, policy: Policy, hopeless_below: fl
     """``evaluator.evaluate`` but stopping after EARLY_IMAGES when the accuracy is hopeless.
 
     Such a policy is far below the reference point, so it can never count in a hypervolume;
-    its stored accuracy is then the estimate from the first EARLY_IMAGES images (the table
-    records how many images each accuracy used). Everything else sees all validation images.
+    its stored accuracy is then the estimate from the first EARLY_IMAGES images, with BatchNorm
+    recalibrated on one batch (the table records how many images each accuracy used).
+    Everything else is scored exactly as ``Evaluator`` does: all batches, all images.
     """
-    from compression.evaluate import predict
+    from compression.evaluate import predict, recalibrate_bn
     from compression.metrics import measure
     from compression.policy import PolicyError
     from compression.scoring import compress
@@ -82,12 +83,20 @@ def evaluate_early_stop(evaluator: Evaluator, policy: Policy, hopeless_below: fl
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            cm = compress(evaluator.model, policy, evaluator.calibration)
+            cal = evaluator.calibration
+            quick = policy.act_bits != 8 and len(cal) > 1  # activation ranges are calibrated once
+            # The hopeless check needs only a rough BatchNorm estimate: one calibration batch
+            # (recalibration is most of a policy's cost). A policy that passes is recalibrated
+            # on all batches, which recomputes the statistics from scratch.
+            cm = compress(evaluator.model, policy, cal[:1] if quick else cal)
             x, y = evaluator.x_val, evaluator.y_val
             first = predict(cm.gm, x[:EARLY_IMAGES]).argmax(dim=-1).numpy() == y[:EARLY_IMAGES]
             if first.mean() < hopeless_below:
                 correct, n = first, EARLY_IMAGES
             else:
+                if quick:
+                    recalibrate_bn(cm.gm, cal)
+                    first = predict(cm.gm, x[:EARLY_IMAGES]).argmax(dim=-1).numpy() == y[:EARLY_IMAGES]
                 rest = predict(cm.gm, x[EARLY_IMAGES:]).argmax(dim=-1).numpy()
                 correct, n = np.concatenate([first, rest == y[EARLY_IMAGES:]]), len(y)
             m = measure(cm)
