@@ -1,8 +1,10 @@
 """Search-quality benchmark: agents replayed against a table of really scored policies.
 
 Every policy is scored once for real (apply, BatchNorm recalibration on 4x64 training images,
-accuracy on 1,000 validation images, latency from ``--latency``) and appended to a JSONL
-table keyed by policy hash (``~/.modeltailor/bench-search/<model>.jsonl``); the table is
+accuracy on 1,000 validation images; with ``--reconstruct`` the pruned layers are first
+re-fitted as the product does by default) and appended to a gzip JSONL table keyed by policy
+hash (``bench/tables/<model>[-refit].jsonl.gz``, kept in git). Latency is not stored: it comes
+from ``--latency`` (the device's predictor by default) when the table is read. The table is
 read back on start, so an interrupted run resumes where it stopped. Agents are then
 replayed: a proposal already in the table costs nothing, a new one is scored and added.
 
@@ -88,13 +90,17 @@ def evaluate_early_stop(evaluator: Evaluator, policy: Policy, hopeless_below: fl
             # The hopeless check needs only a rough BatchNorm estimate: one calibration batch
             # (recalibration is most of a policy's cost). A policy that passes is recalibrated
             # on all batches, which recomputes the statistics from scratch.
-            cm = compress(evaluator.model, policy, cal[:1] if quick else cal)
+            cm = compress(
+                evaluator.model, policy, cal[:1] if quick else cal, reconstruct=evaluator.reconstruct
+            )
             x, y = evaluator.x_val, evaluator.y_val
             first = predict(cm.gm, x[:EARLY_IMAGES]).argmax(dim=-1).numpy() == y[:EARLY_IMAGES]
             if first.mean() < hopeless_below:
                 correct, n = first, EARLY_IMAGES
             else:
-                if quick:
+                if quick and evaluator.reconstruct:  # re-fit on every batch, as Evaluator does
+                    cm = compress(evaluator.model, policy, cal, reconstruct=True)
+                elif quick:
                     recalibrate_bn(cm.gm, cal)
                     first = predict(cm.gm, x[:EARLY_IMAGES]).argmax(dim=-1).numpy() == y[:EARLY_IMAGES]
                 rest = predict(cm.gm, x[EARLY_IMAGES:]).argmax(dim=-1).numpy()
@@ -420,6 +426,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="predicted: the device's stored predictor (modeltailor calibrate); macs-proxy: MACs / 1e6",
     )
     parser.add_argument("--device", default="cpu-ort-1t", help="device whose predictor gives latency")
+    parser.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="score with least-squares reconstruction (the product's default; own table MODEL-refit)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-only", action="store_true", help="score nothing new; skip runs with misses")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
@@ -446,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for n in names:
         if n not in AGENTS:
             raise SystemExit(f"unknown agent {n!r}")
-    path = args.table or TABLES / f"{args.model}.jsonl.gz"
+    path = args.table or TABLES / f"{args.model}{'-refit' if args.reconstruct else ''}.jsonl.gz"
     if args.pack:
         before, after = pack(path)
         print(f"{path}: {before:,} -> {after:,} bytes")
@@ -467,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, data = load_model(args.model)
         space = space_for(model)
         latency_fn, relatency, label = latency_source(args.latency, args.device, model)
-        evaluator = Evaluator(model, data, latency_fn, val_images=1000, seed=0)
+        evaluator = Evaluator(model, data, latency_fn, val_images=1000, seed=0, reconstruct=args.reconstruct)
 
         hopeless: list[float] = []  # set once the dense accuracy is known
 

@@ -15,6 +15,7 @@ from compression.evaluate import accuracy, quantize_activations, recalibrate_bn
 from compression.metrics import measure
 from compression.model_io import CompressibleModel
 from compression.policy import Policy
+from compression.reconstruct import reconstruct as reconstruct_layers
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,16 @@ def compress(
     calibration: Sequence[torch.Tensor],
     *,
     importance: Importance = "l1",
+    reconstruct: bool = False,
 ) -> CompressedModel:
-    """Apply ``policy``, recalibrate BatchNorm, and add 8-bit activations if asked."""
+    """Apply ``policy``, recalibrate BatchNorm, and add 8-bit activations if asked.
+
+    ``reconstruct`` re-fits the layers whose inputs were pruned to the dense model's outputs
+    on ``calibration`` (see ``compression.reconstruct``) before BatchNorm is recalibrated.
+    """
     cm = apply_policy(model, policy, importance=importance)
+    if reconstruct:
+        reconstruct_layers(cm, calibration)
     recalibrate_bn(cm.gm, calibration)
     if policy.act_bits == 8:
         quantize_activations(cm, calibration)

@@ -153,9 +153,14 @@ class Evaluator:
         calibration: int = 4,
         calibration_batch: int = 64,
         seed: int = 0,
+        reconstruct: bool = True,
     ) -> None:
         self.model = model
         self.device_latency = device_latency
+        # Re-fit layers whose inputs were pruned to the dense outputs before scoring
+        # (compression.reconstruct): without it channel pruning without fine-tuning loses most
+        # of the accuracy (ResNet-20 at width 0.75: 34 % instead of 98 %).
+        self.reconstruct = reconstruct
         self.calibration = calibration_batches(dataset, calibration, calibration_batch, seed=seed)
         n = min(val_images, len(dataset.x_val))
         idx = np.random.default_rng(seed).permutation(len(dataset.x_val))[:n]
@@ -180,6 +185,7 @@ class Evaluator:
                     "calibration": self.calibration,
                     "x_val": self.x_val,
                     "y_val": self.y_val,
+                    "reconstruct": self.reconstruct,
                 }
             )
         )
@@ -195,6 +201,7 @@ class Evaluator:
         self.device_latency = parts["device_latency"]
         self.calibration = parts["calibration"]
         self.x_val, self.y_val = parts["x_val"], parts["y_val"]
+        self.reconstruct = bool(parts.get("reconstruct", True))
         return self
 
     def evaluate(self, policy: Policy) -> Score:
@@ -202,7 +209,7 @@ class Evaluator:
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                cm = compress(self.model, policy, self.calibration)
+                cm = compress(self.model, policy, self.calibration, reconstruct=self.reconstruct)
                 acc = accuracy(cm.gm, self.x_val, self.y_val)
                 m = measure(cm)
             latency = float(self.device_latency(cm))
@@ -329,6 +336,7 @@ def run_search(
     val_images: int = 1000,
     agent_options: Mapping[str, Any] | None = None,
     executor: ExecutorFactory | None = None,
+    reconstruct: bool = True,
 ) -> SearchResult:
     """Search compression policies of ``model`` until ``budget_candidates`` new policies are scored.
 
@@ -338,6 +346,10 @@ def run_search(
     ``progress.agent_state()`` there to make the search resumable). To resume, pass the saved
     ``agent_state`` and the candidates scored so far as ``previous``; they count towards the
     budget and are never scored again.
+
+    ``reconstruct`` re-fits pruned layers to the dense model's outputs before scoring (see
+    ``compression.reconstruct``; about twice the scoring time, far higher accuracy when
+    channels are pruned).
 
     ``executor`` builds the workers that score candidates (None: this process scores them).
     The agent is asked for ``max(batch_size, workers)`` policies a round and the new ones
@@ -350,7 +362,9 @@ def run_search(
         raise ValueError(f"budget_candidates must be >= 1, got {budget_candidates}")
     start = time.monotonic()
     space = space_for(model, space_options)
-    evaluator = Evaluator(model, dataset, device_latency, val_images=val_images, seed=seed)
+    evaluator = Evaluator(
+        model, dataset, device_latency, val_images=val_images, seed=seed, reconstruct=reconstruct
+    )
     dense_score = evaluator.evaluate(Policy.dense())
     if not dense_score.ok:
         raise ValueError(f"the dense model cannot be evaluated: {dense_score.error}")

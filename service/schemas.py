@@ -176,6 +176,7 @@ EXAMPLE_JOB_SPEC: dict[str, Any] = {
     "budget": {"candidates": 200, "seconds": 900.0},
     "seed": 0,
     "remeasure_top_k": 3,
+    "reconstruct": True,
     "calibrate": "auto",
     "calibration_samples": None,
 }
@@ -585,6 +586,12 @@ class JobCreate(_In):
         ge=0,
         le=50,
         description="front points measured on the device at the end, beside their predicted latency",
+    )
+    reconstruct: bool = Field(
+        default=True,
+        description="re-fit each layer whose inputs were pruned to the dense model's outputs on "
+        "calibration images (least squares, as AMC / ThiNet) before scoring and export; about "
+        "twice the scoring time, far higher accuracy for channel pruning without fine-tuning",
     )
     calibrate: Literal["auto", "model", "never"] = Field(
         default="auto",

@@ -203,6 +203,7 @@ def _search(
             previous=previous,
             should_stop=ctx.should_stop,
             executor=ctx.make_executor,  # local pool or Ray workers, from the settings
+            reconstruct=bool(ctx.spec.get("reconstruct", True)),
         )
 
 
@@ -280,7 +281,8 @@ def export_candidate(ctx: ExportContext) -> ExportResult:
     calib = calibration_batches(dataset, 8, 64, seed=seed)
     policy = Policy.from_dict(ctx.policy)
     ctx.progress({"phase": "building"})
-    cm = compress(model, policy, calib)
+    # Built as the search scored it: re-fitted to the dense outputs unless the job said not to.
+    cm = compress(model, policy, calib, reconstruct=bool(ctx.job_spec.get("reconstruct", True)))
     if ctx.finetune_epochs > 0:
         finetune(cm, dataset, ctx.finetune_epochs, ctx.progress)
     dense = compress(model, Policy.dense(), calib)

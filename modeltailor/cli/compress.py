@@ -29,6 +29,13 @@ def compress(
     int8: Annotated[bool, typer.Option("--int8", help="Export int8 QDQ ONNX (static, calibrated).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for zoo training and calibration batches.")] = 0,
     calib_batches: Annotated[int, typer.Option(help="BatchNorm recalibration batches of 64.")] = 8,
+    reconstruct: Annotated[
+        bool,
+        typer.Option(
+            "--reconstruct/--no-reconstruct",
+            help="Re-fit layers whose inputs were pruned to the dense outputs (least squares).",
+        ),
+    ] = True,
 ) -> None:
     """Apply POLICY to MODEL, recalibrate BatchNorm, evaluate on x_val, export ONNX; print one JSON line."""
     from compression import Policy, PolicyError, measure
@@ -58,11 +65,11 @@ def compress(
                     spec["bits"] = spec["bits"] or 8
                 raw["act_bits"] = 8
                 estimate_policy = Policy.from_dict(raw)
-            cm = apply_and_calibrate(cmodel, estimate_policy, calib)
+            cm = apply_and_calibrate(cmodel, estimate_policy, calib, reconstruct=reconstruct)
             acc = accuracy(cm.gm, dataset.x_val, dataset.y_val)
             m = measure(cm)
         with err.status(f"exporting {'int8 QDQ' if int8 else 'fp32'} ONNX"):
-            float_cm = apply_and_calibrate(cmodel, pol, calib) if int8 else cm
+            float_cm = apply_and_calibrate(cmodel, pol, calib, reconstruct=reconstruct) if int8 else cm
             example = cmodel.example_input(2)
             if int8:
                 from compression.quantize_onnx import quantize_int8

@@ -116,6 +116,10 @@ def test_search_options_restrict_the_space_and_bad_options_exit_2(
         assert not policy.skip
         for lp in policy.layers.values():
             assert lp.scheme in ("dense", "nm") and lp.bits is None and lp.width == 1.0, lp
-    for bad, says in (("{nope", "not valid JSON"), ('{"round_to": 0}', "round_to"), ('{"colour": 1}', "colour")):
+    for bad, says in (
+        ("{nope", "not valid JSON"),
+        ('{"round_to": 0}', "round_to"),
+        ('{"colour": 1}', "colour"),
+    ):
         res = CliRunner().invoke(app, [*base, "--budget", "2", "--options", bad])
         assert res.exit_code == 2 and says in res.output, res.output

@@ -77,6 +77,7 @@ def test_a_failing_search_fails_the_job_with_its_message(db_url: str, tmp_path: 
     engine = make_engine(db_url)
     factory = make_session_factory(engine)
     job_id = _job(factory, budget=3)
+
     def broken_search(ctx: object) -> None:
         raise RuntimeError("the model file is gone")
 
