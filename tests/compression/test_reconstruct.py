@@ -21,6 +21,7 @@ from compression.model_io import CompressibleModel, from_module
 from compression.policy import Policy
 from compression.reconstruct import conv_patches, reconstruct
 from compression.scoring import compress
+from compression.train import train_model
 from modeltailor.search import Evaluator
 
 
@@ -57,17 +58,10 @@ def _model() -> CompressibleModel:
     data = _digits()
     torch.manual_seed(0)
     net = Net()
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    for _ in range(6):
-        for i in range(0, len(x), 64):
-            loss = F.cross_entropy(net(x[i : i + 64]), y[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_model(net, data, epochs=6, seed=0, lr=0.01, batch_size=64, optimizer="adamw", weight_decay=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return from_module(net.eval(), x[:2], name="net")
+        return from_module(net.eval(), torch.from_numpy(data.x_train[:2]), name="net")
 
 
 @pytest.fixture(scope="module")
