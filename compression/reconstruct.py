@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from compression.apply import CompressedModel, get_tensor, set_tensor
-from compression.evaluate import _BNRecalibrator
+from compression.evaluate import _bn_stat_targets, _BNRecalibrator, recalibrate_bn
 from compression.graph import CONV, LINEAR, attr_target
 from compression.masks import fake_quantize
 
@@ -236,18 +236,29 @@ class _CompressedPass(_BNRecalibrator):
 
 @torch.no_grad()
 def reconstruct(
-    cm: CompressedModel, batches: Sequence[torch.Tensor], *, max_rows: int = 8192, ridge: float = 1e-3
+    cm: CompressedModel,
+    batches: Sequence[torch.Tensor],
+    *,
+    max_rows: int = 8192,
+    ridge: float = 1e-3,
+    recalibrate: bool = False,
 ) -> int:
     """Re-fit, in graph order, every layer of ``cm.gm`` whose input channels were pruned.
 
     Each such layer (groups 1, no fine-grained mask) gets the weights (and bias, if it
     has one) that best map its input in the compressed model to the dense model's output
     on the kept output channels, over at most ``max_rows`` sampled output positions of
-    ``batches``; quantized layers are quantized again. Run it before ``recalibrate_bn``.
+    ``batches``; quantized layers are quantized again. Run it before ``recalibrate_bn``, or
+    pass ``recalibrate=True``: the pass already normalises every BatchNorm with the statistics
+    of ``batches`` under the final upstream weights (all batches go through one node before
+    the next), which are exactly what ``recalibrate_bn`` would compute, so they are installed
+    and one forward pass over the calibration set is saved.
     Changes ``cm.gm`` in place; returns the number of layers re-fitted.
     """
     layers = _layers_to_refit(cm)
     if not layers or not batches:
+        if recalibrate:
+            recalibrate_bn(cm.gm, batches)
         return 0
     per_batch = max(1, max_rows // len(batches))
     gen = torch.Generator().manual_seed(SEED)
@@ -276,6 +287,13 @@ def reconstruct(
             for inp in node.all_input_nodes:
                 if last_use.get(inp) is node:
                     del p.env[inp]  # keep only live activations of every batch
+    if recalibrate:
+        for mean_t, var_t in _bn_stat_targets(gm):
+            sums = [p.sums[mean_t] for p in passes if mean_t in p.sums]
+            if len(sums) != len(passes):
+                continue  # a BatchNorm no batch reached (cannot happen in a connected graph)
+            set_tensor(gm, mean_t, torch.stack([s[0] for s in sums]).sum(0) / len(passes))
+            set_tensor(gm, var_t, torch.stack([s[1] for s in sums]).sum(0) / len(passes))
     return refitted
 
 

@@ -53,9 +53,10 @@ def compress(
     on ``calibration`` (see ``compression.reconstruct``) before BatchNorm is recalibrated.
     """
     cm = apply_policy(model, policy, importance=importance)
-    if reconstruct:
-        reconstruct_layers(cm, calibration)
-    recalibrate_bn(cm.gm, calibration)
+    if reconstruct:  # its pass installs the recalibrated BatchNorm statistics too
+        reconstruct_layers(cm, calibration, recalibrate=True)
+    else:
+        recalibrate_bn(cm.gm, calibration)
     if policy.act_bits == 8:
         quantize_activations(cm, calibration)
     return cm

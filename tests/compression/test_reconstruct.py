@@ -220,3 +220,30 @@ def test_compress_opts_in_and_searches_reconstruct_by_default(
     assert ev_refit.evaluate(policy).accuracy >= ev.evaluate(policy).accuracy
     assert Evaluator.from_payload(ev_refit.to_payload()).reconstruct is True
     assert Evaluator.from_payload(ev.to_payload()).reconstruct is False
+
+
+def test_reconstruction_installs_the_statistics_recalibration_would(
+    model: CompressibleModel, calib: list[torch.Tensor]
+) -> None:
+    """``recalibrate=True`` saves a pass: its BatchNorm statistics equal a separate recalibration."""
+    from compression.evaluate import recalibrate_bn
+
+    policy = Policy.from_dict({"default": {"width": 0.5}})
+    fused = apply_policy(model, policy)
+    assert reconstruct(fused, calib, recalibrate=True) > 0
+    separate = apply_policy(model, policy)
+    reconstruct(separate, calib)
+    recalibrate_bn(separate.gm, calib)
+    buffers = dict(separate.gm.named_buffers())
+    checked = 0
+    for name, value in fused.gm.named_buffers():
+        if value.dtype.is_floating_point:
+            torch.testing.assert_close(value, buffers[name], rtol=1e-4, atol=1e-5)
+            checked += 1
+    assert checked > 0
+    dense = apply_policy(model, Policy.dense())
+    assert reconstruct(dense, calib, recalibrate=True) == 0  # nothing to re-fit: still recalibrated
+    expected = apply_policy(model, Policy.dense())
+    recalibrate_bn(expected.gm, calib)
+    for (_, a), (_, b) in zip(dense.gm.named_buffers(), expected.gm.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b)
