@@ -71,3 +71,33 @@ def to_policy(space: SearchSpace, params: Mapping[str, Any]) -> Policy:
         layers[ls.name] = LayerPolicy(**kw).validate(ls.name)
     skip = frozenset(b.name for b in space.blocks if params.get(f"skip/{b.name}", False))
     return Policy(layers=layers, skip=skip)
+
+
+def from_policy(space: SearchSpace, policy: Policy) -> dict[str, Any]:
+    """Optuna parameters of ``policy`` (the inverse of :func:`to_policy`), for ``enqueue_trial``.
+
+    Only parameters with a distribution are given; those the policy leaves unused (the
+    sparsity of a dense layer, say) are left to the sampler, as ``to_policy`` ignores them.
+    """
+    dists = distributions(space)
+    params: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        if key in dists:
+            params[key] = value
+
+    for ls in space.layers:
+        lp = policy.for_layer(ls.name)
+        p = f"{ls.name}/"
+        put(p + "width", float(lp.width))
+        put(p + "scheme", lp.scheme)
+        put(p + "bits", _bits_key(lp.bits))
+        if lp.scheme in ("unstructured", "block"):
+            put(p + "sparsity", float(lp.sparsity))
+        if lp.scheme == "block" and lp.block is not None:
+            put(p + "block", int(lp.block))
+        if lp.scheme == "nm" and lp.nm is not None:
+            put(p + "nm", _nm_key(lp.nm))
+    for b in space.blocks:
+        put(f"skip/{b.name}", b.name in policy.skip)
+    return params
