@@ -98,10 +98,11 @@ def evaluate_early_stop(evaluator: Evaluator, policy: Policy, hopeless_below: fl
             if first.mean() < hopeless_below:
                 correct, n = first, EARLY_IMAGES
             else:
-                if quick and evaluator.reconstruct:  # re-fit on every batch, as Evaluator does
-                    cm = compress(evaluator.model, policy, cal, reconstruct=True)
-                elif quick:
-                    recalibrate_bn(cm.gm, cal)
+                if quick:
+                    if evaluator.reconstruct:  # re-fit on every batch, as Evaluator does
+                        cm = compress(evaluator.model, policy, cal, reconstruct=True)
+                    else:
+                        recalibrate_bn(cm.gm, cal)
                     first = predict(cm.gm, x[:EARLY_IMAGES]).argmax(dim=-1).numpy() == y[:EARLY_IMAGES]
                 rest = predict(cm.gm, x[EARLY_IMAGES:]).argmax(dim=-1).numpy()
                 correct, n = np.concatenate([first, rest == y[EARLY_IMAGES:]]), len(y)
