@@ -8,7 +8,7 @@ with ``momentum=None``), by interpreting the graph with batch statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,15 +76,20 @@ def recalibrate_bn(gm: fx.GraphModule, batches: Iterable[torch.Tensor]) -> int:
     for x in batches:
         interp.run(x)
         count += 1
-    if count == 0:
-        return 0
-    for mean_t, var_t in pairs:
-        acc = interp.sums.get(mean_t)
-        if acc is None:
-            continue
-        set_tensor(gm, mean_t, acc[0] / count)
-        set_tensor(gm, var_t, acc[1] / count)
+    if count:
+        install_bn_stats(gm, [interp], count)
     return count
+
+
+def install_bn_stats(gm: fx.GraphModule, recorders: Sequence[_BNRecalibrator], batches: int) -> None:
+    """Set every BatchNorm's running mean / var to the per-batch statistics ``recorders``
+    accumulated over ``batches`` batches in all (exact cumulative averages)."""
+    for mean_t, var_t in _bn_stat_targets(gm):
+        sums = [r.sums[mean_t] for r in recorders if mean_t in r.sums]
+        if not sums:
+            continue  # a BatchNorm no batch reached
+        set_tensor(gm, mean_t, torch.stack([s[0] for s in sums]).sum(0) / batches)
+        set_tensor(gm, var_t, torch.stack([s[1] for s in sums]).sum(0) / batches)
 
 
 #: Images per forward pass when evaluating. Small batches keep the activations in cache: on

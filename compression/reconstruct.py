@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from compression.apply import CompressedModel, get_tensor, set_tensor
-from compression.evaluate import _bn_stat_targets, _BNRecalibrator, recalibrate_bn
+from compression.evaluate import _BNRecalibrator, install_bn_stats, recalibrate_bn
 from compression.graph import CONV, LINEAR, attr_target
 from compression.masks import fake_quantize
 
@@ -288,12 +288,7 @@ def reconstruct(
                 if last_use.get(inp) is node:
                     del p.env[inp]  # keep only live activations of every batch
     if recalibrate:
-        for mean_t, var_t in _bn_stat_targets(gm):
-            sums = [p.sums[mean_t] for p in passes if mean_t in p.sums]
-            if len(sums) != len(passes):
-                continue  # a BatchNorm no batch reached (cannot happen in a connected graph)
-            set_tensor(gm, mean_t, torch.stack([s[0] for s in sums]).sum(0) / len(passes))
-            set_tensor(gm, var_t, torch.stack([s[1] for s in sums]).sum(0) / len(passes))
+        install_bn_stats(gm, passes, len(passes))
     return refitted
 
 

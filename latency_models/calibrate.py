@@ -67,6 +67,26 @@ def export_for_device(
     return quantize_int8(onnx_path, batches, path.with_name(path.stem + "-int8.onnx")), None, True
 
 
+def export_sample(
+    sample: CalibrationSample, device: Device, workdir: Path, dense_cache: dict[str, Any]
+) -> tuple[Any, Any, tuple[int, ...] | None, bool, bool]:
+    """(dense model, the sample's model, input shape, int8, first) as ``device`` runs them.
+
+    The dense model is exported once per measured model (``dense_cache``, by space id);
+    ``first`` says it was exported now, i.e. its timing is new too.
+    """
+    safe = sample.space_id.replace("@", "_").replace("/", "_")
+    first = sample.space_id not in dense_cache
+    if first:
+        dense_cache[sample.space_id] = export_for_device(
+            sample.model, sample.space, Policy.dense(), device, workdir / f"{safe}-dense.onnx"
+        )[0]
+    model, shape, int8 = export_for_device(
+        sample.model, sample.space, sample.policy, device, workdir / f"{safe}-{sample.policy.hash}.onnx"
+    )
+    return dense_cache[sample.space_id], model, shape, int8, first
+
+
 def measure_sample(
     sample: CalibrationSample,
     device: Device,
@@ -84,16 +104,7 @@ def measure_sample(
     kernel predictor how the model's time splits over its kernels.
     """
     dense_cache = {} if dense_cache is None else dense_cache
-    safe = sample.space_id.replace("@", "_")
-    first = sample.space_id not in dense_cache
-    if first:
-        dense_cache[sample.space_id] = export_for_device(
-            sample.model, sample.space, Policy.dense(), device, workdir / f"{safe}-dense.onnx"
-        )[0]
-    model_b, shape, int8 = export_for_device(
-        sample.model, sample.space, sample.policy, device, workdir / f"{safe}-{sample.policy.hash}.onnx"
-    )
-    model_a = dense_cache[sample.space_id]
+    model_a, model_b, shape, int8, first = export_sample(sample, device, workdir, dense_cache)
     pair = measure_pair(
         model_a, model_b, device, runs=runs, warmup=warmup, input_shape=shape, with_reference=True
     )

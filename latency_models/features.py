@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -290,17 +290,23 @@ class SpaceIndex(LayerIndex):
         return KernelBatch(x=x, present=present, op=self.op, model=model)
 
 
-_INDEX_CACHE: dict[int, SpaceIndex] = {}
+IndexT = TypeVar("IndexT", bound=LayerIndex)
+_INDEX_CACHES: dict[type[LayerIndex], dict[int, LayerIndex]] = {}
+
+
+def cached_index(kind: type[IndexT], space: SearchSpace) -> IndexT:
+    """``kind(space)``, cached by the space's identity (spaces are frozen); at most 256 per kind."""
+    cache = _INDEX_CACHES.setdefault(kind, {})
+    idx = cache.get(id(space))
+    if not isinstance(idx, kind) or idx.space is not space:
+        if len(cache) > 256:
+            cache.clear()
+        idx = cache[id(space)] = kind(space)
+    return idx
 
 
 def _index(space: SearchSpace) -> SpaceIndex:
-    """The SpaceIndex of ``space``, cached by identity (spaces are frozen)."""
-    idx = _INDEX_CACHE.get(id(space))
-    if idx is None or idx.space is not space:
-        if len(_INDEX_CACHE) > 256:
-            _INDEX_CACHE.clear()
-        idx = _INDEX_CACHE[id(space)] = SpaceIndex(space)
-    return idx
+    return cached_index(SpaceIndex, space)
 
 
 def kernel_features(space: SearchSpace, policies: Sequence[Policy]) -> KernelBatch:

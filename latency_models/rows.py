@@ -37,7 +37,7 @@ import numpy as np
 
 from compression.policy import LayerPolicy, Policy
 from compression.space import OP_TYPES, SearchSpace
-from latency_models.features import INT8_MAC_FRACTION, SCHEME_CODES, LayerIndex
+from latency_models.features import INT8_MAC_FRACTION, SCHEME_CODES, LayerIndex, cached_index
 
 __all__ = [
     "POLICY_FEATURES",
@@ -408,17 +408,9 @@ class RowIndex(LayerIndex):
         return RowSet(x, work, owner)
 
 
-_CACHE: dict[int, RowIndex] = {}
-
-
 def row_index(space: SearchSpace) -> RowIndex:
     """The RowIndex of ``space``, cached by identity (spaces are frozen)."""
-    idx = _CACHE.get(id(space))
-    if idx is None or idx.space is not space:
-        if len(_CACHE) > 256:
-            _CACHE.clear()
-        idx = _CACHE[id(space)] = RowIndex(space)
-    return idx
+    return cached_index(RowIndex, space)
 
 
 def unique_rows(idx: RowIndex, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -258,6 +258,24 @@ class JobLatency:
             self._dense_file = runnable
         return runnable, shape
 
+    def _add_task(self, purpose: str, model: Path, info: dict[str, Any], baseline: Path | None = None) -> int:
+        """Queue one timing of this job for the device's agent (re-measurement settings); its id."""
+        with self.factory() as session:
+            m = lat.add_task(
+                session,
+                data_dir=self.data_dir,
+                device=self.device,
+                tenant_id=self.tenant_id,
+                purpose=purpose,
+                model=model,
+                baseline=baseline,
+                runs=REMEASURE_RUNS,
+                warmup=20,
+                job_id=self.ctx.job_id,
+                info=info,
+            )
+            return int(m.id)
+
     def measure_dense(self, model: CompressibleModel) -> float | None:
         """The dense model's measured latency now (local devices); remote ones get a task
         whose result :meth:`dense_result` collects later. None if unknown yet."""
@@ -265,20 +283,7 @@ class JobLatency:
 
         runnable, shape = self._dense(model)
         if self.remote:
-            with self.factory() as session:
-                m = lat.add_task(
-                    session,
-                    data_dir=self.data_dir,
-                    device=self.device,
-                    tenant_id=self.tenant_id,
-                    purpose="dense",
-                    model=Path(runnable),
-                    runs=REMEASURE_RUNS,
-                    warmup=20,
-                    job_id=self.ctx.job_id,
-                    info={"policy_hash": "dense"},
-                )
-                self._dense_task = m.id
+            self._dense_task = self._add_task("dense", Path(runnable), {"policy_hash": "dense"})
             return None
         result = measure(runnable, lat.harness_device(self.device), runs=REMEASURE_RUNS, input_shape=shape)
         self._add_row("dense", result.median_ms, lat.measurement_stats(result), {"policy_hash": "dense"})
@@ -351,21 +356,9 @@ class JobLatency:
                 out.append(Remeasured(policy.hash, predicted, None, error=f"{type(exc).__name__}: {exc}"))
                 continue
             if self.remote:
-                with self.factory() as session:
-                    m = lat.add_task(
-                        session,
-                        data_dir=self.data_dir,
-                        device=self.device,
-                        tenant_id=self.tenant_id,
-                        purpose="candidate",
-                        model=Path(runnable),
-                        baseline=Path(dense),
-                        runs=REMEASURE_RUNS,
-                        warmup=20,
-                        job_id=self.ctx.job_id,
-                        info={"policy_hash": policy.hash, "int8": int8},
-                    )
-                    pending[m.id] = (policy, predicted, int8)
+                info = {"policy_hash": policy.hash, "int8": int8}
+                task = self._add_task("candidate", Path(runnable), info, baseline=Path(dense))
+                pending[task] = (policy, predicted, int8)
                 continue
             pair = measure_pair(
                 dense,

@@ -766,11 +766,10 @@ class CalibrationRun:
         tenant_id: int | None,
         job_id: int | None,
     ) -> None:
-        from compression.policy import Policy
-        from latency_models.calibrate import export_for_device
+        from latency_models.calibrate import export_sample
 
         dev = harness_device(device)
-        dense_files: dict[str, Path] = {}
+        dense_files: dict[str, Any] = {}
         outstanding: dict[int, tuple[CalibrationSample, bool, bool]] = {}  # id -> sample, int8, first
         finished = 0
         last_claim = time.monotonic()
@@ -784,20 +783,8 @@ class CalibrationRun:
                     exhausted = True
                     break
                 index += 1
-                safe = sample.space_id.replace("@", "_").replace("/", "_")
                 try:
-                    first = sample.space_id not in dense_files
-                    if first:
-                        dense_files[sample.space_id] = export_for_device(
-                            sample.model, sample.space, Policy.dense(), dev, workdir / f"{safe}-dense.onnx"
-                        )[0]
-                    path, _shape, int8 = export_for_device(
-                        sample.model,
-                        sample.space,
-                        sample.policy,
-                        dev,
-                        workdir / f"{safe}-{sample.policy.hash}.onnx",
-                    )
+                    dense, path, _shape, int8, first = export_sample(sample, dev, workdir, dense_files)
                 except Exception as exc:
                     self._skipped += 1
                     finished += 1
@@ -813,7 +800,7 @@ class CalibrationRun:
                         tenant_id=tenant_id,
                         purpose="calibration",
                         model=Path(path),
-                        baseline=Path(dense_files[sample.space_id]),
+                        baseline=Path(dense),
                         runs=runs,
                         warmup=10,
                         calibration_id=self.calibration_id,

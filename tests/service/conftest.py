@@ -77,6 +77,16 @@ def live(db_url: str, tmp_path: Path) -> Iterator[LiveServer]:
         yield LiveServer(url=url, key=key, settings=settings, db_url=db_url)
 
 
+@pytest.fixture
+def real_live(tmp_path: Path) -> Iterator[LiveServer]:
+    """The embedded default with the real search bridge (SQLite)."""
+    with fresh_database("sqlite", tmp_path) as db_url:
+        settings = Settings(data_dir=tmp_path / "data", database_url=db_url, lease_s=10.0, poll_s=0.1)
+        for url in serve(settings):
+            key = settings.local_key_path.read_text().strip()
+            yield LiveServer(url=url, key=key, settings=settings, db_url=db_url)
+
+
 @pytest.fixture(scope="session")
 def tiny_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small conv net saved with ``torch.export.save``."""

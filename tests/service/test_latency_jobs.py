@@ -22,25 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from db.testing import fresh_database
 from modeltailor.client import Client, Job
-from service.settings import Settings
-from tests.service.conftest import LiveServer, serve
+from tests.service.conftest import LiveServer
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {"schemes": ["unstructured", "nm"], "bits": [None, 8], "width": True, "depth": False}
-
-
-@pytest.fixture
-def real_live(tmp_path: Path) -> Iterator[LiveServer]:
-    """The embedded default with the real search bridge (SQLite)."""
-    with fresh_database("sqlite", tmp_path) as db_url:
-        settings = Settings(data_dir=tmp_path / "data", database_url=db_url, lease_s=10.0, poll_s=0.1)
-        for url in serve(settings):
-            key = settings.local_key_path.read_text().strip()
-            yield LiveServer(url=url, key=key, settings=settings, db_url=db_url)
 
 
 def _watch(job: Job, timeout: float = 600) -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:

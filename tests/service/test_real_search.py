@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 import pytest
-from conftest import LiveServer, serve
+from conftest import LiveServer
 
-from db.testing import fresh_database
 from modeltailor.client import Client
-from service.settings import Settings
-
-
-@pytest.fixture
-def real_live(tmp_path: Path) -> Iterator[LiveServer]:
-    """The embedded default with the real search bridge (SQLite)."""
-    with fresh_database("sqlite", tmp_path) as db_url:
-        settings = Settings(data_dir=tmp_path / "data", database_url=db_url, lease_s=10.0, poll_s=0.1)
-        for url in serve(settings):
-            key = settings.local_key_path.read_text().strip()
-            yield LiveServer(url=url, key=key, settings=settings, db_url=db_url)
 
 
 def test_real_job_searches_and_exports_a_measured_model(real_live: LiveServer, tmp_path: Path) -> None:
