@@ -31,6 +31,8 @@ FOCUSED_RANDOM_FRACTION = 0.25
 RANDOM_MACS_FACTOR = 2.0
 #: ...or this many MACs, whichever is larger.
 RANDOM_MACS_FLOOR = 2e6
+#: Random-architecture samples drawn per one wanted (most fall under the cap; this bounds the rest).
+MAX_DRAWS_PER_RANDOM = 25
 
 
 def focused_plan(
@@ -59,7 +61,9 @@ def focused_plan(
     # Random architectures far larger than the model cost seconds each to export and time and
     # say little about it: keep those up to RANDOM_MACS_FACTOR x its MACs (or a small floor).
     cap = max(RANDOM_MACS_FACTOR * dense_macs(space, Policy.dense()), RANDOM_MACS_FLOOR)
-    pool = sample_plan(n_random * 4, seed=seed + 1, zoo_fraction=0.0) if n_random else iter(())
+    # The pool is lazy and long: for some seeds the first few architectures are all over the
+    # cap, and a plan of the model alone has no held-out architecture (calibration fails).
+    pool = sample_plan(n_random * MAX_DRAWS_PER_RANDOM, seed=seed + 1, zoo_fraction=0.0) if n_random else iter(())
     randoms = (s for s in pool if dense_macs(s.space, Policy.dense()) <= cap)
     for i in range(n):
         if n_random and (i * n_random) // n != ((i + 1) * n_random) // n:
