@@ -63,7 +63,11 @@ def focused_plan(
     cap = max(RANDOM_MACS_FACTOR * dense_macs(space, Policy.dense()), RANDOM_MACS_FLOOR)
     # The pool is lazy and long: for some seeds the first few architectures are all over the
     # cap, and a plan of the model alone has no held-out architecture (calibration fails).
-    pool = sample_plan(n_random * MAX_DRAWS_PER_RANDOM, seed=seed + 1, zoo_fraction=0.0) if n_random else iter(())
+    pool = (
+        sample_plan(n_random * MAX_DRAWS_PER_RANDOM, seed=seed + 1, zoo_fraction=0.0)
+        if n_random
+        else iter(())
+    )
     randoms = (s for s in pool if dense_macs(s.space, Policy.dense()) <= cap)
     for i in range(n):
         if n_random and (i * n_random) // n != ((i + 1) * n_random) // n:
