@@ -13,7 +13,11 @@ With a latency or size limit the search climbs one reward (accuracy under the li
 one the user wants the whole accuracy/latency front, so the coordinate steps start from every
 member of the current Pareto front in turn (a Pareto local search): a step that lands on the
 front joins it, one that is dominated is dropped, and the front spreads and sharpens at every
-latency instead of converging on a single trade-off.
+latency instead of converging on a single trade-off. In that mode the per-group search only
+fills in while per-decision sensitivity analysis (``agents.sensitivity``) waits for scores:
+after the sweep, single moves from the best cheap policy (skip one block, halve one channel
+group, one layer int8 or float, one layer sparse) are probed, chained greedily by accuracy
+lost per latency saved, then applied from every front member, most efficient first.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Literal
 from agents.actions import LayerAction, layer_policy
 from agents.base import Agent
 from agents.objective import Objective, Score
+from agents.sensitivity import Sensitivity
 from compression.policy import LayerPolicy, Policy, Scheme
 from compression.space import LayerSpace, SearchSpace
 
@@ -81,7 +86,10 @@ class RuleAgent(Agent):
 
     name = "rule"
 
-    def __init__(self, space: SearchSpace, objective: Objective, seed: int = 0) -> None:
+    def __init__(
+        self, space: SearchSpace, objective: Objective, seed: int = 0, *, sensitivity: bool = True
+    ) -> None:
+        """``sensitivity``: in Pareto mode, probe single moves after the sweep (see above)."""
         super().__init__(space, objective, seed)
         n = len(space.layers)
         self.layer_groups: list[Group] = [group_of(ls, n) for ls in space.layers]
@@ -100,6 +108,7 @@ class RuleAgent(Agent):
         self.multi = objective.max_latency_ms is None and objective.max_size_bytes is None
         self.front: list[tuple[Config, Score]] = []
         self.member = 0  # next front member to step from
+        self.sensitivity = Sensitivity(space, objective) if self.multi and sensitivity else None
         if self.multi:
             self.queue.insert(0, self._uniform(1.0))  # everything kept: the cheap end of bits only
 
@@ -140,6 +149,11 @@ class RuleAgent(Agent):
                 else skip
             )
         return Policy(layers=layers, skip=skip)
+
+    def set_objective(self, objective: Objective) -> None:
+        super().set_objective(objective)
+        if self.sensitivity is not None:
+            self.sensitivity.objective = objective
 
     # ------------------------------------------------------------------ search
 
@@ -217,18 +231,30 @@ class RuleAgent(Agent):
         self._check_n(n)
         out: list[Policy] = []
         while len(out) < n:
+            sens = self.sensitivity
+            if not self.queue and sens is not None:
+                if not sens.started:
+                    sens.start()
+                found = sens.next()
+                if found is not None:
+                    out.append(found)
+                    continue
             if not self.queue:
                 self._refill()
             config = self.queue.pop(0)
             self.proposed.add(self._key(config))
             policy = self.policy(config)
             self.pending[policy.hash] = config
+            if sens is not None:
+                sens.proposed.add(policy.hash)
             out.append(policy)
         return out
 
     def tell(self, policies: Sequence[Policy], scores: Sequence[Score]) -> None:
         self._check_tell(policies, scores)
         for policy, score in zip(policies, scores, strict=True):
+            if self.sensitivity is not None:
+                self.sensitivity.tell(policy, score)
             config = self.pending.pop(policy.hash, None)
             if config is None:
                 continue
@@ -252,6 +278,7 @@ class RuleAgent(Agent):
             "front": [{"config": c, "score": sc.to_dict()} for c, sc in self.front],
             "member": self.member,
             "rng": [version, list(internal), gauss],
+            "sensitivity": self.sensitivity.state_dict() if self.sensitivity is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -263,5 +290,7 @@ class RuleAgent(Agent):
         self.cursor, self.step = int(state["cursor"]), float(state["step"])
         self.front = [(dict(m["config"]), Score.from_dict(m["score"])) for m in state.get("front", [])]
         self.member = int(state.get("member", 0))
+        if self.sensitivity is not None and state.get("sensitivity") is not None:
+            self.sensitivity.load_state_dict(state["sensitivity"])
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))

@@ -63,6 +63,9 @@ MAX_IDLE_ROUNDS = 50
 REF_ACCURACY_DROP = 0.10
 LATENCY_FRACTION = 0.5
 TABLES = Path(__file__).parent / "tables"
+#: The predictor the published figures were computed with (kept in git, so that a replay on
+#: another machine reproduces them); ``--predictor-root user`` uses your own calibration.
+PREDICTOR_ROOT = Path(__file__).parent / "predictor"
 
 
 EARLY_IMAGES = 250  # a policy hopeless on these is not evaluated on the rest
@@ -375,16 +378,19 @@ def format_table(summary: dict[str, dict[int, dict[str, float]]], budgets: Seque
 
 
 def latency_source(
-    kind: str, device: str, model: CompressibleModel
+    kind: str, device: str, model: CompressibleModel, root: Path | None = None
 ) -> tuple[Callable[[CompressedModel], float], Relatency, str]:
     """The evaluator's latency callback, the table's batch re-latency, and a label to print.
+
+    ``root``: the data directory whose ``devices/<device>`` holds the predictor (default: the
+    user's, where ``modeltailor calibrate`` stores it).
 
     Raises:
         SystemExit: ``predicted`` for a device with no stored predictor (says how to make one).
     """
     if kind == "macs-proxy":
         return macs_proxy, lambda _p, scores: [s.macs / PROXY_MACS_PER_MS for s in scores], PROXY_LABEL
-    found = stored_predictor_latency(device, model)
+    found = stored_predictor_latency(device, model, root)
     if found is None:
         raise SystemExit(
             f"device {device} has no stored predictor: run `modeltailor calibrate --device {device}` "
@@ -393,7 +399,7 @@ def latency_source(
     callback, label = found
     from latency_models.store import DeviceStore
 
-    predictor, _, _ = DeviceStore(device).load()
+    predictor, _, _ = DeviceStore(device, root).load()
     space = space_for(model)
 
     def relatency(policies: Sequence[Policy], _scores: Sequence[Score]) -> Sequence[float]:
@@ -427,6 +433,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="predicted: the device's stored predictor (modeltailor calibrate); macs-proxy: MACs / 1e6",
     )
     parser.add_argument("--device", default="cpu-ort-1t", help="device whose predictor gives latency")
+    parser.add_argument(
+        "--predictor-root",
+        default=str(PREDICTOR_ROOT),
+        help="data directory holding devices/DEVICE/predictors (default: the one kept in bench/, "
+        "which the published figures used); 'user' = your own (modeltailor calibrate)",
+    )
     parser.add_argument(
         "--reconstruct",
         action="store_true",
@@ -478,7 +490,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         model, data = load_model(args.model)
         space = space_for(model)
-        latency_fn, relatency, label = latency_source(args.latency, args.device, model)
+        root = None if args.predictor_root == "user" else Path(args.predictor_root)
+        latency_fn, relatency, label = latency_source(args.latency, args.device, model, root)
         evaluator = Evaluator(model, data, latency_fn, val_images=1000, seed=0, reconstruct=args.reconstruct)
 
         hopeless: list[float] = []  # set once the dense accuracy is known

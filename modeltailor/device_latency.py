@@ -76,13 +76,16 @@ def measured_latency(
 
 
 def stored_predictor_latency(
-    device: str, model: CompressibleModel
+    device: str, model: CompressibleModel, root: Path | None = None
 ) -> tuple[Callable[[CompressedModel], float], str] | None:
-    """The device's newest stored predictor (``modeltailor calibrate``) as a callback; None if none."""
+    """The device's newest stored predictor (``modeltailor calibrate``) as a callback; None if none.
+
+    ``root``: the data directory holding ``devices/<device>`` (default: the user's).
+    """
     from compression.space_builder import space_for
     from latency_models.store import DeviceStore
 
-    store = DeviceStore(device)
+    store = DeviceStore(device, root)
     if not store.versions():
         return None
     predictor, version, kind = store.load()
