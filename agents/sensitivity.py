@@ -142,7 +142,7 @@ class Sensitivity:
     def __init__(self, space: SearchSpace, objective: Objective) -> None:
         self.space = space
         self.objective = objective
-        self.seen: list[tuple[Policy, Score]] = []  # every feasible scored policy (for the anchor)
+        self.seen: list[tuple[Policy, Score]] = []  # feasible scored policies, until the anchor is set
         self.front: list[tuple[Policy, Score]] = []
         self.anchor: tuple[Policy, Score] | None = None
         self.probes: list[Move] = []  # still to propose, in order
@@ -164,7 +164,8 @@ class Sensitivity:
     def tell(self, policy: Policy, score: Score) -> None:
         self.proposed.add(policy.hash)
         if self.objective.feasible(score):
-            self.seen.append((policy, score))
+            if self.anchor is None:
+                self.seen.append((policy, score))
             self._add_to_front(policy, score)
         move = self.outstanding.pop(policy.hash, None)
         if move is not None and self.anchor is not None and score.ok:
@@ -195,6 +196,7 @@ class Sensitivity:
         best = max(s.accuracy for _, s in self.seen)
         keeps = [(p, s) for p, s in self.seen if s.accuracy >= best - ANCHOR_TOLERANCE]
         self.anchor = min(keeps, key=lambda ps: self._resource(ps[1]))
+        self.seen = []  # only the anchor needed them (and the saved state stays small)
         by_kind: dict[str, list[tuple[float, Move]]] = {}
         for macs, move in candidate_moves(self.space, self.anchor[0]):
             by_kind.setdefault(kind_of(move, self.space), []).append((macs, move))

@@ -124,15 +124,23 @@ def evaluate_early_stop(evaluator: Evaluator, policy: Policy, hopeless_below: fl
 
 
 def runs_from_sources(
-    path: Path, table: Table, names: Sequence[str], seeds: Sequence[int], budget: int
+    path: Path,
+    table: Table,
+    names: Sequence[str],
+    seeds: Sequence[int],
+    budget: int,
+    prefix: dict[str, list[str]] | None = None,
 ) -> list[Run]:
     """Runs read back from the table's ``source`` column ("agent/seed", in the order scored).
 
     No agent is run: this is exact for a run whose proposals were never scored first by
     another run (true of the continuous agents, whose policies never coincide), which is
-    what makes it a quick report while the tabulation is still going.
+    what makes it a quick report while the tabulation is still going. ``prefix``: policy
+    hashes an agent proposes first whatever its seed (the Optuna agents' warm start, which
+    the rule agent scored first), put before its own rows.
     """
     by_source: dict[str, list[Score]] = {}
+    hashes: dict[str, list[str]] = {}
     seen: set[tuple[str, str]] = set()  # two processes replaying one run both append its policies
     for raw in _read_lines(path):
         if (raw["source"], raw["hash"]) in seen:
@@ -141,13 +149,29 @@ def runs_from_sources(
         # The table's current score: its latency is recomputed for the source in use.
         score = table.scores.get(raw["hash"]) or Score.from_dict(raw["score"])
         by_source.setdefault(raw["source"], []).append(score)
+        hashes.setdefault(raw["source"], []).append(raw["hash"])
     runs = []
     for name in names:
+        first = [h for h in (prefix or {}).get(name, []) if h in table.scores]
+        head = [table.scores[h] for h in first]
         for seed in seeds:
-            scores = by_source.get(f"{name}/{seed}", [])[:budget]
+            own = by_source.get(f"{name}/{seed}", [])
+            if not own:
+                continue
+            scores = (
+                head + [s for h, s in zip(hashes[f"{name}/{seed}"], own, strict=True) if h not in first]
+            )[:budget]
             if scores:
                 runs.append(Run(name, seed, scores, 0.0, cut_short=len(scores) < budget))
     return runs
+
+
+def warm_start_sweep(space: SearchSpace, objective: Objective) -> list[Policy]:
+    """What the Optuna agents propose first (``warm_start``): the rule agent's sweep."""
+    from agents.rule import RuleAgent
+
+    rule = RuleAgent(space, objective)
+    return rule.ask(len(rule.queue))
 
 
 Relatency = Callable[[Sequence[Policy], Sequence[Score]], Sequence[float]]
@@ -532,7 +556,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     runs: list[Run] = []
     if args.from_sources:
-        runs = runs_from_sources(path, table, names, seeds, max(budgets))
+        sweep = [p.hash for p in warm_start_sweep(space, objective)]
+        warm = {n: sweep for n in names if n.startswith("optuna-")}
+        runs = runs_from_sources(path, table, names, seeds, max(budgets), warm)
         names = []  # nothing to replay
     for name in names:
         for seed in seeds:

@@ -293,7 +293,7 @@ class Client:
         dataset_id: int,
         device: str | int,
         *,
-        algorithm: str = "random",
+        algorithm: str = "rule",
         **spec: Any,
     ) -> Job:
         """Queue a search; ``spec`` takes the other fields of the job contract (space, budget, ...)."""

@@ -26,7 +26,7 @@ def search(
     device: Annotated[str, typer.Option("--device", help="Target device name.")] = "cpu-ort-1t",
     algorithm: Annotated[
         str, typer.Option("--algorithm", help="random, optuna-tpe, optuna-nsga2, ddpg, agmc, rule.")
-    ] = "optuna-tpe",
+    ] = "rule",
     budget: Annotated[int, typer.Option("--budget", min=1, help="Candidates to score.")] = 100,
     budget_seconds: Annotated[
         float | None, typer.Option("--budget-seconds", help="Stop after this long.")
