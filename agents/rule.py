@@ -13,11 +13,15 @@ With a latency or size limit the search climbs one reward (accuracy under the li
 one the user wants the whole accuracy/latency front, so the coordinate steps start from every
 member of the current Pareto front in turn (a Pareto local search): a step that lands on the
 front joins it, one that is dominated is dropped, and the front spreads and sharpens at every
-latency instead of converging on a single trade-off. In that mode the per-group search only
-fills in while per-decision sensitivity analysis (``agents.sensitivity``) waits for scores:
-after the sweep, single moves from the best cheap policy (skip one block, halve one channel
-group, one layer int8 or float, one layer sparse) are probed, chained greedily by accuracy
-lost per latency saved, then applied from every front member, most efficient first.
+latency instead of converging on a single trade-off.
+
+After the sweep, per-decision sensitivity analysis (``agents.sensitivity``) joins in: single
+moves from the best cheap policy (skip one block, halve one channel group, one layer int8 or
+float, one layer sparse) are probed, chained greedily by accuracy lost per latency saved,
+then applied from front members, most efficient first. Without a limit it leads and the
+per-group search only fills in while it waits for scores; under a limit the two take turns
+(each wins at some limits), and its moves start from the front points still over the limit.
+``sensitivity=False`` turns it off.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ class RuleAgent(Agent):
     def __init__(
         self, space: SearchSpace, objective: Objective, seed: int = 0, *, sensitivity: bool = True
     ) -> None:
-        """``sensitivity``: in Pareto mode, probe single moves after the sweep (see above)."""
+        """``sensitivity``: probe single moves after the sweep (see above)."""
         super().__init__(space, objective, seed)
         n = len(space.layers)
         self.layer_groups: list[Group] = [group_of(ls, n) for ls in space.layers]
@@ -108,9 +112,12 @@ class RuleAgent(Agent):
         self.multi = objective.max_latency_ms is None and objective.max_size_bytes is None
         self.front: list[tuple[Config, Score]] = []
         self.member = 0  # next front member to step from
-        self.sensitivity = Sensitivity(space, objective) if self.multi and sensitivity else None
-        if self.multi:
-            self.queue.insert(0, self._uniform(1.0))  # everything kept: the cheap end of bits only
+        self.asked = 0
+        self.sensitivity = Sensitivity(space, objective) if sensitivity else None
+        if self.multi or self.sensitivity is not None:
+            # Everything kept, the cheap end of bits only: the front's high-accuracy end, and
+            # the usual anchor of the sensitivity analysis.
+            self.queue.insert(0, self._uniform(1.0))
 
     # ------------------------------------------------------------------ mapping
 
@@ -232,7 +239,11 @@ class RuleAgent(Agent):
         out: list[Policy] = []
         while len(out) < n:
             sens = self.sensitivity
-            if not self.queue and sens is not None:
+            # Under a limit the two searches take turns: sensitivity wins at some limits, the
+            # coordinate climb at others (bench/RESULTS.md), so each gets half the candidates.
+            turn = not self.multi and sens is not None and sens.started and self.asked % 2 == 1
+            self.asked += 1
+            if not self.queue and sens is not None and not turn:
                 if not sens.started:
                     sens.start()
                 found = sens.next()
@@ -277,6 +288,7 @@ class RuleAgent(Agent):
             "step": self.step,
             "front": [{"config": c, "score": sc.to_dict()} for c, sc in self.front],
             "member": self.member,
+            "asked": self.asked,
             "rng": [version, list(internal), gauss],
             "sensitivity": self.sensitivity.state_dict() if self.sensitivity is not None else None,
         }
@@ -290,6 +302,7 @@ class RuleAgent(Agent):
         self.cursor, self.step = int(state["cursor"]), float(state["step"])
         self.front = [(dict(m["config"]), Score.from_dict(m["score"])) for m in state.get("front", [])]
         self.member = int(state.get("member", 0))
+        self.asked = int(state.get("asked", 0))
         if self.sensitivity is not None and state.get("sensitivity") is not None:
             self.sensitivity.load_state_dict(state["sensitivity"])
         version, internal, gauss = state["rng"]

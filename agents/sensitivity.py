@@ -1,6 +1,6 @@
 """Sensitivity moves: one decision changed at a time, its measured effect, greedy chains.
 
-The rule agent's Pareto mode uses this after its sweep, as per-layer sensitivity analysis
+The rule agent uses this after its sweep, as per-layer sensitivity analysis
 does in NNCF or Distiller, but with latency measured by the device's own predictor:
 
 1. **Anchor**: the cheapest scored policy that keeps the best accuracy seen (within
@@ -142,7 +142,7 @@ class Sensitivity:
     def __init__(self, space: SearchSpace, objective: Objective) -> None:
         self.space = space
         self.objective = objective
-        self.seen: list[tuple[Policy, Score]] = []  # feasible scored policies, until the anchor is set
+        self.seen: list[tuple[Policy, Score]] = []  # scored policies, until the anchor is set
         self.front: list[tuple[Policy, Score]] = []
         self.anchor: tuple[Policy, Score] | None = None
         self.probes: list[Move] = []  # still to propose, in order
@@ -157,15 +157,20 @@ class Sensitivity:
 
     # ---------------------------------------------------------------- bookkeeping
 
+    @property
+    def constrained(self) -> bool:
+        return self.objective.max_latency_ms is not None or self.objective.max_size_bytes is not None
+
     def _resource(self, score: Score) -> float:
         metric = self.objective.resource
         return score.get(metric) if metric is not None else 0.0
 
     def tell(self, policy: Policy, score: Score) -> None:
         self.proposed.add(policy.hash)
-        if self.objective.feasible(score):
-            if self.anchor is None:
-                self.seen.append((policy, score))
+        if score.ok and self.anchor is None:
+            self.seen.append((policy, score))
+        # Under a resource limit the front keeps infeasible points too: moves start from them.
+        if self.objective.feasible(score) or (score.ok and self.constrained):
             self._add_to_front(policy, score)
         move = self.outstanding.pop(policy.hash, None)
         if move is not None and self.anchor is not None and score.ok:
@@ -260,8 +265,16 @@ class Sensitivity:
         return out
 
     def _local_move(self) -> Policy | None:
-        """The next front member (cheapest first, in turn) with its best untried move."""
+        """The next front member (cheapest first, in turn) with its best untried move.
+
+        Under a resource limit only members over it: a move makes one feasible at a higher
+        accuracy than the feasible ones have, while a move from a feasible one only loses.
+        """
         members = sorted(self.front, key=lambda ps: self._resource(ps[1]))
+        if self.constrained:
+            members = [ps for ps in members if not self.objective.feasible(ps[1])]
+        if not members:
+            return None
         ranked = self._ranked()
         for _ in range(len(members)):
             policy, _score = members[self.member % len(members)]

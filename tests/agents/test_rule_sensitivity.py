@@ -98,3 +98,22 @@ def test_restored_agent_continues_the_same_schedule(resnet_space: SearchSpace) -
         scores = [problem.score(p) for p in a]
         agent.tell(a, scores)
         clone.tell(b, scores)
+
+
+def test_under_a_latency_limit_the_two_searches_take_turns_and_do_better(resnet_space: SearchSpace) -> None:
+    problem = SyntheticProblem(resnet_space)
+    dense = problem.dense_score()
+    gains = []
+    for fraction in (0.3, 0.5):
+        objective = Objective(max_latency_ms=fraction * dense.latency_ms).with_dense(dense)
+
+        def best(agent: RuleAgent, objective: Objective = objective) -> float:
+            return max(
+                (s.accuracy for _, s in run(agent, problem, 200) if objective.feasible(s)), default=0.0
+            )
+
+        both = best(RuleAgent(resnet_space, objective, seed=0))
+        groups_only = best(RuleAgent(resnet_space, objective, seed=0, sensitivity=False))
+        assert both >= groups_only, (fraction, both, groups_only)
+        gains.append(both - groups_only)
+    assert max(gains) > 0.01, gains

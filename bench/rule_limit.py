@@ -1,0 +1,100 @@
+"""The rule agent under a latency limit: with and without its sensitivity analysis.
+
+A user's job usually carries a limit ("<= 2 ms"). For each limit (a fraction of the dense
+model's predicted latency) the rule agent runs twice: with sensitivity (the default) and
+without it (``sensitivity=False``: sweep plus coordinate steps only). It prints the best
+feasible accuracy found within 50, 100 and 200 candidates. Scoring is as in
+``bench.search``, and so is latency: the committed predictor. Scored policies are cached
+in a *copy* of the committed table, so the published search figures stay as they are::
+
+    nice -n 10 .venv/bin/python -m bench.rule_limit --model resnet20 --fractions 0.4,0.45,0.6
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from agents import Objective
+from agents.objective import Score
+from agents.rule import RuleAgent
+from bench.search import (
+    ASK_BATCH,
+    EARLY_MARGIN,
+    PREDICTOR_ROOT,
+    REF_ACCURACY_DROP,
+    TABLES,
+    Table,
+    evaluate_early_stop,
+    latency_source,
+    load_model,
+)
+from compression.policy import Policy
+from compression.space_builder import space_for
+from modeltailor.search import Evaluator
+
+BUDGETS = (50, 100, 200)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--fractions", default="0.4,0.45,0.6", help="latency limits, fractions of dense")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    model, data = load_model(args.model)
+    space = space_for(model)
+    latency_fn, relatency, label = latency_source("predicted", "cpu-ort-1t", model, PREDICTOR_ROOT)
+    evaluator = Evaluator(model, data, latency_fn, val_images=1000, seed=0, reconstruct=False)
+    hopeless: list[float] = []
+
+    def score_fn(policy: Policy) -> tuple[Score, int]:
+        if not hopeless:
+            return evaluator.evaluate(policy), len(evaluator.y_val)
+        return evaluate_early_stop(evaluator, policy, hopeless[0])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "table.jsonl.gz"
+        committed = TABLES / f"{args.model}.jsonl.gz"
+        if committed.is_file():
+            shutil.copy(committed, path)
+        table = Table(path, score_fn, relatency)
+        dense = table.score(Policy.dense(), "dense")
+        hopeless.append(dense.accuracy - REF_ACCURACY_DROP - EARLY_MARGIN)
+        print(
+            f"{args.model}: dense accuracy {dense.accuracy:.4f}, latency {dense.latency_ms:.3f} ms ({label})"
+        )
+        print(f"{'limit':>8} {'agent':<22}" + "".join(f"{f'acc@{b}':>10}" for b in BUDGETS), flush=True)
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            objective = Objective(max_latency_ms=fraction * dense.latency_ms).with_dense(dense)
+            for sensitivity in (True, False):
+                agent = RuleAgent(space, objective, seed=args.seed, sensitivity=sensitivity)
+                found: list[Score] = []
+                seen: set[str] = set()
+                while len(found) < max(BUDGETS):
+                    policies = agent.ask(ASK_BATCH)
+                    scores = [table.score(p, "rule-limit") for p in policies]
+                    agent.tell(policies, scores)
+                    for p, s in zip(policies, scores, strict=True):
+                        if p.hash not in seen:
+                            seen.add(p.hash)
+                            found.append(s)
+                best = [
+                    max((s.accuracy for s in found[:b] if objective.feasible(s)), default=0.0)
+                    for b in BUDGETS
+                ]
+                name = "rule" if sensitivity else "rule, no sensitivity"
+                print(f"{fraction:>8.2f} {name:<22}" + "".join(f"{a:>10.4f}" for a in best), flush=True)
+
+
+if __name__ == "__main__":
+    main()
