@@ -42,6 +42,7 @@ Group = Literal["first", "last", "pointwise", "depthwise", "linear", "conv", "bl
 SWEEP = (0.85, 0.7, 0.55, 0.4, 0.25)
 FIRST_STEP = 0.15
 MIN_STEP = 0.02
+MAX_REPEATS = 100  # then a repeated policy is asked anyway (the search loop stops on idle rounds)
 Config = dict[str, float]
 
 
@@ -113,6 +114,8 @@ class RuleAgent(Agent):
         self.front: list[tuple[Config, Score]] = []
         self.member = 0  # next front member to step from
         self.asked = 0
+        self.asked_policies: set[str] = set()
+        self.repeats = 0  # configs in a row that gave a policy already asked
         self.sensitivity = Sensitivity(space, objective) if sensitivity else None
         if self.multi or self.sensitivity is not None:
             # Everything kept, the cheap end of bits only: the front's high-accuracy end, and
@@ -211,7 +214,9 @@ class RuleAgent(Agent):
     def _jitter(self, config: Config) -> Config:
         """Every group moved at once by a normal step (when no coordinate step is left)."""
         return {
-            g: round(min(1.0, max(self.min_ratio, r + self.rng.gauss(0.0, self.step))), 4)
+            g: round(
+                min(1.0, max(self.min_ratio, r + self.rng.gauss(0.0, self.step * (1 + self.repeats)))), 4
+            )
             for g, r in config.items()
         }
 
@@ -255,6 +260,14 @@ class RuleAgent(Agent):
             config = self.queue.pop(0)
             self.proposed.add(self._key(config))
             policy = self.policy(config)
+            if not self.multi and policy.hash in self.asked_policies and self.repeats < MAX_REPEATS:
+                # Under a limit the climb converges on one config, and its steps and small
+                # jitter round to policies already asked: skip those, and widen the jitter
+                # until something new comes out. (Pareto mode moves on to other members.)
+                self.repeats += 1
+                continue
+            self.repeats = 0
+            self.asked_policies.add(policy.hash)
             self.pending[policy.hash] = config
             if sens is not None:
                 sens.proposed.add(policy.hash)
@@ -289,6 +302,8 @@ class RuleAgent(Agent):
             "front": [{"config": c, "score": sc.to_dict()} for c, sc in self.front],
             "member": self.member,
             "asked": self.asked,
+            "asked_policies": sorted(self.asked_policies),
+            "repeats": self.repeats,
             "rng": [version, list(internal), gauss],
             "sensitivity": self.sensitivity.state_dict() if self.sensitivity is not None else None,
         }
@@ -303,6 +318,8 @@ class RuleAgent(Agent):
         self.front = [(dict(m["config"]), Score.from_dict(m["score"])) for m in state.get("front", [])]
         self.member = int(state.get("member", 0))
         self.asked = int(state.get("asked", 0))
+        self.asked_policies = set(state.get("asked_policies", []))
+        self.repeats = int(state.get("repeats", 0))
         if self.sensitivity is not None and state.get("sensitivity") is not None:
             self.sensitivity.load_state_dict(state["sensitivity"])
         version, internal, gauss = state["rng"]
