@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 Metric = Literal["accuracy", "latency_ms", "size_bytes", "macs"]
 METRICS: tuple[Metric, ...] = ("accuracy", "latency_ms", "size_bytes", "macs")
 Direction = Literal["max", "min"]
+T = TypeVar("T")
 
 # Rewards of infeasible or failed candidates lie below every feasible reward.
 INFEASIBLE_REWARD = -2.0
@@ -178,6 +179,11 @@ class Objective:
             value = value / self.dense.get(resource)  # relative, so the reward does not depend on units
         return -(1.0 - score.accuracy) * math.log(math.e + max(value, 0.0))
 
+    def resource_of(self, score: Score) -> float:
+        """The score's value of :attr:`resource` (0 when nothing is minimised)."""
+        metric = self.resource
+        return score.get(metric) if metric is not None else 0.0
+
     def dominates(self, a: Score, b: Score) -> bool:
         """``a`` is at least as good on every goal and better on one."""
         better = False
@@ -212,6 +218,17 @@ def pareto_front(scores: Sequence[Score], objective: Objective, *, feasible_only
             front.append(i)
             seen.add(key)
     return front
+
+
+def with_nondominated(
+    front: list[tuple[T, Score]], item: T, score: Score, objective: Objective
+) -> list[tuple[T, Score]]:
+    """``front`` with ``(item, score)`` added and what it dominates removed; ``front`` itself
+    when a member dominates it or scores the same (an incremental :func:`pareto_front`)."""
+    mine = objective.values(score)
+    if any(objective.dominates(other, score) or objective.values(other) == mine for _, other in front):
+        return front
+    return [(i, s) for i, s in front if not objective.dominates(score, s)] + [(item, score)]
 
 
 def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from agents.actions import LayerAction, layer_policy
 from agents.base import Agent
-from agents.objective import Objective, Score
+from agents.objective import Objective, Score, with_nondominated
 from agents.sensitivity import Sensitivity
 from compression.policy import LayerPolicy, Policy, Scheme
 from compression.space import LayerSpace, SearchSpace
@@ -191,7 +191,7 @@ class RuleAgent(Agent):
     def _refill_front(self) -> None:
         """Pareto mode: step each front member along the current group (± step), member by member;
         after every member had its turn move to the next group, and after all groups halve the step."""
-        members = sorted(self.front, key=lambda cs: self._resource(cs[1]))
+        members = sorted(self.front, key=lambda cs: self.objective.resource_of(cs[1]))
         for _ in range(4 * max(1, len(self.groups)) * max(1, len(members))):
             if self.member >= len(members):
                 self.member = 0
@@ -220,20 +220,9 @@ class RuleAgent(Agent):
             for g, r in config.items()
         }
 
-    def _resource(self, score: Score) -> float:
-        metric = self.objective.resource
-        return score.get(metric) if metric is not None else 0.0
-
     def _add_to_front(self, config: Config, score: Score) -> None:
-        if not self.objective.feasible(score):
-            return
-        for _, other in self.front:
-            if self.objective.dominates(other, score) or self.objective.values(
-                other
-            ) == self.objective.values(score):
-                return
-        self.front = [(c, s) for c, s in self.front if not self.objective.dominates(score, s)]
-        self.front.append((dict(config), score))
+        if self.objective.feasible(score):
+            self.front = with_nondominated(self.front, dict(config), score, self.objective)
 
     @staticmethod
     def _key(config: Config) -> str:

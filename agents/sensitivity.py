@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from agents.actions import fine_scheme
-from agents.objective import Objective, Score
+from agents.objective import Objective, Score, with_nondominated
 from compression.policy import LayerPolicy, Policy, PolicyError
 from compression.space import LayerSpace, SearchSpace
 
@@ -161,32 +161,20 @@ class Sensitivity:
     def constrained(self) -> bool:
         return self.objective.max_latency_ms is not None or self.objective.max_size_bytes is not None
 
-    def _resource(self, score: Score) -> float:
-        metric = self.objective.resource
-        return score.get(metric) if metric is not None else 0.0
-
     def tell(self, policy: Policy, score: Score) -> None:
         self.proposed.add(policy.hash)
         if score.ok and self.anchor is None:
             self.seen.append((policy, score))
         # Under a resource limit the front keeps infeasible points too: moves start from them.
         if self.objective.feasible(score) or (score.ok and self.constrained):
-            self._add_to_front(policy, score)
+            self.front = with_nondominated(self.front, policy, score, self.objective)
         move = self.outstanding.pop(policy.hash, None)
         if move is not None and self.anchor is not None and score.ok:
             a = self.anchor[1]
-            d_res = self._resource(score) - self._resource(a)
+            d_res = self.objective.resource_of(score) - self.objective.resource_of(a)
             self.effects[move_key(move)] = (score.accuracy - a.accuracy, d_res)
-            saves = d_res <= -MIN_SAVING * max(self._resource(a), 1e-12)
+            saves = d_res <= -MIN_SAVING * max(self.objective.resource_of(a), 1e-12)
             self.kind_probes.setdefault(kind_of(move, self.space), []).append(saves)
-
-    def _add_to_front(self, policy: Policy, score: Score) -> None:
-        mine = self.objective.values(score)
-        for _, other in self.front:
-            if self.objective.dominates(other, score) or self.objective.values(other) == mine:
-                return
-        self.front = [(p, s) for p, s in self.front if not self.objective.dominates(score, s)]
-        self.front.append((policy, score))
 
     def _kind_alive(self, move: Move) -> bool:
         history = self.kind_probes.get(kind_of(move, self.space), [])
@@ -200,7 +188,7 @@ class Sensitivity:
             return
         best = max(s.accuracy for _, s in self.seen)
         keeps = [(p, s) for p, s in self.seen if s.accuracy >= best - ANCHOR_TOLERANCE]
-        self.anchor = min(keeps, key=lambda ps: self._resource(ps[1]))
+        self.anchor = min(keeps, key=lambda ps: self.objective.resource_of(ps[1]))
         self.seen = []  # only the anchor needed them (and the saved state stays small)
         by_kind: dict[str, list[tuple[float, Move]]] = {}
         for macs, move in candidate_moves(self.space, self.anchor[0]):
@@ -270,7 +258,7 @@ class Sensitivity:
         Under a resource limit only members over it: a move makes one feasible at a higher
         accuracy than the feasible ones have, while a move from a feasible one only loses.
         """
-        members = sorted(self.front, key=lambda ps: self._resource(ps[1]))
+        members = sorted(self.front, key=lambda ps: self.objective.resource_of(ps[1]))
         if self.constrained:
             members = [ps for ps in members if not self.objective.feasible(ps[1])]
         if not members:
