@@ -111,12 +111,11 @@ class OptunaAgent(Agent):
             self._enqueue_rule_sweep()
 
     def _enqueue_rule_sweep(self) -> None:
-        from agents.rule import RuleAgent
+        from agents.rule import rule_sweep
 
-        rule = RuleAgent(self.space, self.objective, self.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            for policy in rule.ask(len(rule.queue)):
+            for policy in rule_sweep(self.space, self.objective, self.seed):
                 self.study.enqueue_trial(from_policy(self.space, policy), skip_if_exists=True)
 
     def _storage(self) -> BaseStorage:

@@ -313,3 +313,9 @@ class RuleAgent(Agent):
             self.sensitivity.load_state_dict(state["sensitivity"])
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+
+
+def rule_sweep(space: SearchSpace, objective: Objective, seed: int = 0) -> list[Policy]:
+    """The rule agent's first proposals, its uniform sweep: the other agents' warm start."""
+    rule = RuleAgent(space, objective, seed)
+    return rule.ask(len(rule.queue))

@@ -45,6 +45,7 @@ import torch
 
 from agents import AGENTS, Objective, Score, make
 from agents.objective import hypervolume_2d
+from agents.rule import rule_sweep
 from compression.apply import CompressedModel
 from compression.data import load_dataset
 from compression.model_io import CompressibleModel
@@ -164,14 +165,6 @@ def runs_from_sources(
             if scores:
                 runs.append(Run(name, seed, scores, 0.0, cut_short=len(scores) < budget))
     return runs
-
-
-def warm_start_sweep(space: SearchSpace, objective: Objective) -> list[Policy]:
-    """What the Optuna agents propose first (``warm_start``): the rule agent's sweep."""
-    from agents.rule import RuleAgent
-
-    rule = RuleAgent(space, objective)
-    return rule.ask(len(rule.queue))
 
 
 Relatency = Callable[[Sequence[Policy], Sequence[Score]], Sequence[float]]
@@ -556,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     runs: list[Run] = []
     if args.from_sources:
-        sweep = [p.hash for p in warm_start_sweep(space, objective)]
+        sweep = [p.hash for p in rule_sweep(space, objective)]  # the Optuna agents' warm start
         warm = {n: sweep for n in names if n.startswith("optuna-")}
         runs = runs_from_sources(path, table, names, seeds, max(budgets), warm)
         names = []  # nothing to replay

@@ -8,7 +8,7 @@ import pytest
 
 from agents import Objective, make
 from agents.optuna_space import from_policy, to_policy
-from agents.rule import RuleAgent
+from agents.rule import rule_sweep
 from agents.testing import SyntheticProblem
 from compression.space import SearchSpace
 
@@ -24,8 +24,7 @@ def test_from_policy_inverts_to_policy(resnet_space: SearchSpace) -> None:
 def test_optuna_agents_begin_with_the_rule_sweep(name: str, resnet_space: SearchSpace) -> None:
     problem = SyntheticProblem(resnet_space)
     objective = Objective().with_dense(problem.dense_score())
-    rule = RuleAgent(resnet_space, objective, seed=3)
-    sweep = [p.hash for p in rule.ask(len(rule.queue))]
+    sweep = [p.hash for p in rule_sweep(resnet_space, objective, seed=3)]
     agent = make(name, resnet_space, objective, 3)
     asked = agent.ask(len(sweep) + 2)
     assert [p.hash for p in asked[: len(sweep)]] == sweep
