@@ -140,8 +140,7 @@ def runs_from_sources(
     hashes an agent proposes first whatever its seed (the Optuna agents' warm start, which
     the rule agent scored first), put before its own rows.
     """
-    by_source: dict[str, list[Score]] = {}
-    hashes: dict[str, list[str]] = {}
+    by_source: dict[str, list[tuple[str, Score]]] = {}
     seen: set[tuple[str, str]] = set()  # two processes replaying one run both append its policies
     for raw in _read_lines(path):
         if (raw["source"], raw["hash"]) in seen:
@@ -149,8 +148,7 @@ def runs_from_sources(
         seen.add((raw["source"], raw["hash"]))
         # The table's current score: its latency is recomputed for the source in use.
         score = table.scores.get(raw["hash"]) or Score.from_dict(raw["score"])
-        by_source.setdefault(raw["source"], []).append(score)
-        hashes.setdefault(raw["source"], []).append(raw["hash"])
+        by_source.setdefault(raw["source"], []).append((raw["hash"], score))
     runs = []
     for name in names:
         first = [h for h in (prefix or {}).get(name, []) if h in table.scores]
@@ -159,9 +157,7 @@ def runs_from_sources(
             own = by_source.get(f"{name}/{seed}", [])
             if not own:
                 continue
-            scores = (
-                head + [s for h, s in zip(hashes[f"{name}/{seed}"], own, strict=True) if h not in first]
-            )[:budget]
+            scores = (head + [s for h, s in own if h not in first])[:budget]
             if scores:
                 runs.append(Run(name, seed, scores, 0.0, cut_short=len(scores) < budget))
     return runs
