@@ -26,9 +26,7 @@ import torch
 
 from agents import Objective
 from agents.objective import Score
-from agents.rule import RuleAgent
 from bench.search import (
-    ASK_BATCH,
     EARLY_MARGIN,
     PREDICTOR_ROOT,
     REF_ACCURACY_DROP,
@@ -37,27 +35,27 @@ from bench.search import (
     evaluate_early_stop,
     latency_source,
     load_model,
+    replay,
 )
 from compression.policy import Policy
+from compression.space import SearchSpace
 from compression.space_builder import space_for
 from modeltailor.search import Evaluator
 
 BUDGETS = (50, 100, 200)
 
 
-def best_feasible(agent: RuleAgent, objective: Objective, score: Callable[[Policy], Score]) -> list[float]:
-    """Best feasible accuracy among the first 50 / 100 / 200 distinct candidates."""
-    found: list[Score] = []
-    seen: set[str] = set()
-    while len(found) < max(BUDGETS):
-        policies = agent.ask(ASK_BATCH)
-        scores = [score(p) for p in policies]
-        agent.tell(policies, scores)
-        for p, s in zip(policies, scores, strict=True):
-            if p.hash not in seen:
-                seen.add(p.hash)
-                found.append(s)
-    return [max((s.accuracy for s in found[:b] if objective.feasible(s)), default=0.0) for b in BUDGETS]
+def best_feasible(
+    space: SearchSpace, objective: Objective, table: Table, seed: int, sensitivity: bool
+) -> list[float]:
+    """Best feasible accuracy among the rule agent's first 50 / 100 / 200 distinct candidates."""
+    run = replay("rule", space, objective, table, seed, max(BUDGETS), {"sensitivity": sensitivity})
+    return [max((s.accuracy for s in run.scores[:b] if objective.feasible(s)), default=0.0) for b in BUDGETS]
+
+
+def scored_by(score: Callable[[Policy], Score]) -> Callable[[Policy], tuple[Score, int]]:
+    """A table's scoring function from a plain one (no validation images to count)."""
+    return lambda policy: (score(policy), 0)
 
 
 def synthetic(fractions: list[float]) -> None:
@@ -76,11 +74,11 @@ def synthetic(fractions: list[float]) -> None:
         for seed in range(3):
             problem = SyntheticProblem(space, seed=seed)
             dense = problem.dense_score()
+            table = Table(None, scored_by(problem.score))
             for fraction in fractions:
                 objective = Objective(max_latency_ms=fraction * dense.latency_ms).with_dense(dense)
                 for sensitivity in (True, False):
-                    agent = RuleAgent(space, objective, seed=0, sensitivity=sensitivity)
-                    best = best_feasible(agent, objective, problem.score)
+                    best = best_feasible(space, objective, table, 0, sensitivity)
                     name = "rule" if sensitivity else "rule, no sensitivity"
                     row = f"{arch:<12} {seed:>4} {fraction:>6.2f} {name:<22}"
                     print(row + "".join(f"{a:>10.4f}" for a in best), flush=True)
@@ -127,8 +125,7 @@ def main() -> None:
         for fraction in fractions:
             objective = Objective(max_latency_ms=fraction * dense.latency_ms).with_dense(dense)
             for sensitivity in (True, False):
-                agent = RuleAgent(space, objective, seed=args.seed, sensitivity=sensitivity)
-                best = best_feasible(agent, objective, lambda p: table.score(p, "rule-limit"))
+                best = best_feasible(space, objective, table, args.seed, sensitivity)
                 name = "rule" if sensitivity else "rule, no sensitivity"
                 print(f"{fraction:>8.2f} {name:<22}" + "".join(f"{a:>10.4f}" for a in best), flush=True)
 
