@@ -29,6 +29,21 @@ class Settings(BaseSettings):
         lease_s: job lease length; a dead runner's job is resumed after this long.
         poll_s: how often an idle runner looks for queued jobs.
         create_local_tenant: on first start, create tenant "local" and save its key.
+        max_json_body_bytes: largest JSON request body (read in chunks, refused with 413 past it).
+        max_unpacked_bytes: largest total inflated size of an uploaded archive (.pt2 / .npz
+            members), checked from the archive's directory before anything is inflated.
+        max_model_params: most elements all tensors of an uploaded model may declare together.
+        max_dataset_elements: most elements all arrays of an uploaded data set may hold together.
+        uploads_per_tenant: uploads of one tenant checked at the same time (more answer 429).
+        inspect_memory_bytes: address-space limit of the process that loads and inspects an upload.
+        inspect_timeout_s: wall-clock limit of that process.
+        streams_per_tenant: open event streams of one tenant (more answer 429).
+        queued_jobs_per_tenant: queued or running jobs of one tenant (more answer 429).
+        max_job_candidates: largest ``budget.candidates`` of a job.
+        max_job_seconds: largest ``budget.seconds`` of a job.
+        max_calibration_samples: largest ``samples`` of a calibration.
+        admin_key: key that may calibrate the shared built-in devices (None: nobody may; tenants
+            calibrate devices they created).
 
     Each field is read from ``MODELTAILOR_<FIELD>`` (``DATABASE_URL`` and ``RAY_ADDRESS`` also
     without the prefix). The device-latency timeouts are in :class:`Timeouts`.
@@ -52,6 +67,20 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=30.0, gt=0)
     poll_s: float = Field(default=1.0, gt=0)
     create_local_tenant: bool = True
+    # Limits a single tenant's requests can reach (the hostile-tenant suite checks each).
+    max_json_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_unpacked_bytes: int = Field(default=2 * 1024**3, ge=1)
+    max_model_params: int = Field(default=100_000_000, ge=1)
+    max_dataset_elements: int = Field(default=256 * 1024**2, ge=1)
+    uploads_per_tenant: int = Field(default=2, ge=1, le=64)
+    inspect_memory_bytes: int = Field(default=6 * 1024**3, ge=256 * 1024**2)
+    inspect_timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+    streams_per_tenant: int = Field(default=8, ge=1, le=1024)
+    queued_jobs_per_tenant: int = Field(default=20, ge=1)
+    max_job_candidates: int = Field(default=5000, ge=1)
+    max_job_seconds: float = Field(default=86_400.0, gt=0, allow_inf_nan=False)
+    max_calibration_samples: int = Field(default=1000, ge=2)
+    admin_key: str | None = None
 
     @property
     def db_url(self) -> str:
