@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 Metric = Literal["accuracy", "latency_ms", "size_bytes", "macs"]
 METRICS: tuple[Metric, ...] = ("accuracy", "latency_ms", "size_bytes", "macs")
@@ -102,28 +102,6 @@ class Objective:
         metrics = [g.metric for g in self.goals]
         if len(set(metrics)) != len(metrics):
             raise ValueError(f"each metric may appear once in goals, got {metrics}")
-
-    @classmethod
-    def from_dict(
-        cls, objectives: Sequence[Mapping[str, str]] | None, constraints: Mapping[str, Any] | None
-    ) -> Objective:
-        """Parse the REST form: ``[{"metric", "direction"}]`` and ``{"latency_ms": {"max": 2.0}, ...}``."""
-        goals = tuple(
-            Goal(cast(Metric, o["metric"]), cast(Direction, o["direction"])) for o in objectives or []
-        )
-        known = {
-            "latency_ms": "max_latency_ms",
-            "accuracy_drop": "max_accuracy_drop",
-            "size_bytes": "max_size_bytes",
-        }
-        kw: dict[str, Any] = {}
-        for name, bound in (constraints or {}).items():
-            if name not in known:
-                raise ValueError(f"unknown constraint {name!r}; use one of {sorted(known)}")
-            if not isinstance(bound, Mapping) or set(bound) != {"max"}:
-                raise ValueError(f"constraint {name!r} must be {{'max': number}}, got {bound!r}")
-            kw[known[name]] = float(bound["max"])
-        return cls(goals=goals, **kw) if goals else cls(**kw)
 
     def with_dense(self, dense: Score) -> Objective:
         """This objective with the dense model's score filled in."""

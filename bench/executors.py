@@ -31,9 +31,9 @@ from compression.data import load_dataset
 from compression.policy import Policy
 from compression.resolve import data_dir, resolve_model
 from compression.space_builder import space_for
-from modeltailor.device_latency import latency_callback
-from modeltailor.search import Evaluator, EvaluatorPayload, evaluate_in_worker, load_worker_evaluator
-from service.executors import InProcessExecutor, LocalPoolExecutor, RayExecutor, ensure_ray
+from engine.device_latency import latency_callback
+from engine.executors import InProcessExecutor, LocalPoolExecutor, RayExecutor, ensure_ray
+from engine.search import Evaluator, EvaluatorPayload, evaluate_in_worker, load_worker_evaluator
 
 
 def executor_for(name: str) -> Callable[[Callable[..., Any], tuple[Any, ...]], Any]:

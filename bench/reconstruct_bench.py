@@ -2,7 +2,7 @@
 
 For each model and policy: apply, (re-fit pruned layers to the dense outputs,) recalibrate
 BatchNorm on the search's 4 x 64 calibration images, evaluate on its 1,000 validation images
-(``modeltailor.search.Evaluator``'s subsets). Seconds are per policy: apply + reconstruct +
+(``engine.search.Evaluator``'s subsets). Seconds are per policy: apply + reconstruct +
 recalibrate + evaluate; "refit s" is the reconstruction alone.
 
     PYTHONPATH=. python -m bench.reconstruct_bench [--models resnet20,mobilenetv2] [--threads 1]
@@ -23,8 +23,8 @@ from compression.model_io import CompressibleModel
 from compression.policy import Policy
 from compression.reconstruct import reconstruct
 from compression.space_builder import space_for
-from modeltailor.device_latency import macs_proxy
-from modeltailor.search import Evaluator
+from engine.device_latency import macs_proxy
+from engine.search import Evaluator
 
 
 def policies(model: CompressibleModel) -> dict[str, Policy]:

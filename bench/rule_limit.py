@@ -40,7 +40,7 @@ from bench.search import (
 from compression.policy import Policy
 from compression.space import SearchSpace
 from compression.space_builder import space_for
-from modeltailor.search import Evaluator
+from engine.search import Evaluator
 
 BUDGETS = (50, 100, 200)
 

@@ -53,8 +53,8 @@ from compression.policy import Policy
 from compression.resolve import data_dir, resolve_model
 from compression.space import SearchSpace
 from compression.space_builder import space_for
-from modeltailor.device_latency import PROXY_LABEL, PROXY_MACS_PER_MS, macs_proxy, stored_predictor_latency
-from modeltailor.search import Evaluator
+from engine.device_latency import PROXY_LABEL, PROXY_MACS_PER_MS, macs_proxy, stored_predictor_latency
+from engine.search import Evaluator
 
 AGENT_ORDER = ("random", "rule", "optuna-tpe", "optuna-nsga2", "ddpg", "agmc")
 BUDGETS = (50, 100, 200)

@@ -6,10 +6,10 @@ through :func:`make_dataset`'s checks, so later stages never meet a bad array.
 
 Built-in splits (fixed seed permutations, so every machine gets the same split):
 
-* ``mnist``: the 10,000 real MNIST test images in ``<shared>/data/mnist``
-  (``<shared>`` is ``$MODELTAILOR_SHARED_DIR`` or ``<repo>/../shared``), permuted
-  with seed 0 into train 7,000 / val 1,500 / test 1,500 images; pixels scaled to
-  [0, 1], then standardised with the train split's mean and std.
+* ``mnist``: the 10,000 real MNIST test images, bundled as package data
+  (``compression/builtin_data/mnist_t10k.npz``, licence in ``NOTICE.txt`` beside
+  it), permuted with seed 0 into train 7,000 / val 1,500 / test 1,500 images;
+  pixels scaled to [0, 1], then standardised with the train split's mean and std.
 * ``digits``: scikit-learn's 1,797 8x8 digits, permuted with seed 0 into train
   1,257 / val 270 / test 270; pixels scaled to [0, 1] (divided by 16), then
   standardised with the train split's mean and std.
@@ -22,21 +22,23 @@ be square. Labels are non-negative integers (integral floats are accepted).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from compression.archive_check import ArchiveError, ArchiveLimitError, ArchiveLimits, read_npz
+
 __all__ = [
     "BUILTINS",
     "DataError",
+    "DataTooLargeError",
     "Dataset",
     "batches",
     "calibration_batches",
@@ -45,12 +47,12 @@ __all__ = [
     "load_npz",
     "make_dataset",
     "save_npz",
-    "shared_dir",
 ]
 
 BUILTINS: tuple[str, ...] = ("mnist", "digits")
 SPLIT_SEED = 0
 MNIST_SPLIT = (7_000, 1_500, 1_500)
+MNIST_FILE = "mnist_t10k.npz"  # in compression/builtin_data/: uint8 images, labels
 _REQUIRED_KEYS = ("x_train", "y_train", "x_val", "y_val")
 _OPTIONAL_KEYS = ("x_test", "y_test")
 _MAX_CHANNELS = 4
@@ -58,6 +60,10 @@ _MAX_CHANNELS = 4
 
 class DataError(ValueError):
     """A data set is missing, malformed or inconsistent; the message names the problem."""
+
+
+class DataTooLargeError(DataError):
+    """An .npz is over a size limit (unpacked bytes or elements; the message names the setting)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,30 +248,6 @@ def make_dataset(
 # --------------------------------------------------------------------------- built-ins
 
 
-def shared_dir() -> Path:
-    """The shared folder: ``$MODELTAILOR_SHARED_DIR`` or ``<repo>/../shared``."""
-    env = os.environ.get("MODELTAILOR_SHARED_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    return (Path(__file__).resolve().parent.parent.parent / "shared").resolve()
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """Parse a gzipped idx file (big-endian header: magic, dims) with numpy."""
-    if not path.is_file():
-        raise DataError(f"MNIST file not found: {path} (set MODELTAILOR_SHARED_DIR to the shared folder)")
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte idx file")
-    ndim = data[3]
-    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: idx body holds {body.size} bytes, header says {tuple(dims)}")
-    return body.reshape(tuple(dims))
-
-
 def _standardised_split(name: str, x: np.ndarray, y: np.ndarray, sizes: tuple[int, int, int]) -> Dataset:
     """Permute with :data:`SPLIT_SEED`, split, and standardise with the train split's stats."""
     order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
@@ -290,11 +272,14 @@ def _standardised_split(name: str, x: np.ndarray, y: np.ndarray, sizes: tuple[in
 
 
 def _load_mnist() -> Dataset:
-    root = shared_dir() / "data" / "mnist"
-    images = _read_idx(root / "t10k-images-idx3-ubyte.gz")
-    labels = _read_idx(root / "t10k-labels-idx1-ubyte.gz")
+    # Package data, not a path next to the checkout: a wheel install has no repo around it.
+    source = resources.files("compression").joinpath("builtin_data", MNIST_FILE)
+    if not source.is_file():
+        raise DataError(f"bundled MNIST file missing from the installation: {source} (reinstall modeltailor)")
+    with source.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+        images, labels = npz["images"], npz["labels"]
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or len(images) < sum(MNIST_SPLIT):
-        raise DataError(f"{root}: unexpected MNIST shapes {images.shape} / {labels.shape}")
+        raise DataError(f"{source}: unexpected MNIST shapes {images.shape} / {labels.shape}")
     x = images[:, None, :, :].astype(np.float32) / np.float32(255.0)
     return _standardised_split("mnist", x, labels, MNIST_SPLIT)
 
@@ -325,12 +310,16 @@ def load_builtin(name: str) -> Dataset:
 # --------------------------------------------------------------------------- .npz files
 
 
-def load_npz(path: str | Path, *, name: str | None = None) -> Dataset:
+def load_npz(path: str | Path, *, name: str | None = None, limits: ArchiveLimits | None = None) -> Dataset:
     """Load and validate a user's .npz (``x_train, y_train, x_val, y_val``, optional test).
 
-    Never unpickles: object arrays are refused.
+    Never unpickles (object arrays are refused) and never inflates more than the archive
+    declares: every ``.npy`` header is checked against its member's size and ``limits``
+    (None: no size limit) before any array is read
+    (:func:`compression.archive_check.read_npz`).
 
     Raises:
+        DataTooLargeError: over one of ``limits``.
         DataError: not a file, not an npz/zip, a missing key, or any array problem.
     """
     path = Path(path)
@@ -338,28 +327,18 @@ def load_npz(path: str | Path, *, name: str | None = None) -> Dataset:
         raise DataError(f"data file not found: {path}")
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not an .npz (zip) file")
-    arrays: dict[str, np.ndarray] = {}
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            missing = [k for k in _REQUIRED_KEYS if k not in keys]
-            if missing:
-                raise DataError(
-                    f"{path}: missing key(s) {', '.join(missing)}; an .npz needs "
-                    f"{', '.join(_REQUIRED_KEYS)} (x_test, y_test optional); found: {', '.join(sorted(keys))}"
-                )
-            for key in _REQUIRED_KEYS + _OPTIONAL_KEYS:
-                if key in keys:
-                    try:
-                        arrays[key] = npz[key]
-                    except ValueError as exc:
-                        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
-                            raise DataError(
-                                f"{path}: {key} is an object array (pickled data), refused"
-                            ) from None
-                        raise DataError(f"{path}: {key} cannot be read: {exc}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise DataError(f"{path}: corrupt .npz file: {exc}") from None
+        arrays, names = read_npz(path, _REQUIRED_KEYS + _OPTIONAL_KEYS, limits or ArchiveLimits())
+    except ArchiveLimitError as exc:
+        raise DataTooLargeError(f"{path}: {exc}") from None
+    except ArchiveError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    missing = [k for k in _REQUIRED_KEYS if k not in arrays]
+    if missing:
+        raise DataError(
+            f"{path}: missing key(s) {', '.join(missing)}; an .npz needs "
+            f"{', '.join(_REQUIRED_KEYS)} (x_test, y_test optional); found: {', '.join(names)}"
+        )
     return make_dataset(name or path.stem, **arrays)
 
 

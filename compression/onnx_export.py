@@ -65,8 +65,18 @@ def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / scale)
 
 
+_TRACED_SHAPE_METHODS = {
+    torch.ops.aten.sym_size.int: "size",
+    torch.ops.aten.view.default: "reshape",
+    torch.ops.aten.reshape.default: "reshape",
+    torch.ops.aten._unsafe_view.default: "reshape",
+    torch.ops.aten.expand.default: "expand",
+}
+
+
 def _plain_copy(gm: torch.nn.Module) -> torch.nn.Module:
-    """A module the TorchScript exporter accepts: plain GraphModule copy, no guard node.
+    """A module the TorchScript exporter accepts: plain GraphModule copy, no guard node,
+    shape ops as Tensor methods (so a dynamic batch stays dynamic in the file).
 
     ``_guards_fn`` only re-checks input shapes in Python; traced by the TorchScript exporter
     it turns into constant-folded asserts and tracer warnings, so the copy drops it.
@@ -78,6 +88,12 @@ def _plain_copy(gm: torch.nn.Module) -> torch.nn.Module:
     graph.set_codegen(gm.graph._codegen)
     for node in gm.graph.nodes:
         if node.op == "call_module" and str(node.target).startswith("_guards"):
+            continue
+        method = _TRACED_SHAPE_METHODS.get(node.target) if node.op == "call_function" else None
+        if method is not None:
+            # The tracer records ``x.size(0)`` fed to ``x.reshape`` as shape ops; through the
+            # aten overloads the size becomes a constant: the example's batch, baked in.
+            env[node] = graph.call_method(method, torch.fx.map_arg(node.args, lambda n: env[n]))
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.lint()

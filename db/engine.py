@@ -3,6 +3,22 @@
 SQLite gets WAL mode, a busy timeout and foreign keys on every connection, so the API,
 the runner threads and a separate worker process can share one file without
 "database is locked" errors on short write bursts.
+
+Two kinds of transaction on SQLite:
+
+* A plain session (``factory()``) may write, so its transaction starts with ``BEGIN
+  IMMEDIATE``: it takes the write lock up front and concurrent writers queue on the busy
+  timeout. A deferred transaction that reads and then writes would instead fail at once
+  with ``SQLITE_BUSY_SNAPSHOT`` whenever another writer committed after its read (WAL
+  cannot upgrade a stale snapshot, and the busy timeout does not apply), which is why
+  "begin deferred and let SQLite upgrade" is not used for writers.
+* A :func:`read_session` only reads, so it starts with a deferred ``BEGIN``: in WAL mode a
+  reader takes no lock a writer waits on and waits on no writer. Hot read paths that must
+  not queue behind writers use it: the API key lookup of every request, each poll of an
+  event stream, the runner's stop and cancel checks.
+
+PostgreSQL needs neither: MVCC readers never block writers, and the lease compare-and-set
+re-checks its WHERE clause after a concurrent commit.
 """
 
 from __future__ import annotations
@@ -11,11 +27,12 @@ import json
 import math
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+READ_ONLY_OPTION = "modeltailor_read_only"  # execution option: this connection's transactions only read
 
 
 def normalize_url(url: str) -> str:
@@ -42,10 +59,12 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _sqlite_begin(conn: Any) -> None:
-    # IMMEDIATE: take the write lock when the transaction starts, so two writers queue on
-    # the busy timeout instead of one failing on a read-to-write lock upgrade.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+def _sqlite_begin(conn: Connection) -> None:
+    # Writers: IMMEDIATE takes the write lock when the transaction starts, so two writers queue
+    # on the busy timeout instead of one failing on a read-to-write upgrade. Readers: deferred,
+    # so they never hold (or wait for) the write lock. See the module docstring.
+    read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def _finite(value: Any) -> Any:
@@ -89,3 +108,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded values after commit (handlers read them after committing)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def read_session(factory: sessionmaker[Session]) -> Session:
+    """A session of ``factory`` for reads only: a deferred ``BEGIN`` on SQLite (no write lock).
+
+    Use it where a read must neither take nor wait for SQLite's write lock; anything that may
+    write uses a plain ``factory()`` session. Objects it loads keep their values after it closes.
+    """
+    engine = factory.kw["bind"]
+    return factory(bind=engine.execution_options(**{READ_ONLY_OPTION: True}))

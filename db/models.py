@@ -164,7 +164,12 @@ class Measurement(Base):
 
 
 class Predictor(Base):
-    """A trained latency predictor for one device, versioned, with held-out metrics."""
+    """A trained latency predictor for one device, versioned, with held-out metrics.
+
+    ``version`` numbers every predictor of the device, whoever made it. ``tenant_id`` (added
+    in 0004) is NULL for the device's own predictors; on a shared built-in device it names
+    the tenant whose job calibrated it, and only that tenant sees and uses it.
+    """
 
     __tablename__ = "predictors"
     __table_args__ = (UniqueConstraint("device_id", "version"),)
@@ -172,6 +177,9 @@ class Predictor(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
     version: Mapped[int] = mapped_column(Integer)
+    tenant_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True, default=None
+    )
     kind: Mapped[str] = mapped_column(String(32), default="")
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     artifact_path: Mapped[str | None] = mapped_column(Text, default=None)

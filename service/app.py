@@ -3,6 +3,9 @@
 Start-up (the lifespan) creates the data directory, applies Alembic migrations, adds
 the built-in local devices, creates the local tenant on a first start (printing its
 key) and, in the embedded default, starts the job runner inside the API process.
+Every request passes :class:`~service.body_limit.BodyLimit` (bodies over
+``max_json_body_bytes`` answer 413 unread) and every answer gets the headers of
+:class:`~service.security_headers.SecurityHeaders`.
 """
 
 from __future__ import annotations
@@ -14,23 +17,28 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 import modeltailor
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
+from engine.job import ExportContext, ExportResult
+from engine.job import export_candidate as default_exporter
 from service import queries
 from service.auth import ensure_local_tenant
+from service.body_limit import BodyLimit
 from service.dashboard.routes import router as dashboard_router
 from service.routers import artifacts, candidates, dashboard_api, datasets, devices, jobs, models
 from service.runner import Runner, SearchFn
-from service.search_bridge import ExportContext, ExportResult
-from service.search_bridge import export_candidate as default_exporter
+from service.security_headers import SecurityHeaders, docs_policy
 from service.settings import Settings
 
 log = logging.getLogger("modeltailor.service")
 Exporter = Callable[[ExportContext], ExportResult]
+#: The routes that take multipart uploads, under their own limit (``Settings.max_upload_bytes``).
+UPLOAD_PATHS = ("/v1/models", "/v1/datasets")
 
 
 def _loc(loc: Any) -> str:
@@ -98,8 +106,8 @@ def create_app(
 
     Args:
         settings: read once by the caller (``Settings()`` reads the environment).
-        search: job search entry point; default ``search_bridge.run_job``.
-        exporter: candidate export; default ``search_bridge.export_candidate``.
+        search: job search entry point; default ``engine.job.run_job``.
+        exporter: candidate export; default ``engine.job.export_candidate``.
         announce: where the first-start API key is printed.
     """
 
@@ -136,10 +144,14 @@ def create_app(
             "Every `/v1` call needs `Authorization: Bearer <api key>`."
         ),
         lifespan=lifespan,
+        docs_url=None,  # served below, under a policy that lets their CDN assets load
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.exporter = exporter or default_exporter
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_json_body_bytes, upload_paths=UPLOAD_PATHS)
+    app.add_middleware(SecurityHeaders)  # outermost: a 413 of BodyLimit gets the headers too
 
     v1 = APIRouter(prefix="/v1")
     for module in (models, datasets, devices, jobs, candidates, artifacts, dashboard_api):
@@ -157,6 +169,22 @@ def create_app(
     def healthz() -> dict[str, str]:
         """Liveness probe (no auth)."""
         return {"status": "ok"}
+
+    def docs_page(page: HTMLResponse) -> HTMLResponse:
+        page.headers["Content-Security-Policy"] = docs_policy(bytes(page.body))
+        return page
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        """Swagger UI, its script and stylesheet from cdn.jsdelivr.net."""
+        openapi_url = request.scope.get("root_path", "") + str(app.openapi_url)
+        return docs_page(get_swagger_ui_html(openapi_url=openapi_url, title=f"{app.title} - Swagger UI"))
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        """ReDoc, its script from cdn.jsdelivr.net."""
+        openapi_url = request.scope.get("root_path", "") + str(app.openapi_url)
+        return docs_page(get_redoc_html(openapi_url=openapi_url, title=f"{app.title} - ReDoc"))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

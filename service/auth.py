@@ -51,7 +51,11 @@ def create_tenant(session: Session, *, name: str) -> tuple[Tenant, str]:
 
 
 def tenant_for_key(session: Session, *, key: str) -> Tenant | None:
-    """The tenant owning ``key``, or None for unknown or revoked keys."""
+    """The tenant owning ``key``, or None for unknown or revoked keys.
+
+    Only reads: every request runs it, so callers give it a ``db.engine.read_session`` (no
+    SQLite write lock; see ``service.deps.current_tenant``).
+    """
     return session.scalar(
         select(Tenant)
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)

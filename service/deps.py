@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from db.engine import read_session
 from db.models import Tenant
 from service.auth import tenant_for_key
 from service.settings import Settings
@@ -17,7 +18,11 @@ _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bea
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request, closed (and rolled back if uncommitted) afterwards."""
+    """One session per request, closed (and rolled back if uncommitted) afterwards.
+
+    It opens its transaction (and, on SQLite, takes the write lock) only when the handler
+    first uses it; a handler that streams closes it before its stream starts.
+    """
     with request.app.state.session_factory() as session:
         yield session
 
@@ -33,10 +38,16 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def current_tenant(
-    session: SessionDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    """The tenant of the bearer key; 401 with a message saying what is wrong otherwise."""
+    """The tenant of the bearer key; 401 with a message saying what is wrong otherwise.
+
+    The lookup runs in its own read-only session, closed before the handler starts: on
+    SQLite a deferred transaction that takes no write lock, so any number of requests (event
+    streams included) authenticate while a writer holds the lock. The returned tenant is
+    detached and keeps its loaded values.
+    """
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise HTTPException(
@@ -44,14 +55,10 @@ def current_tenant(
             "missing API key: send the header 'Authorization: Bearer <key>'",
             headers=challenge,
         )
-    tenant = tenant_for_key(session, key=credentials.credentials)
+    with read_session(request.app.state.session_factory) as session:
+        tenant = tenant_for_key(session, key=credentials.credentials)
     if tenant is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key", headers=challenge)
-    # End the lookup's transaction now: on SQLite every transaction holds the write lock
-    # (BEGIN IMMEDIATE), so a slow handler (an upload check, an event stream) must not
-    # start with one open. Expunged, the tenant keeps its loaded values.
-    session.expunge(tenant)
-    session.rollback()
     return tenant
 
 

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from db.models import Artifact, Candidate, Job
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Artifact, Candidate, Job, Measurement
+from db.models import Device as DeviceRow
+from engine.job import DeviceRef, ExportContext
+from engine.spec import JobSpec
+from service import latency as lat
 from service import queries
+from service.job_latency import REMEASURE_WAIT_S
 from service.runner import candidate_scores, job_refs
-from service.search_bridge import ExportContext
 
 log = logging.getLogger("modeltailor.exports")
 
@@ -23,33 +30,59 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def time_on_agent(
+    factory: sessionmaker[Session],
+    data_dir: Path,
+    device: DeviceRef,
+    artifact_id: int,
+    model: Path,
+    dense: Path,
+) -> tuple[float, float, float]:
+    """Time ``model`` against ``dense`` on a remote device through its agent's task:
+    (measured ms, dense ms, speedup)."""
+    with factory() as session:
+        row = session.get(DeviceRow, device.id)
+        if row is None:
+            raise RuntimeError(f"device {device.name} was deleted")
+        task = lat.add_task(
+            session,
+            data_dir=data_dir,
+            device=row,
+            tenant_id=row.tenant_id,
+            purpose="export",
+            model=model,
+            baseline=dense,
+            runs=200,
+            warmup=20,
+            info={"artifact_id": artifact_id},
+        )
+        task_id = task.id
+    deadline = time.monotonic() + REMEASURE_WAIT_S
+    while time.monotonic() < deadline:
+        with factory() as session:
+            m = session.get(Measurement, task_id)
+            if m is not None and m.status == "failed":
+                raise RuntimeError(f"the device agent could not time the export: {m.error}")
+            if m is not None and m.status == "done":
+                stats = dict(m.latency_stats)
+                dense_ms = (stats.get("baseline") or {}).get("median_ms")
+                if m.latency_ms is None or dense_ms is None or not stats.get("speedup"):
+                    raise RuntimeError("the device agent's result lacks the dense timing")
+                return float(m.latency_ms), float(dense_ms), float(stats["speedup"])
+        time.sleep(lat.POLL_S)
+    raise RuntimeError(
+        f"no device agent timed the export on {device.name} within {REMEASURE_WAIT_S:.0f} s; "
+        f"is `modeltailor device-agent --device {device.id}` running?"
+    )
+
+
 def run_export(state: Any, artifact_id: int) -> None:
     """Build artifact ``artifact_id`` with ``state.exporter``; mark it ready or failed with why."""
     factory = state.session_factory
-    with factory() as session:
-        artifact = session.get(Artifact, artifact_id)
-        candidate = session.get(Candidate, artifact.candidate_id) if artifact else None
-        job = session.get(Job, candidate.job_id) if candidate else None
-        if artifact is None or candidate is None or job is None:
-            return
-        model, dataset, device = job_refs(session, job)
-        out = Path(state.settings.data_dir) / "artifacts" / f"{artifact_id}.{artifact.format}"
-        ctx = ExportContext(
-            artifact_id=artifact_id,
-            policy=dict(candidate.policy),
-            scores=candidate_scores(candidate),
-            job_spec=dict(job.spec),
-            model=model,
-            dataset=dataset,
-            device=device,
-            int8=artifact.int8,
-            finetune_epochs=artifact.finetune_epochs,
-            out_path=out,
-            data_dir=Path(state.settings.data_dir),
-            progress=lambda data: None,
-            session_factory=factory,
-        )
     try:
+        ctx = _context(factory, Path(state.settings.data_dir), artifact_id)
+        if ctx is None:
+            return
         result = state.exporter(ctx)
         path = Path(result.path)
         metrics = dict(result.metrics)
@@ -68,3 +101,29 @@ def run_export(state: Any, artifact_id: int) -> None:
         message = str(exc) if isinstance(exc, NotImplementedError) else f"{type(exc).__name__}: {exc}"
         with factory() as session:
             queries.finish_artifact(session, artifact_id=artifact_id, status="failed", error=message)
+
+
+def _context(factory: sessionmaker[Session], data_dir: Path, artifact_id: int) -> ExportContext | None:
+    """The export's inputs read from its artifact, candidate and job; None if one was deleted."""
+    with factory() as session:
+        artifact = session.get(Artifact, artifact_id)
+        candidate = session.get(Candidate, artifact.candidate_id) if artifact else None
+        job = session.get(Job, candidate.job_id) if candidate else None
+        if artifact is None or candidate is None or job is None:
+            return None
+        model, dataset, device = job_refs(session, job)
+        return ExportContext(
+            artifact_id=artifact_id,
+            policy=dict(candidate.policy),
+            scores=candidate_scores(candidate),
+            job_spec=JobSpec.model_validate(job.spec),
+            model=model,
+            dataset=dataset,
+            device=device,
+            int8=artifact.int8,
+            finetune_epochs=artifact.finetune_epochs,
+            out_path=data_dir / "artifacts" / f"{artifact_id}.{artifact.format}",
+            data_dir=data_dir,
+            progress=lambda data: None,
+            time_on_agent=lambda m, d: time_on_agent(factory, data_dir, device, artifact_id, m, d),
+        )

@@ -1,9 +1,9 @@
 """The latency side of one job: its predictor (calibrating one first if needed), the dense
 baseline's measured latency, and the re-measurement of top Pareto points on the device.
 
-Used by ``service.search_wiring.run_job``. Everything that touches the device goes through
-``service.latency``: local devices are timed in this process, remote ones through tasks that
-device agents pull.
+Used by ``engine.run.search`` through ``JobContext.latency`` (the runner passes this class).
+Everything that touches the device goes through ``service.latency``: local devices are timed
+in this process, remote ones through tasks that device agents pull.
 
 Choices (documented here because the issue leaves them open):
 
@@ -22,8 +22,11 @@ Choices (documented here because the issue leaves them open):
   164 s + 13 s fitting under that load, so the job's default is 48 samples (about 1 minute
   quiet, under 2 minutes loaded). The random architectures keep the held-out figure (a split
   by architecture) meaningful. ``spec["calibration_samples"]`` overrides the size.
-* **Which predictor.** The device's newest version; a resumed job keeps the version its
-  first candidates were scored with, so one job's latencies are never mixed.
+* **Which predictor.** The newest version the job's tenant may use (``latency.preferred``):
+  on a shared built-in device the tenant's own, made by its jobs, before the admin's; a
+  resumed job keeps the version its first candidates were scored with (version numbers are
+  unique on a device), so one job's latencies are never mixed. A job's calibration of a
+  shared device makes a predictor of its tenant only, from its tenant's measurements only.
 * **Which front points are re-measured.** ``remeasure_top_k`` points spread evenly along the
   front by predicted latency (always both ends: the fastest and the most accurate), each
   timed interleaved with the dense model in one run, so the stored measured speedup is as
@@ -32,6 +35,7 @@ Choices (documented here because the issue leaves them open):
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -44,8 +48,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Candidate, Device, Job, Measurement, utcnow
+from engine.job import JobContext
 from service import latency as lat
-from service.search_bridge import JobContext
 from service.settings import Timeouts
 
 if TYPE_CHECKING:
@@ -85,13 +89,11 @@ class Remeasured:
 
 
 class JobLatency:
-    """Latency services for one claimed job (needs ``ctx.session_factory``)."""
+    """Latency services for one claimed job, over the service database (``factory``)."""
 
-    def __init__(self, ctx: JobContext) -> None:
-        if ctx.session_factory is None:
-            raise ValueError("JobLatency needs the service database (ctx.session_factory)")
+    def __init__(self, ctx: JobContext, factory: sessionmaker[Session]) -> None:
         self.ctx = ctx
-        self.factory: sessionmaker[Session] = ctx.session_factory  # type: ignore[assignment]
+        self.factory = factory
         self.data_dir = Path(ctx.data_dir)
         with self.factory() as session:
             job = session.get(Job, ctx.job_id)
@@ -138,22 +140,26 @@ class JobLatency:
             CalibrationError: no predictor and none could be made (or ``calibrate`` is never).
             CalibrationStopped: the job was cancelled meanwhile.
         """
-        mode = str(self.ctx.spec.get("calibrate") or "auto")
-        samples = int(self.ctx.spec.get("calibration_samples") or JOB_CALIBRATION_SAMPLES)
+        mode = self.ctx.spec.calibrate
+        samples = self.ctx.spec.calibration_samples or JOB_CALIBRATION_SAMPLES
         ran_own = False
         waited: set[int] = set()
+        scope = lat.scope_of(self.device, self.tenant_id)
         for _ in range(20):  # bounded: each turn waits for or runs one calibration
             with self.factory() as session:
                 dev = session.get(Device, self.device.id)
                 assert dev is not None
-                lat.sync_predictors(session, device=dev, data_dir=self.data_dir)
-            loaded = None
-            if pinned is not None:
-                loaded = lat.current_predictor(self.data_dir, self.device, pinned)
-            if loaded is None:
-                loaded = lat.current_predictor(self.data_dir, self.device)
+                find = functools.partial(
+                    lat.current_predictor,
+                    session,
+                    data_dir=self.data_dir,
+                    device=dev,
+                    tenant_id=self.tenant_id,
+                )
+                loaded = (find(version=pinned) if pinned is not None else None) or find()
             if loaded is not None:
-                if mode != "model" or ran_own or lat.model_seen(self.data_dir, self.device, ids[1]):
+                seen = lat.model_seen(self.data_dir, self.device, ids[1], loaded.tenant_id)
+                if mode != "model" or ran_own or seen:
                     return loaded
             if mode == "never":
                 raise lat.CalibrationError(
@@ -177,10 +183,11 @@ class JobLatency:
                 if active is None:
                     params = {
                         "samples": samples,
-                        "seed": int(self.ctx.spec.get("seed", 0)),
+                        "seed": self.ctx.spec.seed,
                         "runs": 100,
                         "plan": "focused",
                         "model": ids[1],
+                        "scope": "device" if scope is None else "tenant",
                     }
                     cal = lat.create_calibration(
                         session,
@@ -191,12 +198,13 @@ class JobLatency:
                         model_id=self.ctx.model.id,
                     )
                 active_id = active.id if active is not None else None
+                own = active is not None and active.tenant_id == self.tenant_id
                 cal_id = cal.id if cal is not None else None
             if active_id is not None:
                 if active_id in waited:
                     time.sleep(0.5)
                 waited.add(active_id)
-                self._wait(active_id)
+                self._wait(active_id, own)
                 continue
             if cal_id is None:  # lost a race to another creator: wait for theirs next turn
                 continue
@@ -230,13 +238,21 @@ class JobLatency:
             calibration={"id": cal_id, "version": version, "seconds": round(time.monotonic() - started, 1)},
         )
 
-    def _wait(self, cal_id: int) -> None:
+    def _wait(self, cal_id: int, own: bool) -> None:
+        """Wait for the device's running calibration; another tenant's is shown by its count only
+        (its id and messages, which name its models, are that tenant's)."""
+
         def progress(p: dict[str, Any]) -> None:
             done, total = p.get("done", 0), p.get("total", 0)
-            self._phase(
-                f"waiting for calibration {cal_id}: {done}/{total}",
-                calibration={"id": cal_id, **p},
-            )
+            if own:
+                self._phase(
+                    f"waiting for calibration {cal_id}: {done}/{total}", calibration={"id": cal_id, **p}
+                )
+            else:
+                self._phase(
+                    f"waiting for another calibration of {self.device.name}: {done}/{total}",
+                    calibration={"done": done, "total": total},
+                )
 
         lat.wait_for(self.factory, cal_id, should_stop=self.cancelled, on_progress=progress)
 

@@ -6,9 +6,13 @@ Three things live here, all keyed by a device row of the database:
   ``latency_models.store.DeviceStore`` under the service's data directory (built-in devices
   use their plain name, so ``modeltailor calibrate --device cpu-ort-1t`` with the same data
   directory feeds the service, and the other way round; a tenant's device gets
-  ``t<tenant>-<name>``). Every stored version is mirrored into the ``predictors`` table with
-  its held-out metrics (:func:`sync_predictors`), and :func:`current_predictor` loads the
-  newest (or a named) version, cached per process.
+  ``t<tenant>-<name>``). A built-in device is shared by every tenant: what a tenant's job
+  calibrates on it goes to that tenant's own store (``<name>@t<tenant>``) and predictors,
+  which no other tenant sees or uses; only the admin's calibrations make the device's own.
+  Every stored version is mirrored into the ``predictors`` table with its held-out metrics
+  and a version number unique on the device (:func:`sync_predictors`), and
+  :func:`current_predictor` loads the one a tenant's job uses (its own newest, else the
+  device's newest, or a named version), cached per process.
 * **Calibrations.** A ``calibrations`` row is the handle of one calibration: measure sampled
   compressed models on the device, then fit a new predictor version
   (:class:`CalibrationRun`). At most one calibration per device is active at a time (a
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -92,22 +96,32 @@ class CalibrationError(RuntimeError):
 
 
 class CalibrationStopped(CalibrationError):
-    """The calibration was cancelled (its job was cancelled, or the process is stopping)."""
+    """The calibration was cancelled (by a user, its job, or the process stopping)."""
 
 
 # --------------------------------------------------------------------------- stores
 
 
-def store_key(device: Device) -> str:
-    """Folder name of a device's store: the name for built-ins, ``t<tenant>-<name>`` otherwise."""
-    return device.name if device.tenant_id is None else f"t{device.tenant_id}-{device.name}"
+def store_key(device: Device, tenant_id: int | None = None) -> str:
+    """Folder name of a store: a built-in's name, ``t<tenant>-<name>`` for a tenant's device, and
+    ``<name>@t<tenant>`` for a tenant's own predictors of a built-in (no device name has ``@``)."""
+    if device.tenant_id is not None:
+        return f"t{device.tenant_id}-{device.name}"
+    return device.name if tenant_id is None else f"{device.name}@t{tenant_id}"
 
 
-def device_store(data_dir: Path, device: Device) -> DeviceStore:
-    """The measurement / predictor store of ``device`` under the service's data directory."""
+def device_store(data_dir: Path, device: Device, tenant_id: int | None = None) -> DeviceStore:
+    """The measurement / predictor store of ``device`` (of ``tenant_id``'s own predictors of a
+    shared device) under the service's data directory."""
     from latency_models.store import DeviceStore
 
-    return DeviceStore(store_key(device), root=Path(data_dir))
+    return DeviceStore(store_key(device, tenant_id), root=Path(data_dir))
+
+
+def scope_of(device: Device, tenant_id: int | None) -> int | None:
+    """Whose predictors a tenant's calibration of ``device`` makes: the tenant's own on a shared
+    device, the device's own (None) on a tenant's device."""
+    return tenant_id if device.tenant_id is None else None
 
 
 #: Held-out figures shown at the top level of a predictor's metrics (the rest under "detail").
@@ -151,84 +165,123 @@ def predictor_metrics(doc: dict[str, Any], holdout: dict[str, Any] | None = None
     return out
 
 
-def sync_predictors(session: Session, *, device: Device, data_dir: Path) -> list[Predictor]:
-    """Mirror every stored predictor version of ``device`` into the predictors table. Commits.
+def _folder_names(session: Session, device_id: int, scope: int | None) -> set[str]:
+    """Version folders of one store that have a predictors row (names, so a moved data dir matches)."""
+    owner = Predictor.tenant_id.is_(None) if scope is None else Predictor.tenant_id == scope
+    paths = session.scalars(
+        select(Predictor.artifact_path).where(Predictor.device_id == device_id, owner)
+    ).all()
+    return {Path(p).name for p in paths if p}
 
-    Versions written outside the service (``modeltailor calibrate``) appear here too.
-    Returns the device's rows, oldest first.
-    """
-    rows = {p.version: p for p in session.scalars(select(Predictor).where(Predictor.device_id == device.id))}
-    store = device_store(data_dir, device)
-    added = False
+
+def _mirror(session: Session, device: Device, data_dir: Path, scope: int | None) -> None:
+    """Add a predictors row for every version of one store that has none. Commits when it adds."""
+    store = device_store(data_dir, device, scope)
+    known = _folder_names(session, device.id, scope)
+    if all(f"v{v:04d}" in known for v in store.versions()):
+        return
+    # Version numbers are allocated across the device's stores: one mirror at a time per device
+    # (a row lock on PostgreSQL; SQLite transactions take the write lock anyway).
+    session.scalar(select(Device.id).where(Device.id == device.id).with_for_update())
+    known = _folder_names(session, device.id, scope)
+    top = session.scalar(select(func.max(Predictor.version)).where(Predictor.device_id == device.id)) or 0
     for version in store.versions():
-        if version in rows:
+        folder = store.predictors / f"v{version:04d}"
+        if folder.name in known:
             continue
         try:
             doc = store.metrics(version)
         except (OSError, ValueError) as exc:
-            log.warning("device %s: unreadable predictor version %s: %s", device.name, version, exc)
+            log.warning("device %s: unreadable predictor version %s: %s", device.name, folder, exc)
             continue
-        folder = store.predictors / f"v{version:04d}"
-        metrics_file = folder / "metrics.json"
-        row = Predictor(
-            device_id=device.id,
-            version=version,
-            kind=str(doc.get("default", "")),
-            metrics=predictor_metrics(doc, doc.get("holdout_pairs")),
-            artifact_path=str(folder),
-            sha256=hashlib.sha256(metrics_file.read_bytes()).hexdigest(),
-        )
-        session.add(row)
-        rows[version] = row
-        added = True
-    if added:
-        try:
-            session.commit()
-        except IntegrityError:  # another process mirrored the same version first
-            session.rollback()
-            return list(
-                session.scalars(
-                    select(Predictor).where(Predictor.device_id == device.id).order_by(Predictor.version)
-                )
+        top += 1
+        session.add(
+            Predictor(
+                device_id=device.id,
+                version=top,
+                tenant_id=scope,
+                kind=str(doc.get("default", "")),
+                metrics=predictor_metrics(doc, doc.get("holdout_pairs")),
+                artifact_path=str(folder),
+                sha256=hashlib.sha256((folder / "metrics.json").read_bytes()).hexdigest(),
             )
-    return [rows[v] for v in sorted(rows)]
+        )
+    session.commit()
+
+
+def sync_predictors(
+    session: Session, *, device: Device, data_dir: Path, tenant_id: int | None = None
+) -> list[Predictor]:
+    """Mirror the stored predictor versions ``tenant_id`` may use into the predictors table.
+
+    Versions written outside the service (``modeltailor calibrate``) appear here too. Returns
+    the rows ``tenant_id`` may see, oldest first: the device's own, and on a shared device the
+    tenant's own as well. Commits.
+    """
+    scopes = [None] if tenant_id is None or device.tenant_id is not None else [None, tenant_id]
+    for scope in scopes:
+        _mirror(session, device, data_dir, scope)
+    owner = or_(Predictor.tenant_id.is_(None), Predictor.tenant_id == tenant_id)
+    return list(
+        session.scalars(
+            select(Predictor).where(Predictor.device_id == device.id, owner).order_by(Predictor.version)
+        )
+    )
+
+
+def preferred(rows: Sequence[Predictor], version: int | None = None) -> Predictor | None:
+    """The predictor a tenant's job uses among ``rows`` (from :func:`sync_predictors`): ``version``
+    if named, else the tenant's own newest, else the device's newest."""
+    if version is not None:
+        return next((p for p in rows if p.version == version), None)
+    own = [p for p in rows if p.tenant_id is not None]
+    newest = own or rows
+    return newest[-1] if newest else None
 
 
 @dataclass(frozen=True)
 class LoadedPredictor:
-    """A predictor ready to answer, and which version of which device it is."""
+    """A predictor ready to answer, which version of which device it is, and whose (None: the
+    device's own)."""
 
     predictor: LatencyPredictor
     version: int
     kind: str
     device: str
+    tenant_id: int | None = None
 
 
-_CACHE: dict[tuple[str, int, str], Any] = {}
+_CACHE: dict[tuple[str, int], tuple[Any, int, str]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def current_predictor(data_dir: Path, device: Device, version: int | None = None) -> LoadedPredictor | None:
-    """The newest predictor of ``device`` (or ``version``); None when it has none yet."""
-    store = device_store(data_dir, device)
-    versions = store.versions()
-    if not versions or (version is not None and version not in versions):
+def current_predictor(
+    session: Session, *, data_dir: Path, device: Device, tenant_id: int | None, version: int | None = None
+) -> LoadedPredictor | None:
+    """The predictor ``tenant_id``'s jobs use on ``device`` (or ``version``); None when there is none.
+
+    Rows without a stored folder (nothing to load) are passed over. Commits (mirrors first).
+    """
+    rows = sync_predictors(session, device=device, data_dir=data_dir, tenant_id=tenant_id)
+    row = preferred([p for p in rows if p.artifact_path], version)
+    if row is None or row.artifact_path is None:
         return None
-    v = versions[-1] if version is None else version
-    kind = str(store.metrics(v).get("default", ""))
-    key = (str(store.root), v, kind)
+    store = device_store(data_dir, device, row.tenant_id)
+    stored = int(Path(row.artifact_path).name.removeprefix("v"))  # the store's own number
+    key = (str(store.root), stored)
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
     if cached is None:
-        cached, v, kind = store.load(v, kind or None)
+        cached = store.load(stored, row.kind or None)
         with _CACHE_LOCK:
             _CACHE[key] = cached
-    return LoadedPredictor(cached, v, kind, device.name)
+    predictor, _stored, kind = cached
+    return LoadedPredictor(predictor, row.version, kind, device.name, row.tenant_id)
 
 
-def model_seen(data_dir: Path, device: Device, space_id: str) -> bool:
-    """Whether the device's measurements include model ``space_id``."""
-    store = device_store(data_dir, device)
+def model_seen(data_dir: Path, device: Device, space_id: str, tenant_id: int | None = None) -> bool:
+    """Whether the measurements of one store (see :func:`device_store`) include model ``space_id``."""
+    store = device_store(data_dir, device, tenant_id)
     if not store.spaces.is_file():
         return False
     needle = f'"space_id": "{space_id}"'
@@ -262,6 +315,28 @@ def end_calibration(
     if metrics is not None:
         cal.metrics = metrics
     session.commit()
+
+
+def cancel_calibration(session: Session, *, calibration_id: int, by: str) -> bool:
+    """queued / running → cancelled at once, freeing the device for the next calibration
+    (compare-and-set; False when it had ended already). Commits.
+
+    Whoever runs it stops at its next sample. A cancel that lands while the predictors are
+    being fitted leaves the version that fit stores.
+    """
+    result = session.execute(
+        update(Calibration)
+        .where(Calibration.id == calibration_id, Calibration.status.in_(ACTIVE))
+        .values(status="cancelled", active_device_id=None, error=f"cancelled by {by}", finished_at=utcnow())
+    )
+    session.commit()
+    return bool(getattr(result, "rowcount", 0))
+
+
+def calibration_scope(cal: Calibration) -> int | None:
+    """The tenant whose own predictors ``cal`` makes; None for the device's own (the default of
+    calibrations made before scopes existed)."""
+    return cal.tenant_id if cal.params.get("scope") == "tenant" else None
 
 
 def active_calibration(session: Session, *, device_id: int) -> Calibration | None:
@@ -491,8 +566,9 @@ def check_result(result: Any) -> str | None:
         if m.median_ms <= 0:
             return f"{what}.median_ms must be positive, got {m.median_ms!r}"
         ratio = m.ratio_to_reference
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
-            return f"{what}.ratio_to_reference must be a number or null"
+        number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+        if ratio is not None and not (number and math.isfinite(ratio) and ratio > 0):
+            return f"{what}.ratio_to_reference must be a positive finite number or null, got {ratio!r}"
     if result.speedup is not None and not (math.isfinite(result.speedup) and result.speedup > 0):
         return f"speedup must be a positive finite number, got {result.speedup!r}"
     return None
@@ -580,6 +656,8 @@ class CalibrationRun:
             cal = session.get(Calibration, self.calibration_id)
             if cal is None:
                 raise CalibrationStopped(f"calibration {self.calibration_id} was deleted")
+            if cal.status not in ACTIVE:  # cancelled over REST (or failed as abandoned)
+                raise CalibrationStopped(f"calibration {self.calibration_id} was {cal.status}")
             cal.heartbeat_at = utcnow()
             cal.progress = {"done": done, "total": total, "skipped": self._skipped, "message": message[:300]}
             session.commit()
@@ -602,12 +680,13 @@ class CalibrationRun:
             device = session.get(Device, cal.device_id)
             params = dict(cal.params)
             tenant_id = cal.tenant_id
+            scope = calibration_scope(cal)
             job_id = cal.job_id
             if device is None:
                 raise CalibrationError("the device was deleted")
             session.expunge(device)
         try:
-            version, metrics = self._run(device, params, tenant_id, job_id)
+            version, metrics = self._run(device, params, tenant_id, scope, job_id)
         except CalibrationStopped as exc:
             self._end("cancelled", str(exc))
             raise
@@ -629,7 +708,7 @@ class CalibrationRun:
     ) -> None:
         with self.factory() as session:
             cal = session.get(Calibration, self.calibration_id)
-            if cal is not None:
+            if cal is not None and cal.status in ACTIVE:  # a cancelled one keeps its status
                 end_calibration(session, cal, status=status, error=error, version=version, metrics=metrics)
 
     def _samples(self, params: dict[str, Any]) -> Iterator[CalibrationSample]:
@@ -648,11 +727,17 @@ class CalibrationRun:
         return general_plan(n, seed=seed)
 
     def _run(
-        self, device: Device, params: dict[str, Any], tenant_id: int | None, job_id: int | None
+        self,
+        device: Device,
+        params: dict[str, Any],
+        tenant_id: int | None,
+        scope: int | None,
+        job_id: int | None,
     ) -> tuple[int, dict[str, Any]]:
+        """Measure into and fit from the store of ``scope``; returns (predictor version, metrics)."""
         import torch
 
-        store = device_store(self.data_dir, device)
+        store = device_store(self.data_dir, device, scope)
         total = int(params.get("samples", FOCUSED_SAMPLES))
         runs = int(params.get("runs", 100))
         self._beat(0, total, f"calibrating 0/{total}")
@@ -671,23 +756,26 @@ class CalibrationRun:
         self._beat(total, total, f"fitting predictors on {len(records)} measurements")
         kinds = tuple(self.kinds) if self.kinds else tuple(params.get("kinds") or ()) or None
         seed = int(params.get("seed", 0))
-        doc, version = fit_all(records, kinds, seed, store)
+        doc, stored = fit_all(records, kinds, seed, store)
         holdout = holdout_pairs(records, str(doc["default"]), seed=seed)
         metrics = predictor_metrics(doc, holdout)
         if self.model_ids is not None:
             focus = focus_metrics(records, self.model_ids[1], str(doc["default"]), seed=seed)
             if focus is not None:
                 metrics["focus"] = focus
+        folder = store.predictors / f"v{stored:04d}"
         with self.factory() as session:
             dev = session.get(Device, device.id)
-            if dev is not None:
-                sync_predictors(session, device=dev, data_dir=self.data_dir)
-                row = session.scalar(
-                    select(Predictor).where(Predictor.device_id == dev.id, Predictor.version == version)
-                )
-                if row is not None:
-                    row.metrics = metrics
-                    session.commit()
+            if dev is None:
+                raise CalibrationError("the device was deleted")
+            rows = sync_predictors(session, device=dev, data_dir=self.data_dir, tenant_id=scope)
+            mine = (p for p in rows if p.tenant_id == scope and p.artifact_path)
+            row = next((p for p in mine if Path(str(p.artifact_path)).name == folder.name), None)
+            if row is None:
+                raise CalibrationError(f"device {device.name}: fitted predictor {folder} was not recorded")
+            row.metrics = metrics
+            version = row.version
+            session.commit()
         return version, metrics
 
     # -- local: measured in this process

@@ -29,8 +29,8 @@ from db.models import (
     Predictor,
     utcnow,
 )
+from engine.job import Scores
 from service.front import dominance, front_objectives, front_order, signed_points
-from service.search_bridge import Scores
 
 # Ids are INTEGER columns (32-bit on PostgreSQL, which refuses a larger parameter; SQLite's
 # driver cannot bind past 64 bits): a number outside that range names no row, so getters

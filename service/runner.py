@@ -6,10 +6,22 @@ every third of its length and polls the cancel flag every second; ``should_stop(
 turns true within about a second of a cancel, an exhausted budget, a lost lease or a
 shutdown. A runner killed with SIGKILL simply stops renewing: when the lease expires
 another runner claims the job and resumes it from its stored agent state and candidates.
+
+Sharing the slots among tenants: ``claim_job`` takes the next job of the tenant served
+least recently (``db.leases``), and a running job yields its slot once it has held it for
+one time slice (``Settings.lease_s``) while another tenant's job is waiting: at its next
+``should_stop()`` poll (between candidate batches) the runner releases it as ``queued``
+with its state kept, and it resumes later like a job whose runner died. So another
+tenant's job waits at most about one slice plus one batch per slot, however many or however
+long one tenant's jobs are. (No yield during a device calibration the job runs first: that
+phase polls only for cancellation.) The time a job waits after a yield does not count
+against its seconds budget (``progress.paused_s``). A job with no candidate limit runs
+with ``Settings.max_job_candidates`` as its limit.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
@@ -23,11 +35,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.leases import claim_job, release_job, renew_lease
-from db.models import Candidate, Dataset, Device, Job, Model
-from service import queries
-from service.executors import Executor, describe_executor, make_executor
-from service.search_bridge import (
+from db.engine import read_session
+from db.leases import claim_job, other_tenant_waiting, release_job, renew_lease
+from db.models import Candidate, Dataset, Device, Job, Model, utcnow
+from engine.executors import Executor, describe_executor, make_executor
+from engine.job import (
     DatasetRef,
     DeviceRef,
     DoneCandidate,
@@ -35,7 +47,10 @@ from service.search_bridge import (
     ModelRef,
     Scores,
 )
-from service.search_bridge import run_job as default_search
+from engine.job import run_job as default_search
+from engine.spec import Budget, JobSpec
+from service import queries
+from service.job_latency import JobLatency
 from service.settings import Settings
 
 log = logging.getLogger("modeltailor.runner")
@@ -80,6 +95,9 @@ class _Watch:
         self.cancelled = threading.Event()
         self.lease_lost = threading.Event()
         self.done = threading.Event()
+        self.claimed_at = time.monotonic()
+        self.yield_wanted = threading.Event()  # slice used up and another tenant waits
+        self.yielded = threading.Event()  # released as queued; the search is winding down
 
 
 class Runner:
@@ -88,7 +106,7 @@ class Runner:
     Args:
         factory: session factory of the service database.
         settings: lease length, poll interval, executor choice.
-        search: the search entry point (``search_bridge.run_job``; tests pass a fake).
+        search: the search entry point (``engine.job.run_job``; tests pass a fake).
         owner: lease owner id; default host:pid:random, unique per runner.
     """
 
@@ -106,6 +124,8 @@ class Runner:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._running: set[int] = set()  # jobs whose search has not returned (yielded ones too)
+        self._running_lock = threading.Lock()
 
     # --- loop -----------------------------------------------------------------------
 
@@ -135,8 +155,12 @@ class Runner:
 
     def run_once(self) -> bool:
         """Claim one job and run it to its end; False if nothing was claimable."""
+        with self._running_lock:
+            # A job this runner yielded whose search is still returning must not be taken by
+            # another of its slots: both would hold the one lease (same owner).
+            busy = set(self._running)
         with self.factory() as session:
-            job_id = claim_job(session, owner=self.owner, lease_s=self.settings.lease_s)
+            job_id = claim_job(session, owner=self.owner, lease_s=self.settings.lease_s, exclude=busy)
         if job_id is None:
             return False
         self.run_claimed(job_id)
@@ -150,6 +174,8 @@ class Runner:
         watcher = threading.Thread(
             target=self._watch, args=(job_id, watch), daemon=True, name=f"lease-{job_id}"
         )
+        with self._running_lock:
+            self._running.add(job_id)
         watcher.start()
         error: str | None = None
         try:
@@ -165,13 +191,19 @@ class Runner:
         finally:
             watch.done.set()
             watcher.join()
+            with self._running_lock:
+                self._running.discard(job_id)
         self._finish(job_id, watch, error)
 
     def _finish(self, job_id: int, watch: _Watch, error: str | None) -> None:
+        if watch.yielded.is_set():  # already released as queued; its next claim resumes it
+            if error is not None:
+                log.warning("job %s: error after yielding its slot (it will resume): %s", job_id, error)
+            return
         if watch.lease_lost.is_set():
             log.warning("job %s: lease lost; another runner owns it now", job_id)
             return
-        with self.factory() as session:
+        with read_session(self.factory) as session:
             job = session.get(Job, job_id)
             cancelled = job is not None and job.cancel_requested
         if cancelled:
@@ -193,16 +225,21 @@ class Runner:
                 session.commit()
 
     def _budget_spent(self, job_id: int) -> bool:
-        with self.factory() as session:
+        with read_session(self.factory) as session:
             job = session.get(Job, job_id)
             return job is None or self._over_budget(session, job)
 
-    @staticmethod
-    def _over_budget(session: Session, job: Job) -> bool:
-        budget = job.spec.get("budget", {})
-        if budget.get("seconds") is not None and _search_seconds(job) >= budget["seconds"]:
+    def _budget(self, spec: JobSpec) -> Budget:
+        """The job's budget in effect: no candidate limit means this server's largest one."""
+        if spec.budget.candidates is not None:
+            return spec.budget
+        return spec.budget.model_copy(update={"candidates": self.settings.max_job_candidates})
+
+    def _over_budget(self, session: Session, job: Job) -> bool:
+        budget = self._budget(JobSpec.model_validate(job.spec))
+        if budget.seconds is not None and _search_seconds(job) >= budget.seconds:
             return True
-        n = budget.get("candidates")
+        n = budget.candidates
         return n is not None and queries.count_candidates(session, job_id=job.id) >= n
 
     def _watch(self, job_id: int, watch: _Watch) -> None:
@@ -211,24 +248,51 @@ class Runner:
         next_renew = time.monotonic() + renew_every
         while not watch.done.wait(min(CANCEL_POLL_S, renew_every)):
             try:
-                with self.factory() as session:
-                    if time.monotonic() >= next_renew:
+                if time.monotonic() >= next_renew:
+                    with self.factory() as session:
                         if not renew_lease(
                             session, job_id=job_id, owner=self.owner, lease_s=self.settings.lease_s
                         ):
                             watch.lease_lost.set()
-                        next_renew = time.monotonic() + renew_every
-                    flag = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
-                    if flag:
+                    next_renew = time.monotonic() + renew_every
+                with read_session(self.factory) as session:
+                    if session.scalar(select(Job.cancel_requested).where(Job.id == job_id)):
                         watch.cancelled.set()
+                    if (
+                        not watch.yield_wanted.is_set()
+                        and time.monotonic() - watch.claimed_at >= self.settings.lease_s
+                        and other_tenant_waiting(session, job_id=job_id)
+                    ):
+                        watch.yield_wanted.set()
             except Exception:  # keep trying: a transient DB error must not kill the lease
                 log.exception("lease watcher error for job %s", job_id)
+
+    def _yield(self, job_id: int, watch: _Watch) -> None:
+        """Give the job's slot back (queued, state and candidates kept) to another tenant's job."""
+        with self.factory() as session:
+            if not release_job(session, job_id=job_id, owner=self.owner, status="queued"):
+                watch.lease_lost.set()
+                return
+            watch.yielded.set()
+            job = session.get(Job, job_id)
+            if job is not None:
+                # The seconds budget stands still while the job waits (see _search_seconds).
+                job.progress = {**job.progress, "phase": "queued", "yielded_at": utcnow().isoformat()}
+            queries.add_event(session, job_id=job_id, kind="status", data={"status": "queued", "yielded": True})
+            session.commit()
+        log.info("job %s yields its slot: another tenant's job is waiting", job_id)
 
     def _context(self, job_id: int, watch: _Watch) -> JobContext:
         with self.factory() as session:
             job = session.get(Job, job_id)
             if job is None:
                 raise RuntimeError(f"job {job_id} vanished")
+            if "yielded_at" in (job.progress or {}):  # back from a yield: bank the time it waited
+                progress = dict(job.progress)
+                waited = queries.seconds_since(dt.datetime.fromisoformat(progress.pop("yielded_at")))
+                progress["paused_s"] = round(float(progress.get("paused_s") or 0.0) + waited, 3)
+                job.progress = progress
+                session.commit()
             model, dataset, device = job_refs(session, job)
             done = [
                 DoneCandidate(c.index, dict(c.policy), c.policy_hash, candidate_scores(c))
@@ -236,23 +300,33 @@ class Runner:
                     select(Candidate).where(Candidate.job_id == job_id).order_by(Candidate.index)
                 )
             ]
-            spec, algorithm, state = dict(job.spec), job.algorithm, job.agent_state
+            spec, state = JobSpec.model_validate(job.spec), job.agent_state
+            spec = spec.model_copy(update={"budget": self._budget(spec)})
 
         def should_stop() -> bool:
-            if watch.cancelled.is_set() or watch.lease_lost.is_set() or self.stopping.is_set():
+            if watch.cancelled.is_set() or watch.lease_lost.is_set() or watch.yielded.is_set():
                 return True
-            with self.factory() as session:
+            if self.stopping.is_set():
+                return True
+            with read_session(self.factory) as session:
                 current = session.get(Job, job_id)
-                return current is None or self._over_budget(session, current)
+                if current is None or self._over_budget(session, current):
+                    return True
+            if watch.yield_wanted.is_set():  # between batches: nothing is being evaluated now
+                self._yield(job_id, watch)
+                return True
+            return False
 
         def make(initializer: Callable[..., Any], initargs: tuple[Any, ...] = ()) -> Executor:
-            executor = make_executor(self.settings, initializer, initargs)
+            s = self.settings
+            executor = make_executor(
+                initializer, initargs, kind=s.executor, workers=s.workers, ray_address=s.ray_address
+            )
             self._event(job_id, "executor", describe_executor(executor))  # where evaluations run
             return executor
 
         return JobContext(
             job_id=job_id,
-            algorithm=algorithm,
             spec=spec,
             model=model,
             dataset=dataset,
@@ -265,7 +339,7 @@ class Runner:
             set_baseline=lambda scores: self._set_baseline(job_id, scores),
             should_stop=should_stop,
             make_executor=make,
-            session_factory=self.factory,
+            latency=lambda ctx: JobLatency(ctx, self.factory),
         )
 
     def _persist(
@@ -287,8 +361,7 @@ class Runner:
                 return False
             done = queries.count_candidates(session, job_id=job_id)
             elapsed = _search_seconds(job)
-            total = job.spec.get("budget", {}).get("candidates")
-            progress = self._progress(session, job, done + 1, total, elapsed)
+            progress = self._progress(session, job, done + 1, elapsed)
             job.progress = progress
             queries.add_event(session, job_id=job_id, kind="progress", data=progress)
             stored = queries.add_candidate(
@@ -302,8 +375,9 @@ class Runner:
             return stored is not None
 
     @staticmethod
-    def _progress(session: Session, job: Job, done: int, total: int | None, elapsed: float) -> dict[str, Any]:
-        seconds = job.spec.get("budget", {}).get("seconds")
+    def _progress(session: Session, job: Job, done: int, elapsed: float) -> dict[str, Any]:
+        budget = JobSpec.model_validate(job.spec).budget
+        total, seconds = budget.candidates, budget.seconds
         eta: float | None = None
         if total:
             eta = elapsed / max(done, 1) * max(total - done, 0)
@@ -347,7 +421,8 @@ def _search_seconds(job: Job) -> float:
     """Seconds the job has spent searching: a device calibration it ran first does not count.
 
     The seconds budget is the user's search budget; calibrating a device is a one-off cost
-    shared by later jobs (it shows in the job's progress as its own phase).
+    shared by later jobs (it shows in the job's progress as its own phase). Nor does the
+    time the job waited in the queue after yielding its slot to another tenant.
     """
     progress = job.progress or {}
     phase = str(progress.get("phase") or "")
@@ -355,4 +430,7 @@ def _search_seconds(job: Job) -> float:
         return 0.0
     calibration = progress.get("calibration") or {}
     spent = calibration.get("seconds") if isinstance(calibration, dict) else None
-    return max(0.0, queries.seconds_since(job.started_at) - float(spent or 0.0))
+    paused = float(progress.get("paused_s") or 0.0)
+    if "yielded_at" in progress:  # waiting now
+        paused += queries.seconds_since(dt.datetime.fromisoformat(progress["yielded_at"]))
+    return max(0.0, queries.seconds_since(job.started_at) - float(spent or 0.0) - paused)

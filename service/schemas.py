@@ -1,24 +1,24 @@
 """Request and response bodies of the REST API (never ORM objects).
 
 ``XCreate`` is what a client sends, ``XPublic`` what it gets back, ``XsPublic`` a list.
-``JobCreate`` carries the full validation of a job spec, so a bad spec is a 422 that
-names the field at fault before anything is stored.
+A job's body is ``engine.spec.JobSpec`` itself (the one definition of a job, also what the
+runner and the engine read), so a bad spec is a 422 that names the field at fault before
+anything is stored.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Algorithm = Literal["ddpg", "agmc", "optuna-tpe", "optuna-nsga2", "random", "rule"]
-Metric = Literal["accuracy", "latency_ms", "size_bytes", "macs"]
-ConstraintName = Literal["accuracy", "accuracy_drop", "latency_ms", "size_bytes", "macs"]
+from engine.spec import JobSpec
+from service.schema_base import RequestModel
+
 Runtime = Literal["onnxruntime", "torch"]
 BuiltinDataset = Literal["mnist", "digits"]
-MAX_BUDGET_CANDIDATES = 1_000_000
-MAX_BUDGET_SECONDS = 7 * 24 * 3600
 
 # --- OpenAPI examples (realistic answers of a small job; each validates against its schema) ---
 
@@ -92,6 +92,7 @@ EXAMPLE_PREDICTOR: dict[str, Any] = {
     "device_id": 1,
     "version": 2,
     "kind": "kernel_gbdt",
+    "scope": "device",
     "metrics": {
         "within_10pct": 91.7,
         "within_5pct": 66.7,
@@ -116,7 +117,7 @@ EXAMPLE_CALIBRATION: dict[str, Any] = {
     "id": 3,
     "device_id": 4,
     "status": "running",
-    "params": {"samples": 64, "seed": 0, "runs": 100, "plan": "focused"},
+    "params": {"samples": 64, "seed": 0, "runs": 100, "plan": "focused", "scope": "device"},
     "progress": {"done": 17, "total": 64, "skipped": 0, "message": "calibrating 17/64"},
     "job_id": None,
     "model_id": 1,
@@ -170,9 +171,19 @@ EXAMPLE_JOB_SPEC: dict[str, Any] = {
     "dataset_id": 1,
     "device_id": 1,
     "algorithm": "optuna-tpe",
-    "space": {},
+    "space": {
+        "schemes": ["dense", "unstructured", "nm", "block"],
+        "bits": [None, 8],
+        "width": True,
+        "depth": True,
+        "min_width": 0.2,
+        "max_sparsity": 0.9,
+        "nm_choices": [[1, 4], [2, 4], [4, 8]],
+        "block_choices": [4, 8, 16],
+        "round_to": 1,
+    },
     "objectives": [{"metric": "accuracy", "direction": "max"}, {"metric": "latency_ms", "direction": "min"}],
-    "constraints": {"accuracy_drop": {"min": None, "max": 0.01}},
+    "constraints": {"accuracy_drop": {"max": 0.01}},
     "budget": {"candidates": 200, "seconds": 900.0},
     "seed": 0,
     "remeasure_top_k": 3,
@@ -258,7 +269,7 @@ class Message(_Out):
 # --- models -----------------------------------------------------------------------
 
 
-class ZooModelCreate(_In):
+class ZooModelCreate(RequestModel):
     """Ask for a built-in architecture trained on one of your data sets (trained on first use)."""
 
     model_config = examples(
@@ -299,7 +310,7 @@ class ModelsPublic(_Out):
 # --- data sets ----------------------------------------------------------------------
 
 
-class BuiltinDatasetCreate(_In):
+class BuiltinDatasetCreate(RequestModel):
     """Use a data set that ships with modeltailor."""
 
     model_config = examples({"builtin": "mnist"}, {"builtin": "digits", "name": "digits-8x8"})
@@ -330,19 +341,42 @@ class DatasetsPublic(_Out):
 # --- devices ------------------------------------------------------------------------
 
 
-class DeviceCreate(_In):
+class DeviceCreate(RequestModel):
     """A latency target: ``kind="remote"`` devices are measured by a device agent."""
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     runtime: Runtime = "onnxruntime"
-    threads: int = Field(default=1, ge=1, le=256)
+    threads: int = Field(
+        default=1, ge=1, le=256, description="at most this server's CPU cores for a local device"
+    )
     kind: Literal["local", "remote"] = "remote"
-    settings: dict[str, Any] = Field(default_factory=dict)
+    settings: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="runtime options: ONNX Runtime session config entries and graph_optimization_level "
+        "(all | extended | basic | disable); the torch runtime takes none",
+    )
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={"examples": [{"name": "rpi4-ort", "runtime": "onnxruntime", "threads": 4}]},
     )
+
+    @model_validator(mode="after")
+    def _runnable(self) -> DeviceCreate:
+        """Settings the runtime would refuse at the first measurement are refused now."""
+        from latency_models.devices import Device, DeviceError
+
+        cores = os.cpu_count() or 1
+        if self.kind == "local" and self.threads > cores:
+            raise ValueError(
+                f"threads {self.threads}: a local device runs on this server, which has {cores} CPU cores"
+            )
+        settings = {k: str(v) for k, v in self.settings.items()}  # as the harness passes them on
+        try:
+            Device(self.name[:64], self.runtime, self.threads, settings, is_local=self.kind == "local")
+        except DeviceError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class DevicePublic(_Out):
@@ -391,6 +425,11 @@ class PredictorPublic(_Out):
     device_id: int
     version: int
     kind: str
+    scope: Literal["device", "tenant"] = Field(
+        description="device: the device's own predictor, for everyone who may use the device; tenant: "
+        "made by your jobs for a shared built-in device, used by your jobs only (in preference to "
+        "the device's own)"
+    )
     metrics: dict[str, Any]
     created_at: dt.datetime
 
@@ -405,7 +444,7 @@ class PredictorsPublic(_Out):
 # --- calibration and device agents -----------------------------------------------------
 
 
-class CalibrationCreate(_In):
+class CalibrationCreate(RequestModel):
     """Measure ``samples`` compressed models on the device, then fit a new predictor version.
 
     Without ``model_id`` the samples are the general plan (zoo models at several resolutions
@@ -461,7 +500,7 @@ class TasksPublic(_Out):
     count: int
 
 
-class AgentResult(_In):
+class AgentResult(RequestModel):
     """A device agent's result for one task (``latency_models.tasks.MeasurementResult``)."""
 
     model_config = ConfigDict(
@@ -496,132 +535,6 @@ class ResultAccepted(_Out):
 
 
 # --- jobs ---------------------------------------------------------------------------
-
-
-class Objective(_In):
-    model_config = examples({"metric": "latency_ms", "direction": "min"})
-
-    metric: Metric
-    direction: Literal["max", "min"]
-
-    @model_validator(mode="after")
-    def _sensible(self) -> Objective:
-        want = "max" if self.metric == "accuracy" else "min"
-        if self.direction != want:
-            raise ValueError(f"{self.metric} can only be {'maximized' if want == 'max' else 'minimized'}")
-        return self
-
-
-class Bound(_In):
-    model_config = examples({"max": 0.01}, {"min": 0.9})
-
-    min: float | None = None
-    max: float | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> Bound:
-        if self.min is None and self.max is None:
-            raise ValueError("a constraint needs 'min' or 'max'")
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"min {self.min} is larger than max {self.max}")
-        return self
-
-
-class Budget(_In):
-    """Stop at ``candidates`` evaluated or ``seconds`` elapsed, whichever comes first."""
-
-    model_config = examples({"candidates": 200, "seconds": 900}, {"candidates": None, "seconds": 3600})
-
-    candidates: int | None = Field(default=200, ge=1, le=MAX_BUDGET_CANDIDATES)
-    seconds: float | None = Field(default=900, gt=0, le=MAX_BUDGET_SECONDS)
-
-    @model_validator(mode="after")
-    def _bounded(self) -> Budget:
-        if self.candidates is None and self.seconds is None:
-            raise ValueError("a budget needs 'candidates' or 'seconds' (an unbounded search never ends)")
-        return self
-
-
-def _default_objectives() -> list[Objective]:
-    return [Objective(metric="accuracy", direction="max"), Objective(metric="latency_ms", direction="min")]
-
-
-class JobCreate(_In):
-    """A search job: which model on which data for which device, how, and for how long."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        protected_namespaces=(),
-        json_schema_extra={
-            "examples": [
-                {
-                    "model_id": 1,
-                    "dataset_id": 1,
-                    "device_id": 1,
-                    "algorithm": "random",
-                    "space": {"schemes": ["unstructured", "nm"], "bits": [8], "width": True, "depth": True},
-                    "objectives": [
-                        {"metric": "accuracy", "direction": "max"},
-                        {"metric": "latency_ms", "direction": "min"},
-                    ],
-                    "constraints": {"latency_ms": {"max": 2.0}, "accuracy_drop": {"max": 0.01}},
-                    "budget": {"candidates": 200, "seconds": 900},
-                    "seed": 0,
-                }
-            ]
-        },
-    )
-
-    model_id: int
-    dataset_id: int
-    device_id: int
-    algorithm: Algorithm
-    space: dict[str, Any] = Field(default_factory=dict)
-    objectives: list[Objective] = Field(default_factory=_default_objectives, min_length=1, max_length=4)
-    constraints: dict[ConstraintName, Bound] = Field(default_factory=dict)
-    budget: Budget = Field(default_factory=Budget)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    remeasure_top_k: int = Field(
-        default=3,
-        ge=0,
-        le=50,
-        description="front points measured on the device at the end, beside their predicted latency",
-    )
-    reconstruct: bool = Field(
-        default=True,
-        description="re-fit each layer whose inputs were pruned to the dense model's outputs on "
-        "calibration images (least squares, as AMC / ThiNet) before scoring and export; about "
-        "twice the scoring time, far higher accuracy for channel pruning without fine-tuning",
-    )
-    calibrate: Literal["auto", "model", "never"] = Field(
-        default="auto",
-        description=(
-            "auto: calibrate the device first if it has no predictor; model: also if its "
-            "measurements never included this model; never: fail instead"
-        ),
-    )
-    calibration_samples: int | None = Field(
-        default=None, ge=8, le=2000, description="size of the job's own calibration (default 48)"
-    )
-
-    @field_validator("space")
-    @classmethod
-    def _space(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        from compression.policy import PolicyError
-        from compression.space import SpaceOptions
-
-        try:
-            return SpaceOptions.from_dict(raw).to_dict()
-        except (PolicyError, TypeError, ValueError) as exc:
-            raise ValueError(str(exc)) from None
-
-    @field_validator("objectives")
-    @classmethod
-    def _unique(cls, objectives: list[Objective]) -> list[Objective]:
-        metrics = [o.metric for o in objectives]
-        if len(set(metrics)) != len(metrics):
-            raise ValueError(f"each metric may appear once, got {metrics}")
-        return objectives
 
 
 class JobAccepted(_Out):
@@ -666,7 +579,7 @@ class JobPublic(_Out):
     model_id: int
     dataset_id: int
     device_id: int
-    spec: dict[str, Any]
+    spec: JobSpec
     progress: dict[str, Any]
     baseline: dict[str, Any]
     best: list[CandidatePublic]
@@ -688,7 +601,7 @@ class JobsPublic(_Out):
 # --- export and artifacts -------------------------------------------------------------
 
 
-class ExportCreate(_In):
+class ExportCreate(RequestModel):
     """``int8`` forces int8 QDQ; without it the file is int8 exactly when the policy's bits make
     the device's runtime run it as int8 (the rule its latency was predicted with)."""
 

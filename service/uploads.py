@@ -1,9 +1,12 @@
 """Uploads are data, never code: size-limited, hashed, content-checked, then stored.
 
-A file is streamed to ``<data_dir>/tmp``, checked (``torch.export`` archives through
-:func:`compression.model_io.load_pt2`, .npz through :func:`compression.data.load_npz`,
-both of which refuse pickles) and only then moved to its content-addressed place, so a
-rejected upload leaves nothing behind and never touches what was stored before.
+A file is streamed to ``<data_dir>/tmp``, checked in a child process with memory and time
+limits (:mod:`service.inspect_process`: ``torch.export`` archives through
+:func:`compression.model_io.load_pt2`, .npz through :func:`compression.data.load_npz`, both
+of which check every declared size against the settings' limits before inflating anything
+and never unpickle) and only then moved to its content-addressed place, so a rejected upload
+leaves nothing behind and never touches what was stored before. A tenant checks at most
+``Settings.uploads_per_tenant`` uploads at a time (429 beyond), counted in this process.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import functools
 import hashlib
 import os
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException, Request, status
 from starlette.concurrency import run_in_threadpool
@@ -23,12 +27,28 @@ from starlette.datastructures import UploadFile
 
 from service.settings import Settings
 
+if TYPE_CHECKING:
+    from compression.archive_check import ArchiveLimits
+    from service.inspect_process import Kind
+
 CHUNK = 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
 
 
 class UploadError(ValueError):
-    """The uploaded file is not acceptable; the message tells the user why."""
+    """The uploaded file is not acceptable; the message tells the user why.
+
+    ``status``: 413 when it is over a size or memory limit, else 400.
+    """
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """Whether loading failed for want of memory (Python's or torch's allocator)."""
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
 
 
 @dataclass
@@ -105,15 +125,23 @@ def store(received: Received, folder: Path, suffix: str) -> Path:
     return final
 
 
-def inspect_model(path: Path) -> dict[str, Any]:
-    """Load a .pt2 with ``torch.export`` and describe it; raises UploadError if it is not one."""
-    from compression.model_io import ModelLoadError, load_pt2
+def inspect_model(path: Path, limits: ArchiveLimits | None = None) -> dict[str, Any]:
+    """Load a .pt2 with ``torch.export`` and describe it; raises UploadError if it is not one.
+
+    Runs in the inspection child (:mod:`service.inspect_process`); MemoryError propagates.
+    """
+    from compression.model_io import ModelLoadError, ModelTooLargeError, load_pt2
 
     try:
-        model = load_pt2(path, name=path.stem)
+        model = load_pt2(path, name=path.stem, limits=limits)
     except ModelLoadError as exc:
-        raise UploadError(str(exc).replace(str(path), "uploaded file")) from None
+        if _out_of_memory(exc.__cause__):  # torch.export.load failed for want of memory
+            raise MemoryError from exc
+        status = 413 if isinstance(exc, ModelTooLargeError) else 400
+        raise UploadError(str(exc).replace(str(path), "uploaded file"), status=status) from None
     except Exception as exc:  # anything else a hostile archive provokes is still a bad upload
+        if _out_of_memory(exc):
+            raise MemoryError from exc
         raise UploadError(
             f"uploaded file is not a usable torch.export archive: {type(exc).__name__}: {exc}"
         ) from None
@@ -126,21 +154,29 @@ def inspect_model(path: Path) -> dict[str, Any]:
             layers.append({"name": info.name, **info.features.to_dict()})
         macs = sum(int(layer["macs"]) for layer in layers)
     except Exception as exc:
+        if _out_of_memory(exc):
+            raise MemoryError from exc
         raise UploadError(
             f"the model loads but its graph cannot be analysed for compression: {exc}"
         ) from None
     return {"params": params, "macs": macs, "layers": layers, "input_shape": list(model.input_shape)}
 
 
-def inspect_dataset(path: Path) -> dict[str, Any]:
-    """Validate a .npz data set; returns the shapes of its splits; raises UploadError."""
-    from compression.data import DataError, load_npz
+def inspect_dataset(path: Path, limits: ArchiveLimits | None = None) -> dict[str, Any]:
+    """Validate a .npz data set; returns the shapes of its splits; raises UploadError.
+
+    Runs in the inspection child (:mod:`service.inspect_process`); MemoryError propagates.
+    """
+    from compression.data import DataError, DataTooLargeError, load_npz
 
     try:
-        data = load_npz(path, name=path.stem)
+        data = load_npz(path, name=path.stem, limits=limits)
     except DataError as exc:
-        raise UploadError(str(exc).replace(str(path), "uploaded file")) from None
+        status = 413 if isinstance(exc, DataTooLargeError) else 400
+        raise UploadError(str(exc).replace(str(path), "uploaded file"), status=status) from None
     except Exception as exc:
+        if _out_of_memory(exc):
+            raise MemoryError from exc
         raise UploadError(
             f"uploaded file is not a valid .npz data set: {type(exc).__name__}: {exc}"
         ) from None
@@ -162,11 +198,43 @@ def builtin_shapes(name: str) -> dict[str, Any]:
     return dataset_shapes(load_builtin(name))
 
 
-async def checked(fn: Any, path: Path) -> dict[str, Any]:
-    """Run a blocking inspector off the event loop; UploadError becomes a 400."""
+async def inspected(kind: Kind, path: Path, settings: Settings) -> dict[str, Any]:
+    """Check an upload in the inspection child, off the event loop; a refusal discards the file
+    and becomes its status (400 or 413) with the reason."""
+    from service.inspect_process import inspect_in_child
+
     try:
-        result: dict[str, Any] = await run_in_threadpool(fn, path)
+        result: dict[str, Any] = await run_in_threadpool(inspect_in_child, kind, path, settings)
     except UploadError as exc:
         discard(path)
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+        raise HTTPException(exc.status, str(exc)) from None
     return result
+
+
+@contextlib.asynccontextmanager
+async def upload_slot(request: Request, settings: Settings, tenant_id: int) -> AsyncIterator[None]:
+    """Hold one of the tenant's ``uploads_per_tenant`` upload slots while receiving and checking.
+
+    Raises:
+        HTTPException: 429 when the tenant's uploads already fill every slot.
+    """
+    # Counted on the event loop only (handlers are async), so no lock is needed.
+    state = request.app.state
+    in_flight: dict[int, int] | None = getattr(state, "uploads_in_flight", None)
+    if in_flight is None:
+        in_flight = state.uploads_in_flight = {}
+    held = in_flight.get(tenant_id, 0)
+    if held >= settings.uploads_per_tenant:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"you have {held} uploads being checked and the limit is {settings.uploads_per_tenant} "
+            "per tenant (MODELTAILOR_UPLOADS_PER_TENANT); send this one when one has finished",
+            headers={"Retry-After": "5"},
+        )
+    in_flight[tenant_id] = held + 1
+    try:
+        yield
+    finally:
+        in_flight[tenant_id] -= 1
+        if not in_flight[tenant_id]:
+            del in_flight[tenant_id]

@@ -44,7 +44,7 @@ def compress(
     from compression.data import DataError, calibration_batches, load_dataset
     from compression.evaluate import accuracy
     from compression.model_io import ModelLoadError, ModelTraceError
-    from compression.onnx_export import ExportError, export_onnx, onnx_accuracy
+    from compression.onnx_export import export_onnx, onnx_accuracy
     from compression.resolve import resolve_model
 
     try:
@@ -80,7 +80,9 @@ def compress(
             else:
                 export_onnx(float_cm.gm, example, out)
             onnx_acc = onnx_accuracy(out, dataset.x_val, dataset.y_val)
-    except (PolicyError, DataError, ModelLoadError, ModelTraceError, ExportError, ValueError) as exc:
+    # RuntimeError (ExportError is one): torch's answer to a graph that fails on real data. A CLI
+    # user gets its message, not a traceback.
+    except (PolicyError, DataError, ModelLoadError, ModelTraceError, ValueError, RuntimeError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     result = {

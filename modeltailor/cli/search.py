@@ -71,9 +71,9 @@ def search(
     from compression.policy import PolicyError
     from compression.resolve import resolve_model
     from compression.space import SpaceOptions
+    from engine.device_latency import LATENCY_SOURCES, latency_callback
+    from engine.search import Candidate, Progress, run_search
     from latency_models.devices import DeviceError
-    from modeltailor.device_latency import LATENCY_SOURCES, latency_callback
-    from modeltailor.search import Candidate, Progress, run_search
 
     if algorithm not in AGENTS:
         err.print(f"[red]error:[/red] unknown algorithm {algorithm!r}; choose one of: {', '.join(AGENTS)}")
@@ -136,7 +136,16 @@ def search(
                 on_candidate=candidate,
                 on_progress=progress,
             )
-    except (DataError, ModelLoadError, ModelTraceError, PolicyError, DeviceError, ValueError) as exc:
+    # RuntimeError: torch's answer to a graph that fails on real data; a message, not a traceback.
+    except (
+        DataError,
+        ModelLoadError,
+        ModelTraceError,
+        PolicyError,
+        DeviceError,
+        ValueError,
+        RuntimeError,
+    ) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     doc = {

@@ -9,9 +9,9 @@ from db.models import Dataset
 from service import queries
 from service.deps import CurrentTenant, SessionDep, SettingsDep
 from service.routers._body import is_multipart, json_body, upload_or_json
-from service.routers.models import ERRORS
+from service.routers.models import ERRORS, UPLOAD_ERRORS
 from service.schemas import BuiltinDatasetCreate, DatasetPublic, DatasetsPublic
-from service.uploads import builtin_shapes, checked, discard, inspect_dataset, receive_file, store
+from service.uploads import builtin_shapes, discard, inspected, receive_file, store, upload_slot
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -24,7 +24,7 @@ def to_public(dataset: Dataset) -> DatasetPublic:
     "",
     response_model=DatasetPublic,
     status_code=status.HTTP_201_CREATED,
-    responses=ERRORS,
+    responses=UPLOAD_ERRORS,
     openapi_extra=upload_or_json(
         BuiltinDatasetCreate,
         "multipart `file` (.npz with x_train, y_train, x_val, y_val) + `name`, or JSON",
@@ -47,8 +47,9 @@ async def create_dataset(
         )
         session.commit()
         return to_public(dataset)
-    received = await receive_file(request, settings, suffix=".npz")
-    shapes = await checked(inspect_dataset, received.tmp_path)
+    async with upload_slot(request, settings, tenant.id):
+        received = await receive_file(request, settings, suffix=".npz")
+        shapes = await inspected("dataset", received.tmp_path, settings)
     try:
         path = store(received, settings.data_dir / "datasets", ".npz")
     except OSError as exc:

@@ -1,16 +1,25 @@
 """``/v1/devices``, ``/v1/predictors`` and ``/v1/calibrations``: latency targets, their
-predictors, calibrations, and the device agent's task pull / result push."""
+predictors, calibrations, and the device agent's task pull / result push.
+
+The built-in devices are shared by every tenant: only the admin (``X-Admin-Key``) calibrates
+them over REST, and a tenant's job that calibrates one makes a predictor of that tenant only
+(``service.latency``). Nothing a tenant made on a shared device reaches another tenant: its
+calibrations and predictors are its own, and the device's own predictors show no uploaded
+model's name.
+"""
 
 from __future__ import annotations
 
+import re
+import secrets
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
-from db.models import Calibration, Dataset, Device
+from db.models import Calibration, Dataset, Device, Predictor
 from service import latency, queries
 from service.deps import CurrentTenant, SessionDep, SettingsDep
 from service.routers.models import ERRORS
@@ -28,6 +37,7 @@ from service.schemas import (
     ResultAccepted,
     TasksPublic,
 )
+from service.settings import Settings
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 predictors_router = APIRouter(prefix="/predictors", tags=["devices"])
@@ -35,6 +45,28 @@ calibrations_router = APIRouter(prefix="/calibrations", tags=["devices"])
 CONFLICT: dict[int | str, dict[str, object]] = {
     409: {"model": Message, "description": "a calibration of this device is already running"}
 }
+FORBIDDEN: dict[int | str, dict[str, object]] = {
+    403: {"model": Message, "description": "a shared built-in device: calibrating it needs the admin key"}
+}
+AdminKey = Annotated[
+    str | None,
+    Header(
+        alias="X-Admin-Key",
+        description="the server's admin key (MODELTAILOR_ADMIN_KEY): calibrates the shared built-in "
+        "devices and cancels any calibration",
+    ),
+]
+# An uploaded model's calibration name, "upload-<sha256 prefix or model name>@<input shape>".
+_UPLOAD_NAME = re.compile(r"upload-[^@]*")
+
+
+def is_admin(key: str | None, settings: Settings) -> bool:
+    """Whether ``key`` is the server's admin key (never, when the server has none)."""
+    return (
+        key is not None
+        and settings.admin_key is not None
+        and secrets.compare_digest(key.encode(), settings.admin_key.encode())
+    )
 
 
 def to_public(device: Device) -> DevicePublic:
@@ -52,6 +84,35 @@ def to_public(device: Device) -> DevicePublic:
 
 def calibration_public(cal: Calibration) -> CalibrationPublic:
     return CalibrationPublic.model_validate(cal, from_attributes=True)
+
+
+def _anonymous(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` without the names of uploaded models (held-out names, the focus model)."""
+    out = dict(metrics)
+    focus = out.get("focus")
+    if isinstance(focus, dict) and "space_id" in focus:
+        out["focus"] = {**focus, "space_id": _UPLOAD_NAME.sub("upload", str(focus["space_id"]))}
+    holdout = out.get("holdout")
+    if isinstance(holdout, dict) and isinstance(holdout.get("names"), list):
+        names = [_UPLOAD_NAME.sub("upload", str(n)) for n in holdout["names"]]
+        out["holdout"] = {**holdout, "names": names}
+    return out
+
+
+def predictor_public(row: Predictor, device: Device) -> PredictorPublic:
+    """A predictor as its viewer may see it: the own predictors of a shared device may have
+    been focused on someone's upload (the admin's, or a tenant's before predictors were
+    scoped), so they show no uploaded model's name."""
+    anonymous = device.tenant_id is None and row.tenant_id is None
+    return PredictorPublic(
+        id=row.id,
+        device_id=row.device_id,
+        version=row.version,
+        kind=row.kind,
+        scope="device" if row.tenant_id is None else "tenant",
+        metrics=_anonymous(row.metrics) if anonymous else row.metrics,
+        created_at=row.created_at,
+    )
 
 
 def _device_or_404(session: SessionDep, tenant_id: int, device_id: int) -> Device:
@@ -96,7 +157,7 @@ def get_device(device_id: int, session: SessionDep, tenant: CurrentTenant) -> De
     "/{device_id}/calibrate",
     response_model=CalibrationPublic,
     status_code=status.HTTP_202_ACCEPTED,
-    responses={**ERRORS, **CONFLICT, 422: {"model": Message}},
+    responses={**ERRORS, **FORBIDDEN, **CONFLICT, 422: {"model": Message}},
 )
 def calibrate_device(
     device_id: int,
@@ -105,13 +166,16 @@ def calibrate_device(
     session: SessionDep,
     settings: SettingsDep,
     tenant: CurrentTenant,
+    admin_key: AdminKey = None,
 ) -> CalibrationPublic:
     """Start measuring sampled models on the device and fitting a new predictor version.
 
     Answers at once with the calibration's handle; follow it with
-    ``GET /v1/calibrations/{id}`` (progress: done / total). A local device is measured by
-    the server itself; a remote one by its device agents, which pull the measurement tasks
-    from ``GET /v1/devices/{id}/tasks``.
+    ``GET /v1/calibrations/{id}`` (progress: done / total), stop it with
+    ``POST /v1/calibrations/{id}/cancel``. A local device is measured by the server itself; a
+    remote one by its device agents, which pull the measurement tasks from
+    ``GET /v1/devices/{id}/tasks``. A shared built-in device is calibrated by the admin only
+    (header ``X-Admin-Key``); a job on it calibrates a predictor of your own when it needs one.
     """
     device = _device_or_404(session, tenant.id, device_id)
     if device.kind == "remote" and device.runtime != "onnxruntime":
@@ -119,6 +183,12 @@ def calibrate_device(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"device {device.name} is remote with runtime {device.runtime}: device agents time ONNX models "
             "with onnxruntime only",
+        )
+    if body.samples > settings.max_calibration_samples:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"samples {body.samples} is more than this server's limit of {settings.max_calibration_samples} "
+            "(MODELTAILOR_MAX_CALIBRATION_SAMPLES)",
         )
     loader = None
     if body.model_id is not None:
@@ -133,11 +203,19 @@ def calibrate_device(
             sha256=model.sha256,
             shapes=dict(dataset.shapes) if dataset is not None else None,
         )
+    if device.tenant_id is None and not is_admin(admin_key, settings):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"device {device.name} is shared by every tenant: calibrating it needs the admin key (header "
+            "X-Admin-Key, the server's MODELTAILOR_ADMIN_KEY). A job on it calibrates a predictor of your "
+            "own when it needs one, or calibrate a device of your own (POST /v1/devices).",
+        )
     params = {
         "samples": body.samples,
         "seed": body.seed,
         "runs": body.runs,
         "plan": "focused" if body.model_id is not None else "general",
+        "scope": "device",
     }
     cal = latency.create_calibration(
         session, device=device, tenant_id=tenant.id, params=params, model_id=body.model_id
@@ -180,6 +258,25 @@ def get_calibration(calibration_id: int, session: SessionDep, tenant: CurrentTen
     return calibration_public(cal)
 
 
+@calibrations_router.post("/{calibration_id}/cancel", response_model=CalibrationPublic, responses=ERRORS)
+def cancel_calibration(
+    calibration_id: int,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    admin_key: AdminKey = None,
+) -> CalibrationPublic:
+    """Stop a calibration of yours (the admin: anyone's); the device is free for the next one at
+    once. Its measurements are kept; one that already ended is returned unchanged."""
+    cal = session.get(Calibration, calibration_id) if queries.storable_id(calibration_id) else None
+    admin = is_admin(admin_key, settings)
+    if cal is None or (cal.tenant_id != tenant.id and not admin):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"calibration {calibration_id} not found")
+    latency.cancel_calibration(session, calibration_id=cal.id, by="the admin" if admin else "its owner")
+    session.refresh(cal)
+    return calibration_public(cal)
+
+
 @router.get(
     "/{device_id}/predictor",
     response_model=PredictorPublic,
@@ -194,23 +291,29 @@ def current_predictor(
         int | None, Query(ge=1, le=queries.MAX_ID, description="a version (default: the newest)")
     ] = None,
 ) -> PredictorPublic:
-    """The device's current predictor (newest version) with its held-out metrics.
+    """The predictor your jobs on the device use, or ``version``, with its held-out metrics.
 
-    Metrics are measured on architectures the predictor never trained on: ``within_10pct``
-    and ``within_5pct`` (% of predictions), ``mape`` (%), ``rmse_ms``, the same for the
+    That is the newest version, except on a shared built-in device where your own newest
+    (made by your jobs) comes before the device's own (made by the admin). Metrics are
+    measured on architectures the predictor never trained on: ``within_10pct`` and
+    ``within_5pct`` (% of predictions), ``mape`` (%), ``rmse_ms``, the same for the
     predicted speedup over the dense model, and every predictor kind's figures under
     ``detail``.
     """
     device = _device_or_404(session, tenant.id, device_id)
-    rows = latency.sync_predictors(session, device=device, data_dir=Path(settings.data_dir))
-    chosen = [p for p in rows if version is None or p.version == version]
-    if not chosen:
+    rows = latency.sync_predictors(
+        session, device=device, data_dir=Path(settings.data_dir), tenant_id=tenant.id
+    )
+    chosen = latency.preferred(rows, version)
+    if chosen is None:
         what = f"version {version}" if version is not None else "predictor yet"
+        how = f"POST /v1/devices/{device.id}/calibrate"
+        if device.tenant_id is None:
+            how = f"submit a job on it, or the admin calibrates it ({how})"
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND,
-            f"device {device.name} has no {what}; calibrate it with POST /v1/devices/{device.id}/calibrate",
+            status.HTTP_404_NOT_FOUND, f"device {device.name} has no {what}; calibrate it: {how}"
         )
-    return PredictorPublic.model_validate(chosen[-1], from_attributes=True)
+    return predictor_public(chosen, device)
 
 
 @predictors_router.get("", response_model=PredictorsPublic, responses=ERRORS)
@@ -219,10 +322,10 @@ def list_predictors(
 ) -> PredictorsPublic:
     """Predictor versions of a device with their held-out metrics."""
     device = _device_or_404(session, tenant.id, device_id)
-    rows = latency.sync_predictors(session, device=device, data_dir=Path(settings.data_dir))
-    return PredictorsPublic(
-        data=[PredictorPublic.model_validate(p, from_attributes=True) for p in rows], count=len(rows)
+    rows = latency.sync_predictors(
+        session, device=device, data_dir=Path(settings.data_dir), tenant_id=tenant.id
     )
+    return PredictorsPublic(data=[predictor_public(p, device) for p in rows], count=len(rows))
 
 
 # --- the device agent ---------------------------------------------------------------------

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import Receive, Scope, Send
 
+from db.engine import read_session
 from db.models import TERMINAL_JOB_STATUSES, Candidate, Job
-from service import queries
-from service.deps import CurrentTenant, SessionDep
+from engine.spec import JobSpec
+from service import queries, quotas
+from service.deps import CurrentTenant, SessionDep, SettingsDep
 from service.routers.models import ERRORS
 from service.schemas import (
     CandidatePublic,
     CandidatesPublic,
     JobAccepted,
-    JobCreate,
     JobPublic,
     JobsPublic,
+    Message,
 )
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -57,7 +62,7 @@ def to_public(session: Session, job: Job, *, with_best: bool = True) -> JobPubli
         model_id=job.model_id,
         dataset_id=job.dataset_id,
         device_id=job.device_id,
-        spec=job.spec,
+        spec=JobSpec.model_validate(job.spec),
         progress=job.progress,
         baseline=job.baseline,
         best=best,
@@ -78,7 +83,9 @@ def _job_or_404(session: Session, tenant_id: int, job_id: int) -> Job:
 
 
 @router.post("", response_model=JobAccepted, status_code=status.HTTP_201_CREATED, responses=ERRORS)
-def create_job(body: JobCreate, session: SessionDep, tenant: CurrentTenant) -> JobAccepted:
+def create_job(
+    body: JobSpec, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+) -> JobAccepted:
     """Queue a search job; the spec is fully validated before anything is stored."""
     if queries.get_model(session, tenant_id=tenant.id, model_id=body.model_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {body.model_id} not found")
@@ -86,6 +93,7 @@ def create_job(body: JobCreate, session: SessionDep, tenant: CurrentTenant) -> J
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {body.dataset_id} not found")
     if queries.get_device(session, tenant_id=tenant.id, device_id=body.device_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {body.device_id} not found")
+    quotas.admit_job(session, settings, tenant_id=tenant.id, budget=body.budget)
     job = queries.add_job(session, tenant_id=tenant.id, spec=body.model_dump(mode="json"))
     session.commit()
     return JobAccepted(id=job.id, status=job.status)
@@ -140,15 +148,26 @@ def get_pareto(job_id: int, session: SessionDep, tenant: CurrentTenant) -> Candi
     return CandidatesPublic(data=[to_candidate(c) for c in front], count=len(front))
 
 
-def _sse(factory: sessionmaker[Session], job_id: int, after: int) -> Iterator[str]:
-    """Stream stored events from ``after``; ends once the job is finished and drained."""
+def _poll(factory: sessionmaker[Session], job_id: int, after: int) -> tuple[list[tuple[int, str, Any]], bool]:
+    """Events after ``after`` and whether the job is finished, read in one short read-only session."""
+    with read_session(factory) as session:
+        events = queries.events_after(session, job_id=job_id, after_id=after)
+        job_status = session.scalar(select(Job.status).where(Job.id == job_id))  # not the whole row
+        finished = job_status is None or job_status in TERMINAL_JOB_STATUSES
+        return [(e.id, e.kind, e.data) for e in events], finished
+
+
+async def _sse(factory: sessionmaker[Session], job_id: int, after: int) -> AsyncIterator[str]:
+    """Stream stored events from ``after``; ends once the job is finished and drained.
+
+    Between polls a stream holds no session, connection or thread: each poll is a short
+    read-only session (no SQLite write lock) run in a worker thread, and the wait is an
+    asyncio sleep. (A sync generator would sleep in a threadpool thread: some 40 open
+    streams then took every thread, and every other request queued behind them.)
+    """
     last_sent = time.monotonic()
     while True:
-        with factory() as session:
-            events = queries.events_after(session, job_id=job_id, after_id=after)
-            job = session.get(Job, job_id)
-            finished = job is None or job.status in TERMINAL_JOB_STATUSES
-            payload = [(e.id, e.kind, e.data) for e in events]
+        payload, finished = await anyio.to_thread.run_sync(_poll, factory, job_id, after)
         for event_id, kind, data in payload:
             after = event_id
             yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
@@ -160,7 +179,25 @@ def _sse(factory: sessionmaker[Session], job_id: int, after: int) -> Iterator[st
             if time.monotonic() - last_sent > SSE_KEEPALIVE_S:
                 yield ": keepalive\n\n"
                 last_sent = time.monotonic()
-            time.sleep(SSE_POLL_S)
+            await anyio.sleep(SSE_POLL_S)
+
+
+class _EventStream(StreamingResponse):
+    """A stream that gives its tenant's stream slot back when the response ends, however it ends."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 @router.get(
@@ -172,20 +209,22 @@ def _sse(factory: sessionmaker[Session], job_id: int, after: int) -> Iterator[st
             "description": SSE_DESCRIPTION,
             "content": {"text/event-stream": {"schema": {"type": "string"}, "example": SSE_EXAMPLE}},
         },
+        429: {"model": Message, "description": "the tenant has `streams_per_tenant` event streams open"},
     },
 )
 def job_events(
     job_id: int,
     request: Request,
-    session: SessionDep,
+    settings: SettingsDep,
     tenant: CurrentTenant,
     last_event_id: Annotated[int | None, Header(ge=0, le=queries.MAX_ID)] = None,
 ) -> StreamingResponse:
-    """Progress as server-sent events (``status``, ``progress``, ``phase``...); resumes from Last-Event-ID."""
-    _job_or_404(session, tenant.id, job_id)
-    session.close()  # the stream opens a short session per poll; hold no transaction meanwhile
-    return StreamingResponse(
-        _sse(request.app.state.session_factory, job_id, last_event_id or 0),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    """Progress as server-sent events (``status``, ``progress``, ``phase``...); resumes from Last-Event-ID.
+
+    A tenant may hold ``streams_per_tenant`` streams open at once (429 beyond).
+    """
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    with read_session(factory) as session:  # no request session: nothing is held while streaming
+        _job_or_404(session, tenant.id, job_id)
+    release = quotas.stream_slots(request.app.state).acquire(tenant.id, settings.streams_per_tenant)
+    return _EventStream(_sse(factory, job_id, last_event_id or 0), release)

@@ -9,7 +9,7 @@ from service import queries
 from service.deps import CurrentTenant, SessionDep, SettingsDep
 from service.routers._body import is_multipart, json_body, upload_or_json
 from service.schemas import Message, ModelPublic, ModelsPublic, ZooModelCreate
-from service.uploads import checked, discard, inspect_model, receive_file, store
+from service.uploads import discard, inspected, receive_file, store, upload_slot
 
 router = APIRouter(prefix="/models", tags=["models"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -18,6 +18,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
     404: {"model": Message},
     413: {"model": Message},
 }
+UPLOAD_ERRORS: dict[int | str, dict[str, object]] = {**ERRORS, 429: {"model": Message}}
 
 
 def _zoo_names() -> tuple[str, ...]:
@@ -34,7 +35,7 @@ def to_public(model: Model) -> ModelPublic:
     "",
     response_model=ModelPublic,
     status_code=status.HTTP_201_CREATED,
-    responses=ERRORS,
+    responses=UPLOAD_ERRORS,
     openapi_extra=upload_or_json(
         ZooModelCreate,
         "multipart `file` (.pt2 from torch.export.save) + `name`, or JSON for a zoo model",
@@ -44,7 +45,8 @@ def to_public(model: Model) -> ModelPublic:
 async def create_model(
     request: Request, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
 ) -> ModelPublic:
-    """Upload a model (.pt2, checked by loading it with torch.export) or request a zoo model."""
+    """Upload a model (.pt2, checked in a limited child process; see ``service.uploads``) or
+    request a zoo model."""
     if not is_multipart(request):
         body = await json_body(request, ZooModelCreate)
         if body.zoo not in _zoo_names():
@@ -65,8 +67,9 @@ async def create_model(
         )
         session.commit()
         return to_public(model)
-    received = await receive_file(request, settings, suffix=".pt2")
-    info = await checked(inspect_model, received.tmp_path)
+    async with upload_slot(request, settings, tenant.id):
+        received = await receive_file(request, settings, suffix=".pt2")
+        info = await inspected("model", received.tmp_path, settings)
     try:
         path = store(received, settings.data_dir / "models", ".pt2")
     except OSError as exc:

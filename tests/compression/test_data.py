@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import compression.data
 from compression.data import (
     DataError,
     Dataset,
@@ -70,10 +71,23 @@ def test_builtin_splits_are_deterministic(mnist: Dataset) -> None:
     assert digits.fingerprint == load_builtin("digits").fingerprint != mnist.fingerprint
 
 
-def test_shared_dir_env_var_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODELTAILOR_SHARED_DIR", str(tmp_path))
-    with pytest.raises(DataError, match="MNIST file not found"):
-        load_builtin("mnist")
+# The split the idx files in ../shared gave before MNIST was bundled: cached zoo weights are keyed
+# by this fingerprint, so a changed bundle or permutation would silently retrain them.
+MNIST_FINGERPRINT = "97d0b67d2d78c116"
+
+
+def test_mnist_is_bundled_with_its_licence_and_keeps_the_old_split(
+    mnist: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert mnist.fingerprint == MNIST_FINGERPRINT
+    bundle = Path(compression.data.__file__).parent / "builtin_data"
+    assert (bundle / compression.data.MNIST_FILE).stat().st_size < 3_000_000
+    notice = (bundle / "NOTICE.txt").read_text()
+    assert "LeCun" in notice and "CC BY-SA 3.0" in notice
+    # Nothing outside the package is read: an empty cwd and a bogus shared dir change nothing.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MODELTAILOR_SHARED_DIR", str(tmp_path / "absent"))
+    assert load_builtin("mnist").fingerprint == MNIST_FINGERPRINT
 
 
 def test_load_dataset_dispatches_and_refuses_unknown(tmp_path: Path) -> None:

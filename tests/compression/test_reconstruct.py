@@ -22,7 +22,7 @@ from compression.policy import Policy
 from compression.reconstruct import conv_patches, reconstruct
 from compression.scoring import compress
 from compression.train import train_model
-from modeltailor.search import Evaluator
+from engine.search import Evaluator
 
 
 class Net(nn.Module):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.search_bridge import ExportContext, ExportResult
+from engine.job import ExportContext, ExportResult
 from tests.dashboard.harness import REPO, Live, launch_browser, live_server
 
 ARTIFACTS = REPO / "test-artifacts"

@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
 from db.models import Candidate, Dataset, Device, Job, JobEvent, Measurement, Model, Predictor, Tenant, utcnow
+from engine.job import Scores
 from service import queries
 from service.app import create_app
-from service.search_bridge import Scores
 from service.settings import Settings
 from tests.live import run_app
 

@@ -8,8 +8,8 @@ from agents import Objective
 from compression import CompressibleModel, SpaceOptions
 from compression.apply import CompressedModel
 from compression.data import Dataset
-from modeltailor.device_latency import macs_proxy
-from modeltailor.search import Candidate, Progress, run_search
+from engine.device_latency import macs_proxy
+from engine.search import Candidate, Progress, run_search
 
 
 class CountingLatency:

@@ -13,9 +13,9 @@ import pytest
 from agents import Objective
 from compression import CompressibleModel
 from compression.data import Dataset
-from modeltailor.device_latency import macs_proxy
-from modeltailor.search import EvaluatorPayload, SearchResult, load_worker_evaluator, run_search
-from service.executors import InProcessExecutor, LocalPoolExecutor
+from engine.device_latency import macs_proxy
+from engine.executors import InProcessExecutor, LocalPoolExecutor
+from engine.search import EvaluatorPayload, SearchResult, load_worker_evaluator, run_search
 
 COMMON: dict[str, Any] = {
     "device_latency": macs_proxy,
@@ -97,7 +97,7 @@ def test_a_pool_of_two_scores_every_candidate_as_in_process_loading_the_model_on
 def test_the_in_process_executor_scores_the_same_and_forgets_the_search_afterwards(
     tiny_model: CompressibleModel, digits: Dataset, in_process: SearchResult
 ) -> None:
-    from modeltailor import search
+    from engine import search
 
     recorder = Recorder(InProcessExecutor)
     inline = run_search(tiny_model, digits, budget_candidates=8, executor=recorder, **COMMON)

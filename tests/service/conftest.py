@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from db.testing import BACKENDS, fresh_database
+from engine.job import ExportContext, ExportResult, JobContext, Scores
 from service.app import create_app
-from service.search_bridge import ExportContext, ExportResult, JobContext, Scores
 from service.settings import Settings
 from tests.live import run_app
 
@@ -25,7 +25,7 @@ def fake_search(ctx: JobContext) -> None:
     seen = {d.policy_hash for d in ctx.done}
     ctx.progress("phase", {"phase": "searching"})
     ctx.set_baseline(Scores(accuracy=0.99, latency_ms=10.0))
-    delay = float(ctx.spec.get("seed", 0)) / 1000  # tests slow a job down through its seed
+    delay = ctx.spec.seed / 1000  # tests slow a job down through its seed
     while not ctx.should_stop():
         rng = random.Random(state["asked"])
         state["asked"] += 1

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from service.executors import (
+from engine.executors import (
+    Executor,
     InProcessExecutor,
     LocalPoolExecutor,
     describe_executor,
@@ -26,12 +27,18 @@ def read_tag(item: int) -> tuple[int, str]:
     return item, worker_state()["tag"]
 
 
+def _from_settings(settings: Settings) -> Executor:
+    return make_executor(
+        tagged, ("a",), kind=settings.executor, workers=settings.workers, ray_address=settings.ray_address
+    )
+
+
 def test_the_settings_choose_the_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    one = make_executor(Settings(data_dir=tmp_path), tagged, ("a",))
+    one = _from_settings(Settings(data_dir=tmp_path))
     assert isinstance(one, InProcessExecutor)
     assert describe_executor(one) == {"executor": "in-process", "workers": 1}
     one.close()
-    two = make_executor(Settings(data_dir=tmp_path, workers=2), tagged, ("a",))
+    two = _from_settings(Settings(data_dir=tmp_path, workers=2))
     try:
         assert isinstance(two, LocalPoolExecutor)
         assert describe_executor(two) == {"executor": "local-pool", "workers": 2}

@@ -13,10 +13,9 @@ import pytest
 from agents import Objective
 from compression import CompressibleModel
 from compression.data import Dataset
-from modeltailor.device_latency import macs_proxy
-from modeltailor.search import run_search
-from service.executors import RayExecutor, describe_executor, make_executor, worker_state
-from service.settings import Settings
+from engine.device_latency import macs_proxy
+from engine.executors import RayExecutor, describe_executor, make_executor, worker_state
+from engine.search import run_search
 from tests.modeltailor.conftest import digits, tiny_model, tiny_net  # noqa: F401  (fixtures)
 
 RAY_CPUS = 2
@@ -110,11 +109,10 @@ def test_a_search_on_ray_scores_every_candidate_as_in_process(
         "objective": Objective(max_accuracy_drop=0.5),
         "val_images": 300,
     }
-    settings = Settings(data_dir=tmp_path, executor="ray", workers=2)
     used: list[dict[str, Any]] = []
 
     def on_ray(initializer: Any, initargs: tuple[Any, ...]) -> Any:
-        executor = make_executor(settings, initializer, initargs)
+        executor = make_executor(initializer, initargs, kind="ray", workers=2)
         used.append(describe_executor(executor))
         return executor
 

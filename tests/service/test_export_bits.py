@@ -7,8 +7,8 @@ from pathlib import Path
 import onnx
 
 from compression.policy import Policy
-from service.search_bridge import DatasetRef, DeviceRef, ExportContext, ModelRef, Scores
-from service.search_wiring import export_candidate
+from engine.job import DatasetRef, DeviceRef, ExportContext, ModelRef, Scores, export_candidate
+from engine.spec import JobSpec
 
 DEVICE = DeviceRef(id=1, name="cpu-ort-1t", kind="local", runtime="onnxruntime", threads=1, settings={})
 
@@ -21,7 +21,7 @@ def _export(
         artifact_id=1,
         policy=policy,
         scores=Scores(latency_ms=0.1),
-        job_spec={"seed": 0},
+        job_spec=JobSpec(model_id=1, dataset_id=1, device_id=1, algorithm="random"),
         model=ModelRef(id=1, name="lenet5", path=None, zoo="lenet5", sha256=None),
         dataset=DatasetRef(id=1, name="digits", path=None, builtin="digits"),
         device=DEVICE,

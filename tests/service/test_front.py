@@ -125,8 +125,8 @@ def test_front_flags_stay_exact_as_candidates_arrive_and_after_a_bulk_load(
     from sqlalchemy import insert, select
 
     from db.models import Candidate, Job
+    from engine.job import Scores
     from service import queries
-    from service.search_bridge import Scores
 
     objectives = [{"metric": m, "direction": "max" if m == "accuracy" else "min"} for m in metrics]
     signs = [-1.0 if o["direction"] == "max" else 1.0 for o in objectives]

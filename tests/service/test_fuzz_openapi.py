@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from db.testing import BACKENDS, fresh_database
+from engine.job import ExportContext, ExportResult, JobContext, Scores
 from service import latency
 from service.app import create_app
-from service.search_bridge import ExportContext, ExportResult, JobContext, Scores
 from service.settings import Settings
 from tests.live import run_app
 

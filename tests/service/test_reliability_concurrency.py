@@ -27,7 +27,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from service.search_bridge import ExportContext, ExportResult, JobContext, Scores
+from engine.job import ExportContext, ExportResult, JobContext, Scores
 
 JOBS = 100
 BUDGET = 3

@@ -14,10 +14,11 @@ from db.engine import make_engine, make_session_factory
 from db.leases import claim_job
 from db.migrate import upgrade
 from db.models import Candidate, Dataset, Device, Job, Model, Tenant
+from engine.executors import LocalPoolExecutor, worker_state
+from engine.job import Scores
+from engine.spec import Budget, JobSpec
 from service import queries
-from service.executors import LocalPoolExecutor, worker_state
 from service.runner import Runner
-from service.search_bridge import Scores
 from service.settings import Settings
 
 
@@ -34,7 +35,10 @@ def _job(factory, budget: int) -> int:  # type: ignore[no-untyped-def]
         queries.ensure_builtin_devices(s)
         device = s.scalars(select(Device)).first()
         assert device is not None
-        spec = {"budget": {"candidates": budget}, "constraints": {}, "objectives": [], "seed": 0}
+        spec = JobSpec(
+            model_id=model.id, dataset_id=data.id, device_id=device.id, algorithm="random",
+            budget=Budget(candidates=budget),
+        ).model_dump(mode="json")  # fmt: skip
         job = Job(tenant_id=tenant.id, model_id=model.id, dataset_id=data.id, device_id=device.id,
                   algorithm="random", spec=spec)  # fmt: skip
         s.add(job)

@@ -57,6 +57,13 @@ const fmt = {
   secs: (v) => (v == null ? "—" : v < 90 ? `${Math.round(v)} s` : `${Math.round(v / 60)} min`),
   when: (iso) => (iso ? new Date(`${iso}${iso.endsWith("Z") ? "" : "Z"}`).toLocaleString() : "—"),
 };
+/* Progress bars carry their share in data-share and get their width through the CSSOM: the
+ * page's Content-Security-Policy refuses inline style attributes. */
+function fillBars(root) {
+  for (const span of root.querySelectorAll(".bar > span[data-share]")) {
+    span.style.width = `${(100 * Number(span.dataset.share)).toFixed(1)}%`;
+  }
+}
 const badge = (status) => `<span class="badge ${esc(status)}">${esc(status)}</span>`;
 
 class ApiError extends Error {
@@ -166,7 +173,7 @@ async function drawJobs(token) {
     return `<tr class="link" data-href="#/jobs/${job.id}" data-job="${job.id}">
       <td class="mono">#${job.id}</td>
       <td>${badge(job.status)}</td>
-      <td><div class="progress-cell"><div class="bar"><span style="width:${(100 * share).toFixed(1)}%"></span></div>
+      <td><div class="progress-cell"><div class="bar"><span data-share="${share}"></span></div>
         <small>${fmt.int(done)}${total ? ` / ${fmt.int(total)}` : ""} candidates${esc(eta)}${p.phase && job.status === "running" ? ` · ${esc(p.phase)}` : ""}</small></div></td>
       <td><span class="chip">${esc(job.algorithm)}</span></td>
       <td>${esc(deviceName[job.device_id] || `device ${job.device_id}`)}</td>
@@ -183,6 +190,7 @@ async function drawJobs(token) {
         <th>Best point</th><th>Submitted</th></tr></thead><tbody>${rows}</tbody></table>`
       : `<div class="empty">No jobs yet. Submit one with <code>modeltailor submit</code>, the SDK or
          <code>POST /v1/jobs</code>; it appears here.</div>`}</div>`;
+  fillBars(app());
   for (const tr of document.querySelectorAll("tr.link")) {
     tr.addEventListener("click", () => { location.hash = tr.dataset.href; });
   }
@@ -313,8 +321,8 @@ function jobStats(scatter, deviceName) {
   const speedup = best && base.latency_ms && best.latency_ms ? base.latency_ms / best.latency_ms : null;
   return `
     <div class="card stat"><div class="label">Progress</div>
-      <div class="value">${fmt.int(p.done ?? scatter.total)}${p.total ? `<span class="muted" style="font-size:14px"> / ${fmt.int(p.total)}</span>` : ""}</div>
-      <div class="bar" style="margin-top:8px"><span style="width:${(100 * share).toFixed(1)}%"></span></div>
+      <div class="value">${fmt.int(p.done ?? scatter.total)}${p.total ? `<span class="muted of-total"> / ${fmt.int(p.total)}</span>` : ""}</div>
+      <div class="bar spaced"><span data-share="${share}"></span></div>
       <div class="sub">${esc(p.phase || job.status)}${job.status === "running" && p.eta_s != null ? ` · ETA ${fmt.secs(p.eta_s)}` : ""}</div></div>
     <div class="card stat"><div class="label">Candidates</div><div class="value">${fmt.int(scatter.total)}</div>
       <div class="sub">${fmt.int(scatter.feasible_total)} meet the constraints</div></div>
@@ -366,6 +374,7 @@ async function pageJob(token, jobId) {
       <div class="note" id="scatter-note"></div>
     </div>
     <div class="card table-card"><h2>Pareto front</h2><div id="front-card">${frontTable(scatter, scatter.baseline || {})}</div></div>`;
+  fillBars(app());
   const div = $("#scatter");
   purgeOnLeave(div);
   const bindRows = () => {
@@ -399,6 +408,7 @@ async function pageJob(token, jobId) {
       if (!current(token)) return j;
       latest = s;
       $("#job-stats").innerHTML = jobStats(s, deviceName);
+      fillBars($("#job-stats"));
       $("#front-card").innerHTML = frontTable(s, s.baseline || {});
       bindRows();
       note(s);
@@ -549,9 +559,9 @@ function artifactBox(a) {
   const head = { pending: "Exporting… building, writing and measuring the model.", ready: "Export ready.",
     failed: "Export failed." }[a.status] || a.status;
   return `<div class="result ${esc(a.status)}" id="export-result" data-status="${esc(a.status)}">
-    <b>${esc(head)}</b>${a.error ? `<div id="export-error" style="margin-top:6px">${esc(a.error)}</div>` : ""}
+    <b>${esc(head)}</b>${a.error ? `<div id="export-error">${esc(a.error)}</div>` : ""}
     <dl>${rows.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("")}</dl>
-    ${a.status === "ready" ? `<p style="margin:10px 0 0"><button class="btn" id="download" type="button">Download ONNX</button></p>` : ""}
+    ${a.status === "ready" ? `<p class="download-row"><button class="btn" id="download" type="button">Download ONNX</button></p>` : ""}
   </div>`;
 }
 
@@ -586,8 +596,8 @@ async function pageCandidate(token, candidateId) {
     <div class="card"><h2>Per-layer policy</h2>
       <div id="layer-chart" class="plot small"></div>
       <div class="note">Bars: kept fraction of output channels, coloured by sparsity scheme; diamonds: weight bits; hatched: blocks replaced by identity.</div></div>
-    <div class="grid two" style="margin-top:18px">
-      <div class="card"><h2>Latency: predicted vs measured</h2><div id="latency-chart" class="plot small" style="height:230px"></div></div>
+    <div class="grid two gap-top">
+      <div class="card"><h2>Latency: predicted vs measured</h2><div id="latency-chart" class="plot small"></div></div>
       <div class="card"><h2>Export</h2>
         <div class="export-form">
           <label><input type="checkbox" id="export-int8"> int8 (QDQ)</label>
@@ -643,7 +653,7 @@ async function exportCandidate(token, candidate, job, latDiv) {
   } catch (err) {
     if (!current(token)) return;
     status.innerHTML = `<div class="result failed" id="export-result" data-status="error"><b>The server refused the export.</b>
-      <div id="export-error" style="margin-top:6px">${esc(err.message)}</div></div>`;
+      <div id="export-error">${esc(err.message)}</div></div>`;
   } finally {
     if (current(token)) button.disabled = false;
   }
@@ -662,7 +672,7 @@ async function pageDevices(token, deviceId) {
     <div class="page-head"><h1>Devices</h1><span class="muted">latency targets, their measurements and predictors</span></div>
     <div class="card table-card"><table id="devices-table"><thead><tr><th>Name</th><th>Kind</th><th>Runtime</th>
       <th class="num">Threads</th><th></th></tr></thead><tbody>${list}</tbody></table></div>
-    <div id="device-detail">${deviceId ? "" : '<div class="card empty" style="margin-top:18px">Pick a device to see its measurements and latency predictor.</div>'}</div>`;
+    <div id="device-detail">${deviceId ? "" : '<div class="card empty gap-top">Pick a device to see its measurements and latency predictor.</div>'}</div>`;
   for (const tr of document.querySelectorAll("tr.link")) {
     tr.addEventListener("click", () => { location.hash = tr.dataset.href; });
   }
@@ -701,11 +711,14 @@ async function deviceDetail(token, device, measurements, predictors) {
   const done = measurements.data.filter((m) => m.status === "done" && m.latency_ms != null);
   const counts = {};
   for (const m of measurements.data) counts[m.status] = (counts[m.status] || 0) + 1;
-  const latest = predictors.data[predictors.data.length - 1];
+  // The predictor your jobs use: your own newest on a shared device, else the device's newest.
+  const own = predictors.data.filter((p) => p.scope === "tenant");
+  const usable = own.length ? own : predictors.data;
+  const latest = usable[usable.length - 1];
   const scalar = latest ? Object.entries(latest.metrics || {}).filter(([, v]) => typeof v !== "object") : [];
   const within = latest && latest.metrics ? latest.metrics.within_10pct : null;
   $("#device-detail").innerHTML = `
-    <div class="page-head" style="margin-top:22px"><h1>${esc(device.name)}</h1><span class="chip">${esc(device.runtime)} · ${device.threads} thread${device.threads > 1 ? "s" : ""}</span></div>
+    <div class="page-head device-head"><h1>${esc(device.name)}</h1><span class="chip">${esc(device.runtime)} · ${device.threads} thread${device.threads > 1 ? "s" : ""}</span></div>
     <div class="grid stats">
       <div class="card stat"><div class="label">Measurements</div><div class="value" id="measurement-count">${fmt.int(measurements.count)}</div>
         <div class="sub">${Object.entries(counts).map(([k, v]) => `${v} ${esc(k)}`).join(" · ") || "none yet"}</div></div>
@@ -726,7 +739,7 @@ async function deviceDetail(token, device, measurements, predictors) {
         </tbody></table>` : '<div class="empty">No predictor yet.</div>'}</div>
     </div>
     <div class="card"><h2>Measured latency</h2><div id="measurement-chart" class="plot small"></div></div>
-    <div class="card table-card"><h2>Latest measurements <span class="muted" style="font-weight:400">(${Math.min(15, measurements.data.length)} of ${fmt.int(measurements.count)})</span></h2><table id="measurement-table"><thead><tr><th>#</th><th>Status</th><th>Purpose</th>
+    <div class="card table-card"><h2>Latest measurements <span class="muted light">(${Math.min(15, measurements.data.length)} of ${fmt.int(measurements.count)})</span></h2><table id="measurement-table"><thead><tr><th>#</th><th>Status</th><th>Purpose</th>
       <th class="num">Latency</th><th class="num">MACs</th><th>Measured</th></tr></thead><tbody>
       ${measurements.data.slice(0, 15).map((m) => `<tr><td class="mono">${m.id}</td><td><span class="badge ${{ done: "succeeded", failed: "failed", claimed: "running" }[m.status] || "queued"}">${esc(m.status)}</span></td>
         <td>${esc(m.purpose)}</td><td class="num">${fmt.ms(m.latency_ms)}</td><td class="num">${fmt.macs((m.features || {}).macs)}</td>

@@ -1,11 +1,12 @@
-"""The real bodies behind ``search_bridge.run_job`` / ``export_candidate``.
+"""The bodies behind ``engine.job.run_job`` / ``export_candidate``: one job's search and one export.
 
-Kept apart from the bridge's contract so the runner's tests can import the bridge
-without torch. A job's latency comes from its device's predictor (``service.job_latency``):
-a device without one is calibrated first (the job's progress says "calibrating 37/48"),
-the dense baseline is stored as soon as it is known, and at the end the top-k points of the
-front are measured on the device beside their predicted latency. Outside the service (no
-database in the context) each candidate is measured instead (slower, always honest).
+Kept apart from the contract so the service imports the contract without torch. In the
+service a job's latency comes from its device's predictor (``ctx.latency``, which the
+service implements over its database): a device without one is calibrated first (the
+job's progress says "calibrating 37/48"), the dense baseline is stored as soon as it is
+known, and at the end the top-k points of the front are measured on the device beside
+their predicted latency. Without ``ctx.latency`` each candidate is measured instead
+(slower, always honest).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from agents import Objective
+from agents import Objective, Score
 from compression import Policy, compress
 from compression.apply import CompressedModel
 from compression.data import Dataset, calibration_batches, load_builtin, load_npz
@@ -30,19 +31,22 @@ from compression.onnx_export import export_onnx, onnx_accuracy
 from compression.resolve import resolve_model
 from compression.space import SpaceOptions
 from compression.space_builder import space_for
-from latency_models.devices import Device
-from latency_models.harness import measure_pair
-from modeltailor.device_latency import measured_latency
-from modeltailor.search import Candidate, run_search
-from service.search_bridge import (
+from engine.device_latency import measured_latency, predicted_latency
+from engine.job import (
     DatasetRef,
     DeviceRef,
     ExportContext,
     ExportResult,
     JobContext,
+    JobLatency,
     ModelRef,
     Scores,
 )
+from engine.search import Candidate, Evaluator, SearchResult, run_search
+from engine.spec import JobSpec
+from latency_models.devices import Device
+from latency_models.focus import model_ids
+from latency_models.harness import measure_pair
 
 SEARCH_RUNS = 60  # timed runs per candidate when measuring during search (no predictor yet)
 
@@ -90,28 +94,19 @@ def _pinned_version(ctx: JobContext) -> int | None:
     return versions[0] if versions else None
 
 
-def run_job(ctx: JobContext) -> None:
+def search(ctx: JobContext) -> None:
     """Resume or start the job's search; persists every candidate as it is scored."""
-    from agents import Score
-    from modeltailor.device_latency import predicted_latency
-    from modeltailor.search import Evaluator
-
     spec = ctx.spec
-    seed = int(spec.get("seed", 0))
+    seed = spec.seed
     ctx.progress("phase", {"phase": "loading", "message": "loading model and data"})
     dataset = load_job_dataset(ctx.dataset)
     model = load_job_model(ctx.model, dataset, ctx.data_dir, seed)
     device = device_of(ctx.device)
-    objective = Objective.from_dict(spec.get("objectives"), spec.get("constraints"))
-    options = SpaceOptions.from_dict(dict(spec.get("space") or {}))
-    job_latency = None
+    objective = spec.objective()
+    options = spec.space_options()
+    job_latency = ctx.latency(ctx) if ctx.latency is not None else None
     version: int | None = None
     kind: str | None = None
-    if ctx.session_factory is not None:
-        from service.job_latency import JobLatency
-        from service.latency import model_ids
-
-        job_latency = JobLatency(ctx)
     try:
         if job_latency is not None:
             ids = model_ids(model, ctx.model.sha256, ctx.model.zoo)
@@ -138,7 +133,9 @@ def run_job(ctx: JobContext) -> None:
         )
         ctx.set_baseline(baseline)
         ctx.progress("phase", {"phase": "searching", "latency_source": source, "predictor_version": version})
-        result = _search(ctx, model, dataset, latency, objective, options, seed, version, kind, Score)
+        result = _search(ctx, model, dataset, latency, objective, options, version, kind)
+        if not result.pareto:
+            ctx.progress("phase", {"note": no_feasible_note(spec, result)})
         if job_latency is not None:
             _finish_latency(ctx, job_latency, model, result, baseline)
     finally:
@@ -153,16 +150,14 @@ def _search(
     latency: Callable[[Any], float],
     objective: Objective,
     options: SpaceOptions,
-    seed: int,
     version: int | None,
     kind: str | None,
-    score_cls: Any,
-) -> Any:
+) -> SearchResult:
     previous = [
         Candidate(
             d.index,
             Policy.from_dict(d.policy),
-            score_cls(
+            Score(
                 accuracy=d.scores.accuracy or 0.0,
                 latency_ms=d.scores.latency_ms or 0.0,
                 size_bytes=float(d.scores.size_bytes or 0),
@@ -176,7 +171,7 @@ def _search(
     ]
     state: dict[str, Any] | None = json.loads(ctx.agent_state) if ctx.agent_state else None
     last_state: list[bytes | None] = [ctx.agent_state]
-    budget = ctx.spec.get("budget") or {}
+    budget = ctx.spec.budget
 
     def on_candidate(c: Candidate) -> None:
         ctx.persist_candidate(
@@ -192,9 +187,9 @@ def _search(
             dataset,
             device_latency=latency,
             algorithm=ctx.algorithm,
-            budget_candidates=int(budget.get("candidates", 200)),
-            budget_seconds=float(budget["seconds"]) if budget.get("seconds") else None,
-            seed=seed,
+            budget_candidates=budget.candidates,
+            budget_seconds=budget.seconds,
+            seed=ctx.spec.seed,
             objective=objective,
             space_options=options,
             on_candidate=on_candidate,
@@ -203,17 +198,29 @@ def _search(
             previous=previous,
             should_stop=ctx.should_stop,
             executor=ctx.make_executor,  # local pool or Ray workers, from the settings
-            reconstruct=bool(ctx.spec.get("reconstruct", True)),
+            reconstruct=ctx.spec.reconstruct,
         )
 
 
+def no_feasible_note(spec: JobSpec, result: SearchResult) -> str:
+    """Why a finished search has an empty front: what was bounded, and what dense scored."""
+    dense = result.dense.score
+    bounds = ", ".join(f"{name} <= {bound.max:g}" for name, bound in spec.constraints.items())
+    scored = sum(c.score.ok for c in result.candidates)
+    return (
+        f"no feasible candidate found: none of the {scored} scored candidates met the constraints "
+        f"({bounds or 'none'}); dense model: accuracy {dense.accuracy:.4f}, latency "
+        f"{dense.latency_ms:.4g} ms, size {dense.size_bytes:.0f} bytes. Loosen a bound or raise the budget."
+    )
+
+
 def _finish_latency(
-    ctx: JobContext, job_latency: Any, model: CompressibleModel, result: Any, baseline: Scores
+    ctx: JobContext, job_latency: JobLatency, model: CompressibleModel, result: SearchResult, baseline: Scores
 ) -> None:
     """Top-k of the front measured on the device; a remote dense timing collected."""
     if job_latency.cancelled():
         return
-    k = int(ctx.spec.get("remeasure_top_k") or 0)
+    k = ctx.spec.remeasure_top_k
     front = [(c.policy, c.score.latency_ms) for c in result.pareto if c.score.ok]
     points = job_latency.remeasure(model, front, k) if k > 0 else []
     if job_latency.remote and baseline.measured_latency_ms is None:
@@ -264,17 +271,16 @@ def finetune(
         p.requires_grad_(False)
 
 
-def export_candidate(ctx: ExportContext) -> ExportResult:
+def export(ctx: ExportContext) -> ExportResult:
     """Build the candidate, write ONNX and measure it against dense.
 
     The file is int8 QDQ when asked, or when the policy's bits make this runtime run it as
     int8 (``latency_models.features.runtime_int8``: the rule its latency was predicted and
     re-measured with), so the exported speedup is the one the search saw.
     """
-    from compression.space_builder import space_for
     from latency_models.features import runtime_int8
 
-    seed = int(ctx.job_spec.get("seed", 0))
+    seed = ctx.job_spec.seed
     dataset = load_job_dataset(ctx.dataset)
     model = load_job_model(ctx.model, dataset, ctx.data_dir, seed)
     device = device_of(ctx.device)
@@ -282,7 +288,7 @@ def export_candidate(ctx: ExportContext) -> ExportResult:
     policy = Policy.from_dict(ctx.policy)
     ctx.progress({"phase": "building"})
     # Built as the search scored it: re-fitted to the dense outputs unless the job said not to.
-    cm = compress(model, policy, calib, reconstruct=bool(ctx.job_spec.get("reconstruct", True)))
+    cm = compress(model, policy, calib, reconstruct=ctx.job_spec.reconstruct)
     if ctx.finetune_epochs > 0:
         finetune(cm, dataset, ctx.finetune_epochs, ctx.progress)
     dense = compress(model, Policy.dense(), calib)
@@ -300,7 +306,9 @@ def export_candidate(ctx: ExportContext) -> ExportResult:
             ctx.out_path.write_bytes(fp32.read_bytes())
         ctx.progress({"phase": "measuring", "device": device.name})
         if ctx.device.kind == "remote":
-            measured_ms, dense_ms, speedup = _measure_on_agent(ctx, dense_path)
+            if ctx.time_on_agent is None:
+                raise RuntimeError(f"device {device.name} is remote: only the service can reach its agent")
+            measured_ms, dense_ms, speedup = ctx.time_on_agent(ctx.out_path, dense_path)
         else:
             pair = measure_pair(dense_path, ctx.out_path, device, runs=200)
             measured_ms, dense_ms, speedup = pair.b.median_ms, pair.a.median_ms, pair.speedup
@@ -317,50 +325,3 @@ def export_candidate(ctx: ExportContext) -> ExportResult:
         "int8": int8,
     }
     return ExportResult(path=ctx.out_path, metrics=metrics)
-
-
-def _measure_on_agent(ctx: ExportContext, dense_path: Path) -> tuple[float, float, float]:
-    """Time the export against the dense model on a remote device, through its agent's task."""
-    import time
-
-    from db.models import Device as DeviceRow
-    from db.models import Measurement
-    from service import latency as lat
-    from service.job_latency import REMEASURE_WAIT_S
-
-    if ctx.session_factory is None:
-        raise RuntimeError(f"device {ctx.device.name} is remote: only the service can reach its agent")
-    with ctx.session_factory() as session:
-        row = session.get(DeviceRow, ctx.device.id)
-        if row is None:
-            raise RuntimeError(f"device {ctx.device.name} was deleted")
-        task = lat.add_task(
-            session,
-            data_dir=ctx.data_dir,
-            device=row,
-            tenant_id=row.tenant_id,
-            purpose="export",
-            model=ctx.out_path,
-            baseline=dense_path,
-            runs=200,
-            warmup=20,
-            info={"artifact_id": ctx.artifact_id},
-        )
-        task_id = task.id
-    deadline = time.monotonic() + REMEASURE_WAIT_S
-    while time.monotonic() < deadline:
-        with ctx.session_factory() as session:
-            m = session.get(Measurement, task_id)
-            if m is not None and m.status == "failed":
-                raise RuntimeError(f"the device agent could not time the export: {m.error}")
-            if m is not None and m.status == "done":
-                stats = dict(m.latency_stats)
-                dense = (stats.get("baseline") or {}).get("median_ms")
-                if m.latency_ms is None or dense is None or not stats.get("speedup"):
-                    raise RuntimeError("the device agent's result lacks the dense timing")
-                return float(m.latency_ms), float(dense), float(stats["speedup"])
-        time.sleep(lat.POLL_S)
-    raise RuntimeError(
-        f"no device agent timed the export on {ctx.device.name} within {REMEASURE_WAIT_S:.0f} s; "
-        f"is `modeltailor device-agent --device {ctx.device.id}` running?"
-    )

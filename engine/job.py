@@ -1,7 +1,8 @@
-"""The one seam between the service and the search: :func:`run_job` and :func:`export_candidate`.
+"""The one seam between the service and the engine: :func:`run_job` and :func:`export_candidate`,
+and the protocols through which a job reads and persists what lives in the service.
 
 The runner (``service/runner.py``) owns leases, cancellation, budgets, progress and
-persistence; the bridge owns the search itself. The runner calls ``run_job(ctx)`` once
+persistence; the engine owns the search itself. The runner calls ``run_job(ctx)`` once
 per claim. Contract for ``run_job``:
 
 * Resume, never restart: ``ctx.agent_state`` is the last state saved (None on a fresh
@@ -17,23 +18,32 @@ per claim. Contract for ``run_job``:
   cancel, on an exhausted budget, on a lost lease and on shutdown) and return promptly;
   evaluate in batches of about ``executor.workers`` so a stop takes seconds.
 * Report phases with ``ctx.progress(kind, data)`` (e.g. ``("phase", {"phase":
-  "calibrating"})``); the runner itself reports done / total / best / ETA after each
-  persisted candidate. ``ctx.set_baseline(scores)`` records the dense model's scores
-  (the reference for the ``accuracy_drop`` constraint).
+  "calibrating"})``; a ``phase`` event's data is merged into the job's progress); the
+  runner itself reports done / total / best / ETA after each persisted candidate.
+  ``ctx.set_baseline(scores)`` records the dense model's scores (the reference for the
+  ``accuracy_drop`` constraint).
 * Evaluate through ``ctx.make_executor(initializer, initargs)``: the initializer runs
   once per worker to load the model and data; close the executor before returning.
 * Return normally when the search is complete or stopped; raise to fail the job (the
   exception's message becomes the job's ``error``).
+
+This module imports no torch: the bodies live in :mod:`engine.run`, loaded on first call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from service.executors import Executor
+from engine.executors import ExecutorFactory
+from engine.spec import JobSpec
+
+if TYPE_CHECKING:
+    from compression.model_io import CompressibleModel
+    from compression.policy import Policy
+    from latency_models.predictors import Predictor
 
 
 @dataclass(frozen=True)
@@ -93,13 +103,82 @@ class DeviceRef:
     settings: dict[str, Any]
 
 
+class LoadedPredictor(Protocol):
+    """A device's latency predictor and which version of which kind it is."""
+
+    @property
+    def predictor(self) -> Predictor: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def kind(self) -> str: ...
+
+
+class RemeasuredPoint(Protocol):
+    """One front point timed on the device at the end of a job."""
+
+    @property
+    def policy_hash(self) -> str: ...
+
+    @property
+    def predicted_ms(self) -> float | None: ...
+
+    @property
+    def measured_ms(self) -> float | None: ...
+
+    @property
+    def speedup(self) -> float | None: ...
+
+    @property
+    def error(self) -> str | None: ...
+
+
+class JobLatency(Protocol):
+    """The device side of one job, kept by the service: predictor versions, calibrations,
+    device-agent tasks and the re-measured candidates live in its database."""
+
+    @property
+    def remote(self) -> bool:
+        """The device is timed by a device agent, not in this process."""
+        ...
+
+    def ensure_predictor(
+        self, model: CompressibleModel, ids: tuple[str, str], pinned: int | None = None
+    ) -> LoadedPredictor:
+        """The predictor to score with (``pinned`` version if a resumed job has one); calibrates if needed."""
+        ...
+
+    def measure_dense(self, model: CompressibleModel) -> float | None:
+        """The dense model's measured latency now; None when a device agent times it later."""
+        ...
+
+    def dense_result(self, timeout_s: float) -> float | None:
+        """A remote dense timing, waiting up to ``timeout_s``."""
+        ...
+
+    def cancelled(self) -> bool:
+        """The job was cancelled or taken over (not: its budget is spent)."""
+        ...
+
+    def remeasure(
+        self, model: CompressibleModel, front: Sequence[tuple[Policy, float | None]], k: int
+    ) -> Sequence[RemeasuredPoint]:
+        """Time ``k`` of the front's (policy, predicted ms) on the device and store the results."""
+        ...
+
+    def close(self) -> None:
+        """Remove the job's temporary files."""
+        ...
+
+
 @dataclass
 class JobContext:
     """Everything a search needs; built by the runner for each claim."""
 
     job_id: int
-    algorithm: str
-    spec: dict[str, Any]  # the validated JobCreate body (space, objectives, constraints, budget, seed)
+    spec: JobSpec
     model: ModelRef
     dataset: DatasetRef
     device: DeviceRef
@@ -110,17 +189,17 @@ class JobContext:
     progress: Callable[[str, dict[str, Any]], None]
     set_baseline: Callable[[Scores], None]
     should_stop: Callable[[], bool]
-    make_executor: Callable[..., Executor]
-    # The service database, for the latency side of a job (predictor versions, calibrations,
-    # device-agent tasks, re-measured candidates); None outside the service.
-    session_factory: Callable[[], Any] | None = None
+    make_executor: ExecutorFactory
+    # The service's device side of this job (None outside the service: every candidate is
+    # then measured in this process instead of predicted).
+    latency: Callable[[JobContext], JobLatency] | None = None
 
 
 def run_job(ctx: JobContext) -> None:
     """Run (or resume) the search of one job; see the module docstring for the contract."""
-    from service.search_wiring import run_job as run
+    from engine.run import search
 
-    run(ctx)
+    search(ctx)
 
 
 @dataclass(frozen=True)
@@ -130,7 +209,7 @@ class ExportContext:
     artifact_id: int
     policy: dict[str, Any]
     scores: Scores
-    job_spec: dict[str, Any]
+    job_spec: JobSpec
     model: ModelRef
     dataset: DatasetRef
     device: DeviceRef
@@ -139,9 +218,9 @@ class ExportContext:
     out_path: Path  # write the file here
     data_dir: Path  # the service's data directory (zoo weights cache, as for the job)
     progress: Callable[[dict[str, Any]], None]
-    # The service database: a remote device's export is timed by its device agent through a
-    # task; None outside the service.
-    session_factory: Callable[[], Any] | None = None
+    # Times (exported model, dense model) on a remote device through its agent and returns
+    # (measured ms, dense ms, speedup); None outside the service, where no agent is reachable.
+    time_on_agent: Callable[[Path, Path], tuple[float, float, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +233,6 @@ class ExportResult:
 
 def export_candidate(ctx: ExportContext) -> ExportResult:
     """Build, write and measure the compressed model of one candidate."""
-    from service.search_wiring import export_candidate as export
+    from engine.run import export
 
     return export(ctx)

@@ -2,14 +2,15 @@
 
 Each loads the job's model and data once per worker, through an ``initializer`` that
 runs once in each worker process (or Ray actor) before any task; the evaluation function
-reads what it built (``modeltailor.search`` keeps its evaluators by search token;
+reads what it built (``engine.search`` keeps its evaluators by search token;
 :func:`worker_state` returns the initializer's result for simpler uses). Candidates
 then travel as small JSON-able policies, never as models.
 
-Which one a job gets (:func:`make_executor`): ``MODELTAILOR_EXECUTOR=ray`` → Ray
-(``RAY_ADDRESS`` joins a cluster; unset, a local Ray is started once for the process);
-otherwise the local pool with ``MODELTAILOR_WORKERS`` processes, or this process itself
-when that is 1 (no start-up cost, no copy of the model).
+Which one a job gets (:func:`make_executor`, from the service's settings
+``MODELTAILOR_EXECUTOR``, ``_WORKERS``, ``RAY_ADDRESS``): kind ``ray`` → Ray (an address
+joins a cluster; none, a local Ray is started once for the process); otherwise the local
+pool of ``workers`` processes, or this process itself when that is 1 (no start-up cost, no
+copy of the model).
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
-from service.settings import Settings
-
+ExecutorKind = Literal["local", "ray"]
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger("modeltailor.executors")
@@ -58,7 +58,7 @@ def threads_per_worker(workers: int) -> int:
 
 
 class Executor(Protocol):
-    """Runs ``fn`` over items in workers; ``fn`` must be a module-level function."""
+    """Runs a module-level ``fn`` over items in workers that each ran an initializer once."""
 
     workers: int
 
@@ -69,6 +69,10 @@ class Executor(Protocol):
     def close(self) -> None:
         """Stop the workers."""
         ...
+
+
+# Builds an executor whose workers each run ``initializer(*initargs)`` once before any ``fn``.
+ExecutorFactory = Callable[[Callable[..., Any], tuple[Any, ...]], Executor]
 
 
 class InProcessExecutor:
@@ -236,11 +240,16 @@ def describe_executor(executor: Executor) -> dict[str, Any]:
 
 
 def make_executor(
-    settings: Settings, initializer: Callable[..., Any], initargs: tuple[Any, ...] = ()
+    initializer: Callable[..., Any],
+    initargs: tuple[Any, ...] = (),
+    *,
+    kind: ExecutorKind = "local",
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> Executor:
-    """The executor the settings ask for (``MODELTAILOR_EXECUTOR``, ``_WORKERS``, ``RAY_ADDRESS``)."""
-    if settings.executor == "ray":
-        return RayExecutor(settings.workers, initializer, initargs, address=settings.ray_address)
-    if settings.workers <= 1:
+    """A ``kind`` executor of ``workers`` (Ray joins ``ray_address``; 1 local worker is this process)."""
+    if kind == "ray":
+        return RayExecutor(workers, initializer, initargs, address=ray_address)
+    if workers <= 1:
         return InProcessExecutor(initializer, initargs)
-    return LocalPoolExecutor(settings.workers, initializer, initargs)
+    return LocalPoolExecutor(workers, initializer, initargs)

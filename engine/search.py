@@ -7,7 +7,7 @@ candidates are cached by policy hash, and a resumed search is handed the candida
 already has.
 
 Where the scoring runs is the caller's choice: in this process (the default), or in the
-workers of an executor (a local process pool or a Ray cluster, see ``service.executors``).
+workers of an executor (a local process pool or a Ray cluster, see ``engine.executors``).
 With an executor, the model and data travel to each worker once, when the worker starts
 (the model as a ``torch.export`` archive, which keeps every node name and shape); after
 that only policies go out and scores come back.
@@ -22,7 +22,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,30 +38,10 @@ from compression.scoring import compress
 from compression.space import SpaceOptions
 from compression.space_builder import space_for
 from compression.tracing import TRACE_LOCK
+from engine.executors import Executor, ExecutorFactory
 
 DeviceLatency = Callable[[CompressedModel], float]
 MAX_IDLE_ROUNDS = 50  # rounds in a row without a new policy: the agent has converged, stop
-
-
-class EvaluationExecutor(Protocol):
-    """Runs a module-level ``fn`` over items in workers that ran an initializer once.
-
-    ``service.executors`` has the implementations (in-process, local process pool, Ray).
-    """
-
-    workers: int
-
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """Results in the order of ``items``; an exception in ``fn`` is raised here."""
-        ...
-
-    def close(self) -> None:
-        """Stop the workers."""
-        ...
-
-
-# Builds an executor whose workers each run ``initializer(*initargs)`` once before any ``fn``.
-ExecutorFactory = Callable[[Callable[..., Any], tuple[Any, ...]], EvaluationExecutor]
 
 
 @dataclass(frozen=True)
@@ -107,14 +87,14 @@ class Progress:
     """Where a search stands after one ask/tell round.
 
     Attributes:
-        done / budget: candidates scored so far and the candidate budget.
+        done / budget: candidates scored so far and the candidate budget (None: no limit).
         elapsed_s: wall time since the search started.
         best_feasible_accuracy: best accuracy among feasible candidates (None if none yet).
         agent_state: builds the agent's JSON state on demand (costly for DDPG: call when saving).
     """
 
     done: int
-    budget: int
+    budget: int | None
     elapsed_s: float
     best_feasible_accuracy: float | None
     agent_state: Callable[[], dict[str, Any]]
@@ -294,7 +274,7 @@ class _Scorer:
     def __init__(self, evaluator: Evaluator, factory: ExecutorFactory | None) -> None:
         self.evaluator = evaluator
         self.token = uuid.uuid4().hex
-        self.executor: EvaluationExecutor | None = None
+        self.executor: Executor | None = None
         if factory is not None:
             self.executor = factory(load_worker_evaluator, (self.token, EvaluatorPayload(evaluator)))
 
@@ -322,7 +302,7 @@ def run_search(
     *,
     device_latency: DeviceLatency,
     algorithm: str,
-    budget_candidates: int,
+    budget_candidates: int | None,
     budget_seconds: float | None = None,
     seed: int = 0,
     objective: Objective | None = None,
@@ -340,6 +320,7 @@ def run_search(
 ) -> SearchResult:
     """Search compression policies of ``model`` until ``budget_candidates`` new policies are scored.
 
+    ``budget_candidates`` None means no candidate limit (``budget_seconds`` must then be set).
     Also stops when ``budget_seconds`` pass, when ``should_stop()`` says so (cancel), or when
     the agent keeps proposing only policies already scored. ``on_candidate`` sees each new
     candidate as soon as it is scored; ``on_progress`` after each round (persist
@@ -356,10 +337,13 @@ def run_search(
     are scored in parallel; a policy scores the same wherever it is scored.
 
     Raises:
-        ValueError: unknown ``algorithm`` or a budget below 1.
+        ValueError: unknown ``algorithm``, a budget below 1, or neither budget set.
     """
-    if budget_candidates < 1:
+    if budget_candidates is not None and budget_candidates < 1:
         raise ValueError(f"budget_candidates must be >= 1, got {budget_candidates}")
+    if budget_candidates is None and budget_seconds is None:
+        raise ValueError("a search needs budget_candidates or budget_seconds (it would never end)")
+    limit = budget_candidates if budget_candidates is not None else float("inf")
     start = time.monotonic()
     space = space_for(model, space_options)
     evaluator = Evaluator(
@@ -378,9 +362,9 @@ def run_search(
     cache = {c.policy.hash: c for c in candidates}
     stopped = "budget"
     idle = 0
-    scorer = _Scorer(evaluator, executor) if len(candidates) < budget_candidates else None
+    scorer = _Scorer(evaluator, executor) if len(candidates) < limit else None
     try:
-        while scorer is not None and len(candidates) < budget_candidates:
+        while scorer is not None and len(candidates) < limit:
             if should_stop is not None and should_stop():
                 stopped = "cancelled"
                 break
@@ -388,7 +372,7 @@ def run_search(
                 stopped = "time"
                 break
             ask = max(batch_size, scorer.workers)
-            policies = agent.ask(min(ask, budget_candidates - len(candidates)))
+            policies = agent.ask(int(min(ask, limit - len(candidates))))
             fresh = list({p.hash: p for p in policies if p.hash not in cache}.values())
             for policy, score in zip(fresh, scorer.score(fresh), strict=True):
                 cand = Candidate(len(candidates), policy, score, objective.feasible(score))

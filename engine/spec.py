@@ -1,0 +1,272 @@
+"""The job: one typed object from the REST request to the engine and back.
+
+:class:`JobSpec` is the body of ``POST /v1/jobs``, what the ``jobs.spec`` column stores
+(``model_dump(mode="json")``) and what the runner and the engine read back
+(``JobSpec.model_validate(job.spec)``). It accepts exactly what the engine honours, so a
+spec that validates here runs; :meth:`JobSpec.objective` and :meth:`JobSpec.space_options`
+turn it into the engine's own types.
+
+Imports only pydantic at module level (no torch), so the CLI and the API load it cheaply.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from agents import Objective
+    from compression.space import SpaceOptions
+
+Algorithm = Literal["ddpg", "agmc", "optuna-tpe", "optuna-nsga2", "random", "rule"]
+Metric = Literal["accuracy", "latency_ms", "size_bytes", "macs"]
+# The bounds agents.Objective enforces; an accuracy floor or a MACs cap would be ignored.
+ConstraintMetric = Literal["latency_ms", "size_bytes", "accuracy_drop"]
+SchemeName = Literal["dense", "unstructured", "nm", "block", "channel"]
+MAX_BUDGET_CANDIDATES = 1_000_000
+MAX_BUDGET_SECONDS = 7 * 24 * 3600
+MAX_CHOICES = 16  # entries of any list of choices in a space
+
+# Strict: a JSON ``true`` or ``4.0`` is not a block size.
+NmPart = Annotated[int, Field(strict=True, ge=1, le=32)]
+BlockSize = Annotated[int, Field(strict=True, ge=2, le=64)]
+Bits = Annotated[int, Field(strict=True, ge=2, le=8)]
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+class _Spec(BaseModel):
+    """Unknown fields and non-finite numbers are errors (a 422 over REST), never ignored."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, protected_namespaces=())
+
+
+class SpaceSpec(_Spec):
+    """What a search may choose (``compression.space.SpaceOptions``); every key is optional."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"schemes": ["unstructured", "nm"], "bits": [None, 8], "depth": False},
+                {"schemes": ["channel"], "round_to": 16},
+            ]
+        }
+    )
+
+    schemes: list[SchemeName] = Field(
+        default_factory=lambda: ["dense", "unstructured", "nm", "block"],
+        max_length=MAX_CHOICES,
+        description='fine-grained sparsity schemes ("dense" is always allowed; "channel" turns on width)',
+    )
+    bits: list[Bits | None] = Field(
+        default_factory=lambda: [None, 8],
+        min_length=1,
+        max_length=MAX_CHOICES,
+        description="weight bit-widths (null = float32)",
+    )
+    width: bool = Field(default=True, description="channel pruning: a kept-width fraction per group")
+    depth: bool = Field(default=True, description="skipping residual blocks")
+    min_width: float = Field(default=0.2, gt=0.0, le=1.0, description="smallest kept-width fraction")
+    max_sparsity: float = Field(
+        default=0.9, ge=0.0, le=0.95, description="largest unstructured / block sparsity"
+    )
+    nm_choices: list[tuple[NmPart, NmPart]] = Field(
+        default_factory=lambda: [(1, 4), (2, 4), (4, 8)],
+        max_length=MAX_CHOICES,
+        description="N:M patterns, 1 <= N < M <= 32",
+    )
+    block_choices: list[BlockSize] = Field(
+        default_factory=lambda: [4, 8, 16], max_length=MAX_CHOICES, description="1×N block sizes"
+    )
+    round_to: int = Field(
+        default=1, strict=True, ge=1, le=64, description="kept channels are a multiple of this"
+    )
+
+    @field_validator("schemes", "bits", "block_choices")
+    @classmethod
+    def _dedupe(cls, values: list[Any]) -> list[Any]:
+        return _unique(values)
+
+    @field_validator("nm_choices")
+    @classmethod
+    def _nm(cls, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        bad = [list(p) for p in pairs if p[0] >= p[1]]
+        if bad:
+            raise ValueError(f"an N:M pattern needs N < M, got {bad}")
+        return _unique(pairs)
+
+    def space_options(self) -> SpaceOptions:
+        """The engine's options for this space."""
+        from compression.space import SpaceOptions
+
+        return SpaceOptions(
+            schemes=("dense", *(s for s in self.schemes if s not in ("dense", "channel"))),
+            bits=tuple(self.bits),
+            width=self.width or "channel" in self.schemes,
+            depth=self.depth,
+            min_width=self.min_width,
+            max_sparsity=self.max_sparsity,
+            nm_choices=tuple(self.nm_choices),
+            block_choices=tuple(self.block_choices),
+            round_to=self.round_to,
+        )
+
+
+class GoalSpec(_Spec):
+    """One metric to optimise (``agents.Goal``): accuracy is maximised, the others minimised."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"metric": "latency_ms", "direction": "min"}]})
+
+    metric: Metric
+    direction: Literal["max", "min"]
+
+    @model_validator(mode="after")
+    def _sensible(self) -> GoalSpec:
+        want = "max" if self.metric == "accuracy" else "min"
+        if self.direction != want:
+            raise ValueError(f"{self.metric} can only be {'maximized' if want == 'max' else 'minimized'}")
+        return self
+
+
+class Bound(_Spec):
+    """A hard upper bound; a candidate above it is infeasible and never on the front."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"max": 0.01}, {"max": 2.0}]})
+
+    max: float
+
+
+class Budget(_Spec):
+    """Stop at ``candidates`` evaluated or ``seconds`` of search, whichever comes first.
+
+    ``candidates: null`` means no candidate limit; ``seconds`` must then be set.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"candidates": 200, "seconds": 900}, {"candidates": None, "seconds": 3600}]
+        }
+    )
+
+    candidates: int | None = Field(default=200, ge=1, le=MAX_BUDGET_CANDIDATES)
+    seconds: float | None = Field(default=900.0, gt=0, le=MAX_BUDGET_SECONDS)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Budget:
+        if self.candidates is None and self.seconds is None:
+            raise ValueError("a budget needs 'candidates' or 'seconds' (an unbounded search never ends)")
+        return self
+
+
+def _default_objectives() -> list[GoalSpec]:
+    return [GoalSpec(metric="accuracy", direction="max"), GoalSpec(metric="latency_ms", direction="min")]
+
+
+class JobSpec(_Spec):
+    """A search job: which model on which data for which device, how, and for how long."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": 1,
+                    "dataset_id": 1,
+                    "device_id": 1,
+                    "algorithm": "random",
+                    "space": {"schemes": ["unstructured", "nm"], "bits": [8], "width": True, "depth": True},
+                    "objectives": [
+                        {"metric": "accuracy", "direction": "max"},
+                        {"metric": "latency_ms", "direction": "min"},
+                    ],
+                    "constraints": {"latency_ms": {"max": 2.0}, "accuracy_drop": {"max": 0.01}},
+                    "budget": {"candidates": 200, "seconds": 900},
+                    "seed": 0,
+                },
+                {
+                    "model_id": 1,
+                    "dataset_id": 1,
+                    "device_id": 1,
+                    "algorithm": "optuna-tpe",
+                    "constraints": {"accuracy_drop": {"max": 0.01}},
+                    "budget": {"candidates": 100},
+                },
+            ]
+        }
+    )
+
+    model_id: int
+    dataset_id: int
+    device_id: int
+    algorithm: Algorithm
+    space: SpaceSpec = Field(default_factory=SpaceSpec)
+    objectives: list[GoalSpec] = Field(default_factory=_default_objectives, min_length=1, max_length=4)
+    constraints: dict[ConstraintMetric, Bound] = Field(
+        default_factory=dict,
+        description="upper bounds: latency_ms (ms, > 0), size_bytes (> 0), accuracy_drop "
+        "(below the dense model's accuracy, 0..1: 0.01 = one point)",
+    )
+    budget: Budget = Field(default_factory=Budget)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    remeasure_top_k: int = Field(
+        default=3,
+        ge=0,
+        le=50,
+        description="front points measured on the device at the end, beside their predicted latency",
+    )
+    reconstruct: bool = Field(
+        default=True,
+        description="re-fit each layer whose inputs were pruned to the dense model's outputs on "
+        "calibration images (least squares, as AMC / ThiNet) before scoring and export; about "
+        "twice the scoring time, far higher accuracy for channel pruning without fine-tuning",
+    )
+    calibrate: Literal["auto", "model", "never"] = Field(
+        default="auto",
+        description=(
+            "auto: calibrate the device first if it has no predictor; model: also if its "
+            "measurements never included this model; never: fail instead"
+        ),
+    )
+    calibration_samples: int | None = Field(
+        default=None, ge=8, le=2000, description="size of the job's own calibration (default 48)"
+    )
+
+    @field_validator("objectives")
+    @classmethod
+    def _unique_metrics(cls, objectives: list[GoalSpec]) -> list[GoalSpec]:
+        metrics = [o.metric for o in objectives]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"each metric may appear once, got {metrics}")
+        return objectives
+
+    @field_validator("constraints")
+    @classmethod
+    def _sensible_bounds(cls, constraints: dict[str, Bound]) -> dict[str, Bound]:
+        for name, bound in constraints.items():
+            if name == "accuracy_drop" and not 0.0 <= bound.max <= 1.0:
+                raise ValueError(f"accuracy_drop max must be in [0, 1] (0.01 = one point), got {bound.max}")
+            if name != "accuracy_drop" and bound.max <= 0.0:
+                raise ValueError(f"{name} max must be positive, got {bound.max}")
+        return constraints
+
+    def bound(self, metric: ConstraintMetric) -> float | None:
+        """The upper bound on ``metric``, None when unconstrained."""
+        found = self.constraints.get(metric)
+        return found.max if found is not None else None
+
+    def objective(self) -> Objective:
+        """The engine's objective: these goals under these bounds."""
+        from agents import Goal, Objective
+
+        return Objective(
+            goals=tuple(Goal(g.metric, g.direction) for g in self.objectives),
+            max_latency_ms=self.bound("latency_ms"),
+            max_accuracy_drop=self.bound("accuracy_drop"),
+            max_size_bytes=self.bound("size_bytes"),
+        )
+
+    def space_options(self) -> SpaceOptions:
+        """The engine's space options."""
+        return self.space.space_options()
