@@ -34,7 +34,7 @@ def _claimable(now: dt.datetime) -> ColumnElement[bool]:
     )
 
 
-def _fair_queue(now: dt.datetime) -> Select[tuple[int]]:
+def _fair_queue(now: dt.datetime) -> Select[int]:
     """Ids of claimable jobs in fair order: tenants with fewer running jobs, then served longer ago."""
     tenants = (
         select(

@@ -42,7 +42,7 @@ from engine.job import (
     ModelRef,
     Scores,
 )
-from engine.search import Candidate, Evaluator, SearchResult, run_search
+from engine.search import Candidate, Evaluator, Progress, SearchResult, run_search
 from engine.spec import JobSpec
 from latency_models.devices import Device
 from latency_models.focus import model_ids
@@ -178,7 +178,7 @@ def _search(
             c.policy.to_dict(), c.policy.hash, _score_fields(c, version, kind), agent_state=last_state[0]
         )
 
-    def on_progress(p: Any) -> None:
+    def on_progress(p: Progress) -> None:
         last_state[0] = json.dumps(p.agent_state()).encode()
 
     with torch.no_grad():
@@ -186,7 +186,7 @@ def _search(
             model,
             dataset,
             device_latency=latency,
-            algorithm=ctx.algorithm,
+            algorithm=ctx.spec.algorithm,
             budget_candidates=budget.candidates,
             budget_seconds=budget.seconds,
             seed=ctx.spec.seed,

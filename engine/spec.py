@@ -11,12 +11,13 @@ Imports only pydantic at module level (no torch), so the CLI and the API load it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     from agents import Objective
+    from compression.policy import Scheme
     from compression.space import SpaceOptions
 
 Algorithm = Literal["ddpg", "agmc", "optuna-tpe", "optuna-nsga2", "random", "rule"]
@@ -38,6 +39,10 @@ def _unique(values: list[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+def _default_schemes() -> list[SchemeName]:
+    return ["dense", "unstructured", "nm", "block"]
+
+
 class _Spec(BaseModel):
     """Unknown fields and non-finite numbers are errors (a 422 over REST), never ignored."""
 
@@ -57,7 +62,7 @@ class SpaceSpec(_Spec):
     )
 
     schemes: list[SchemeName] = Field(
-        default_factory=lambda: ["dense", "unstructured", "nm", "block"],
+        default_factory=_default_schemes,
         max_length=MAX_CHOICES,
         description='fine-grained sparsity schemes ("dense" is always allowed; "channel" turns on width)',
     )
@@ -102,8 +107,9 @@ class SpaceSpec(_Spec):
         """The engine's options for this space."""
         from compression.space import SpaceOptions
 
+        fine = cast("tuple[Scheme, ...]", tuple(s for s in self.schemes if s not in ("dense", "channel")))
         return SpaceOptions(
-            schemes=("dense", *(s for s in self.schemes if s not in ("dense", "channel"))),
+            schemes=("dense", *fine),
             bits=tuple(self.bits),
             width=self.width or "channel" in self.schemes,
             depth=self.depth,

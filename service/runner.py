@@ -278,7 +278,9 @@ class Runner:
             if job is not None:
                 # The seconds budget stands still while the job waits (see _search_seconds).
                 job.progress = {**job.progress, "phase": "queued", "yielded_at": utcnow().isoformat()}
-            queries.add_event(session, job_id=job_id, kind="status", data={"status": "queued", "yielded": True})
+            queries.add_event(
+                session, job_id=job_id, kind="status", data={"status": "queued", "yielded": True}
+            )
             session.commit()
         log.info("job %s yields its slot: another tenant's job is waiting", job_id)
 
@@ -396,8 +398,8 @@ class Runner:
             "elapsed_s": round(elapsed, 2),
             "eta_s": None if eta is None else round(eta, 1),
             "best_accuracy": best,
-            # kept so the seconds budget keeps excluding the calibration (see _search_seconds)
-            **({"calibration": job.progress["calibration"]} if "calibration" in (job.progress or {}) else {}),
+            # kept so the seconds budget keeps excluding the calibration and yields (see _search_seconds)
+            **{k: v for k, v in (job.progress or {}).items() if k in ("calibration", "paused_s")},
         }
 
     def _event(self, job_id: int, kind: str, data: dict[str, Any]) -> None:

@@ -2,7 +2,9 @@
 
 The dashboard and the API run only the server's own files: :data:`APP_POLICY` allows scripts,
 styles, fonts and requests from the app itself (``default-src 'self'``), images also as
-``data:`` URLs (the dashboard's icon), and no inline script or style attribute. An answer
+``data:`` URLs (the dashboard's icon), and no inline script or style attribute. The one inline
+exception is an *empty* ``<style>`` element, allowed by its hash: plotly.js creates one and
+fills it through the CSSOM (``insertRule``, which the policy does not restrict). An answer
 that needs another policy sets its own header, which :class:`SecurityHeaders` keeps: the
 API docs (``/docs``, ``/redoc``) load Swagger UI and ReDoc from cdn.jsdelivr.net and get
 :func:`docs_policy` — that CDN, the sha256 of each inline script of the page, and inline
@@ -21,7 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["APP_POLICY", "SecurityHeaders", "docs_policy"]
 
 _COMMON = "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-APP_POLICY = f"default-src 'self'; img-src 'self' data:; {_COMMON}"
+_EMPTY_STYLE = "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"  # sha256 of ""
+APP_POLICY = f"default-src 'self'; style-src 'self' {_EMPTY_STYLE}; img-src 'self' data:; {_COMMON}"
 _CDN = "https://cdn.jsdelivr.net"
 _INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
 

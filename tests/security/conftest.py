@@ -1,7 +1,11 @@
-"""Hostile uploads built at test time from a real ``.pt2``, and the servers they are sent to.
+"""Hostile uploads built at test time from a real ``.pt2``, and the fixtures that send them.
 
-Each code-execution payload's object creates ``marker`` when it is unpickled or evaluated, so
-a test only has to look for that file. The bench ``bench/upload_bombs.py`` reuses the bombs.
+Each code-execution payload's object creates a marker file (named after the payload) in
+``markers`` when it is unpickled or evaluated, so a test only has to look for files there.
+Bombs are zip archives written here byte by byte: their zero-filled members are deflate
+streams made of one repeated block, so a 2 GiB member costs milliseconds to build, and a
+member's declared size can differ from what it inflates to. ``bench/upload_bombs.py``
+reuses these builders.
 """
 
 from __future__ import annotations
@@ -9,8 +13,12 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
+import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +26,8 @@ import numpy as np
 import pytest
 
 from db.testing import BACKENDS, fresh_database
+
+_BLOCK = 16 * 1024 * 1024
 
 
 class Touch:
@@ -28,6 +38,56 @@ class Touch:
 
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:
         return (open, (self.path, "w"))
+
+
+@dataclass(frozen=True)
+class Zeros:
+    """A deflated member: ``prefix`` then ``count`` zero bytes; its headers claim ``declared``
+    bytes (default: the truth)."""
+
+    count: int
+    prefix: bytes = b""
+    declared: int | None = None
+
+
+def _deflated_zeros(member: Zeros) -> tuple[bytes, int]:
+    """(raw deflate stream, CRC-32) of ``prefix + count`` zeros, from one repeated flushed block."""
+    co = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = co.compress(member.prefix) + co.flush(zlib.Z_FULL_FLUSH)
+    chunk = bytes(_BLOCK)
+    block = co.compress(chunk) + co.flush(zlib.Z_FULL_FLUSH)  # a full flush makes it repeatable
+    whole, rest = divmod(member.count, _BLOCK)
+    tail = co.compress(bytes(rest)) + co.flush()
+    crc = zlib.crc32(member.prefix)
+    for _ in range(whole):
+        crc = zlib.crc32(chunk, crc)
+    return head + block * whole + tail, zlib.crc32(bytes(rest), crc)
+
+
+def build_zip(members: dict[str, bytes | Zeros]) -> bytes:
+    """A zip of ``members`` (bytes: stored; :class:`Zeros`: deflated), without zip64."""
+    out = io.BytesIO()
+    central = []
+    for name, member in members.items():
+        if isinstance(member, Zeros):
+            data, crc = _deflated_zeros(member)
+            method, size = zipfile.ZIP_DEFLATED, len(member.prefix) + member.count
+            size = size if member.declared is None else member.declared
+        else:
+            data, crc, method, size = member, zlib.crc32(member), zipfile.ZIP_STORED, len(member)
+        raw = name.encode()
+        fields = (20, 0, method, 0, 0x21, crc, len(data), size, len(raw))
+        central.append(
+            struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, *fields, 0, 0, 0, 0, 0, out.tell()) + raw
+        )
+        out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields, 0) + raw + data)
+    start = out.tell()
+    for entry in central:
+        out.write(entry)
+    out.write(
+        struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), out.tell() - start, start, 0)
+    )
+    return out.getvalue()
 
 
 def tiny_model_pt2(path: Path) -> Path:
@@ -47,47 +107,26 @@ def tiny_model_pt2(path: Path) -> Path:
     return save_pt2(net, torch.randn(2, 1, 8, 8), path)
 
 
-def _write_zeros(zout: zipfile.ZipFile, name: str, count: int) -> None:
-    """A deflated member of ``count`` zero bytes, streamed (never ``count`` bytes in memory)."""
-    chunk = bytes(16 * 1024 * 1024)
-    info = zipfile.ZipInfo(name)
-    info.compress_type = zipfile.ZIP_DEFLATED
-    with zout.open(info, "w", force_zip64=count >= 2**31) as f:
-        while count > 0:
-            f.write(chunk[: min(count, len(chunk))])
-            count -= len(chunk)
-
-
 def rewrite_zip(
     src: Path,
     *,
-    replace: dict[str, bytes | int] | None = None,
+    replace: dict[str, bytes | Zeros] | None = None,
     edit_json: dict[str, Callable[[Any], Any]] | None = None,
 ) -> bytes:
     """A copy of the archive ``src`` with members (named relative to its root folder) replaced
-    or added (an int: that many zero bytes, deflated) or their JSON edited."""
+    or added, or their JSON edited."""
     replace = dict(replace or {})
-    edit_json = edit_json or {}
-    out = io.BytesIO()
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
+    members: dict[str, bytes | Zeros] = {}
+    with zipfile.ZipFile(src) as zin:
         root = zin.namelist()[0].split("/", 1)[0]
         for info in zin.infolist():
             rel = info.filename[len(root) + 1 :]
-            data = replace.pop(rel, None)
-            if isinstance(data, int):
-                _write_zeros(zout, info.filename, data)
-                continue
-            if data is None:
-                data = zin.read(info)
-                if rel in edit_json:
-                    data = json.dumps(edit_json[rel](json.loads(data))).encode()
-            zout.writestr(zipfile.ZipInfo(info.filename), data, compress_type=zipfile.ZIP_STORED)
-        for rel, data in replace.items():
-            if isinstance(data, int):
-                _write_zeros(zout, f"{root}/{rel}", data)
-            else:
-                zout.writestr(f"{root}/{rel}", data)
-    return out.getvalue()
+            data = replace.pop(rel) if rel in replace else zin.read(info)
+            if edit_json and rel in edit_json and isinstance(data, bytes):
+                data = json.dumps(edit_json[rel](json.loads(data))).encode()
+            members[info.filename] = data
+    members.update({f"{root}/{rel}": data for rel, data in replace.items()})
+    return build_zip(members)
 
 
 def torch_saved(obj: Any) -> bytes:
@@ -98,120 +137,101 @@ def torch_saved(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _meta(path_name: str) -> dict[str, Any]:
-    return {"path_name": path_name, "is_param": False, "use_pickle": True, "tensor_meta": None}
+WEIGHTS = "data/weights/model_weights_config.json"
+CONSTANTS = "data/constants/model_constants_config.json"
+# Variants the rebuilt archive leaves out (the upload is accepted without them); the others are refused.
+STRIPPED = {"sample inputs", "guards code"}
 
 
-def _add_const(name: str, path_name: str) -> Callable[[Any], Any]:
+def _add_pickled(name: str, path_name: str) -> Callable[[Any], Any]:
     def edit(doc: Any) -> Any:
-        doc["config"][name] = _meta(path_name)
+        doc["config"][name] = {
+            "path_name": path_name,
+            "is_param": False,
+            "use_pickle": True,
+            "tensor_meta": None,
+        }
         return doc
 
     return edit
 
 
-def _pickle_weight(doc: Any) -> Any:
-    doc["config"]["0.weight"]["use_pickle"] = True
-    return doc
+def code_execution_payloads(src: Path, markers: Path) -> dict[str, bytes]:
+    """Copies of the real archive ``src`` that run code in plain ``torch.export.load`` (plus
+    running the loaded module): each creates ``markers/<its name>``."""
 
+    def touch(name: str) -> Touch:
+        return Touch(markers / re.sub(r"\W", "-", name))
 
-def code_execution_payloads(src: Path, marker: Path) -> dict[str, bytes]:
-    """Copies of the real archive ``src`` that run code (create ``marker``) in plain ``torch.export.load``."""
-    evil = Touch(marker)
-    weights, consts = "data/weights/model_weights_config.json", "data/constants/model_constants_config.json"
+    def pickled_weight(doc: Any) -> Any:
+        doc["config"]["0.weight"]["use_pickle"] = True
+        return doc
 
     def evil_expr(doc: Any) -> Any:
+        path = str(markers / "shape-expression")
         for meta in doc["graph_module"]["graph"]["tensor_values"].values():
             for size in meta["sizes"]:
                 if "as_expr" in size:
-                    size["as_expr"]["expr_str"] = (
-                        f"open({str(marker)!r}, 'w') and {size['as_expr']['expr_str']}"
-                    )
+                    size["as_expr"]["expr_str"] = f"open({path!r}, 'w') and {size['as_expr']['expr_str']}"
         return doc
 
     def evil_guard(doc: Any) -> Any:
-        doc["guards_code"] = [f"open({str(marker)!r}, 'w') is not None"]
+        doc["guards_code"] = [f"open({str(markers / 'guards-code')!r}, 'w') is not None"]
         return doc
 
     return {
         "sample inputs": rewrite_zip(
-            src, replace={"data/sample_inputs/model.pt": torch_saved(((evil,), {}))}
+            src, replace={"data/sample_inputs/model.pt": torch_saved(((touch("sample inputs"),), {}))}
         ),
         "use_pickle weight": rewrite_zip(
-            src, replace={"data/weights/weight_0": torch_saved(evil)}, edit_json={weights: _pickle_weight}
+            src,
+            replace={"data/weights/weight_0": torch_saved(touch("use_pickle weight"))},
+            edit_json={WEIGHTS: pickled_weight},
         ),
         "use_pickle tensor constant": rewrite_zip(
             src,
-            replace={"data/constants/tensor_constant_0": torch_saved(evil)},
-            edit_json={consts: _add_const("c0", "tensor_constant_0")},
+            replace={"data/constants/tensor_constant_0": torch_saved(touch("use_pickle tensor constant"))},
+            edit_json={CONSTANTS: _add_pickled("c0", "tensor_constant_0")},
         ),
         "opaque constant": rewrite_zip(
             src,
-            replace={"data/constants/opaque_obj_0": pickle.dumps(evil)},
-            edit_json={consts: _add_const("o0", "opaque_obj_0")},
+            replace={"data/constants/opaque_obj_0": pickle.dumps(touch("opaque constant"))},
+            edit_json={CONSTANTS: _add_pickled("o0", "opaque_obj_0")},
         ),
-        # Found while studying the format: sympify evals shapes, ExportedProgram.module() execs guards.
+        # Found while studying the format: sympify evals shapes, the guards function execs code.
         "shape expression": rewrite_zip(src, edit_json={"models/model.json": evil_expr}),
         "guards code": rewrite_zip(src, edit_json={"models/model.json": evil_guard}),
     }
 
 
-def pt2_huge_weight(src: Path, numel: int) -> bytes:
-    """The archive with its first weight grown to ``numel`` float zeros, deflated (small on the wire)."""
-
-    def grow(doc: Any) -> Any:
+def _resize_weight(sizes: list[int]) -> Callable[[Any], Any]:
+    def edit(doc: Any) -> Any:
         meta = doc["config"]["0.weight"]["tensor_meta"]
-        meta["sizes"] = [{"as_int": numel}]
-        meta["strides"] = [{"as_int": 1}]
+        meta["sizes"] = [{"as_int": s} for s in sizes]
+        meta["strides"] = [{"as_int": int(np.prod(sizes[i + 1 :]))} for i in range(len(sizes))]
         return doc
 
+    return edit
+
+
+def pt2_huge_weight(src: Path, numel: int) -> bytes:
+    """The archive with its first weight grown to ``numel`` float zeros, deflated (small on the wire)."""
     return rewrite_zip(
-        src,
-        replace={"data/weights/weight_0": 4 * numel},
-        edit_json={"data/weights/model_weights_config.json": grow},
+        src, replace={"data/weights/weight_0": Zeros(4 * numel)}, edit_json={WEIGHTS: _resize_weight([numel])}
     )
-
-
-def pt2_lying_member(src: Path, inflates_to: int) -> bytes:
-    """The archive whose first weight inflates to ``inflates_to`` bytes while the zip directory
-    and local header still declare its real 144 bytes."""
-    return lying_zip(rewrite_zip(src, replace={"data/weights/weight_0": inflates_to}), "/weight_0", 144)
 
 
 def pt2_huge_declared(src: Path, sizes: list[int]) -> bytes:
     """The archive declaring a weight of ``sizes`` over an empty record (torch fills it with zeros)."""
-
-    def grow(doc: Any) -> Any:
-        meta = doc["config"]["0.weight"]["tensor_meta"]
-        meta["sizes"] = [{"as_int": s} for s in sizes]
-        strides, acc = [], 1
-        for s in reversed(sizes):
-            strides.insert(0, {"as_int": acc})
-            acc *= s
-        meta["strides"] = strides
-        return doc
-
     return rewrite_zip(
-        src,
-        replace={"data/weights/weight_0": b""},
-        edit_json={"data/weights/model_weights_config.json": grow},
+        src, replace={"data/weights/weight_0": b""}, edit_json={WEIGHTS: _resize_weight(sizes)}
     )
 
 
-def lying_zip(data: bytes, member_suffix: str, declared: int) -> bytes:
-    """``data`` (a zip) with the uncompressed size of the member ending in ``member_suffix``
-    rewritten to ``declared`` in its local header and its central directory entry."""
-    buf = bytearray(data)
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        info = next(i for i in zf.infolist() if i.filename.endswith(member_suffix))
-    size = declared.to_bytes(4, "little")
-    buf[info.header_offset + 22 : info.header_offset + 26] = size
-    name = info.filename.encode()
-    pos = bytes(buf).find(b"PK\x01\x02")
-    while bytes(buf[pos + 46 : pos + 46 + len(name)]) != name:
-        pos = bytes(buf).find(b"PK\x01\x02", pos + 4)
-    buf[pos + 24 : pos + 28] = size
-    return bytes(buf)
+def pt2_lying_member(src: Path, inflates_to: int) -> bytes:
+    """The archive whose first weight inflates to ``inflates_to`` bytes while its zip headers
+    still declare the real 144."""
+    return rewrite_zip(src, replace={"data/weights/weight_0": Zeros(inflates_to, declared=144)})
 
 
 def npz_arrays(n: int = 40, size: int = 8) -> dict[str, np.ndarray]:
@@ -224,36 +244,33 @@ def npz_arrays(n: int = 40, size: int = 8) -> dict[str, np.ndarray]:
     }
 
 
-def npz_bytes(arrays: dict[str, np.ndarray], *, compressed: bool = False) -> bytes:
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    (np.savez_compressed if compressed else np.savez)(buf, **arrays)  # type: ignore[operator]
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
-def npz_bomb(unpacked_bytes: int) -> bytes:
-    """A valid .npz whose uint8 x_train (64 zero images) inflates to about ``unpacked_bytes``."""
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def npz_bomb(unpacked_bytes: int, *, declared: int | None = None) -> bytes:
+    """A valid .npz whose uint8 x_train (64 zero images) inflates to about ``unpacked_bytes``
+    (``declared``: the member size its zip headers claim instead)."""
     side = int((unpacked_bytes // 64) ** 0.5)
-    arrays = npz_arrays(64)
-    del arrays["x_train"]
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header, {"descr": "|u1", "fortran_order": False, "shape": (64, 1, side, side)}
     )
-    out = io.BytesIO()
-    info = zipfile.ZipInfo("x_train.npy")
-    info.compress_type = zipfile.ZIP_DEFLATED
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        with zf.open(info, "w", force_zip64=64 * side * side >= 2**31) as f:
-            f.write(header.getvalue())
-            chunk, left = bytes(16 * 1024 * 1024), 64 * side * side
-            while left > 0:
-                f.write(chunk[: min(left, len(chunk))])
-                left -= len(chunk)
-        for key, arr in arrays.items():
-            buf = io.BytesIO()
-            np.save(buf, arr)
-            zf.writestr(f"{key}.npy", buf.getvalue())
-    return out.getvalue()
+    members: dict[str, bytes | Zeros] = {
+        "x_train.npy": Zeros(64 * side * side, prefix=header.getvalue(), declared=declared)
+    }
+    for key, arr in npz_arrays(64).items():
+        if key != "x_train":
+            members[f"{key}.npy"] = npy_bytes(arr)
+    return build_zip(members)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -265,4 +282,5 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def real_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real ``torch.export.save`` archive every payload is made from."""
     return tiny_model_pt2(tmp_path_factory.mktemp("pt2") / "tiny.pt2")

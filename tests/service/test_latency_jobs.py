@@ -22,7 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from db.engine import make_engine, make_session_factory
 from modeltailor.client import Client, Job
+from service.auth import create_tenant
 from tests.service.conftest import LiveServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +74,7 @@ def test_job_calibrates_the_device_first_then_uses_its_predictor(
 
     pred = client.predictor("cpu-ort-1t")
     assert pred is not None and pred["version"] == 1
+    assert pred["scope"] == "tenant"  # a shared device: the job calibrated for its own tenant
     metrics = pred["metrics"]
     assert 0 <= metrics["within_10pct"] <= 100 and metrics["records"] >= 12 and metrics["architectures"] >= 2
     assert set(metrics["detail"]["predictors"]) >= {"kernel_gbdt", "macs"}
@@ -110,6 +113,15 @@ def test_job_calibrates_the_device_first_then_uses_its_predictor(
     assert not [p for p in phases2 if p.startswith("calibrat")], phases2
     assert all(c["predictor_version"] == 1 and c["measured_latency_ms"] is None for c in second.candidates())
     assert len(client.calibrations("cpu-ort-1t")) == 1
+
+    # Another tenant sees nothing of it: no predictor, no calibration, no measurement.
+    engine = make_engine(real_live.db_url)
+    with make_session_factory(engine)() as session:
+        _tenant, other_key = create_tenant(session, name="other")
+    engine.dispose()
+    other = Client(real_live.url, other_key)
+    assert other.predictor("cpu-ort-1t") is None and other.predictors("cpu-ort-1t") == []
+    assert other.calibrations("cpu-ort-1t") == [] and other.measurements("cpu-ort-1t") == []
 
 
 def test_job_that_may_not_calibrate_fails_with_a_clear_message(real_live: LiveServer, tiny_pt2: Path) -> None:

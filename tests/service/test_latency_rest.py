@@ -220,12 +220,12 @@ def test_cli_device_commands(live: LiveServer, monkeypatch: pytest.MonkeyPatch) 
     assert none.exit_code == 1 and "no predictor yet" in none.output
     missing = runner.invoke(app, ["device", "predictor", "no-such-board"], env=env)
     assert missing.exit_code == 1 and "not found" in missing.output
-    queued = runner.invoke(
-        app, ["device", "calibrate", "cpu-torch-1t", "--no-wait", "--samples", "4"], env=env
-    )
+    queued = runner.invoke(app, ["device", "calibrate", "board-cli", "--no-wait", "--samples", "4"], env=env)
     assert queued.exit_code == 0 and f"calibration {started[0]} queued" in queued.output
-    busy = runner.invoke(app, ["device", "calibrate", "cpu-torch-1t", "--no-wait"], env=env)
+    busy = runner.invoke(app, ["device", "calibrate", "board-cli", "--no-wait"], env=env)
     assert busy.exit_code == 1 and "being calibrated already" in busy.output
+    shared = runner.invoke(app, ["device", "calibrate", "cpu-torch-1t", "--no-wait"], env=env)
+    assert shared.exit_code == 1 and "admin key" in shared.output  # built-ins: the admin's only
 
 
 def test_0002_upgrades_a_0001_database_in_place(db_url: str) -> None:
