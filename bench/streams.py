@@ -7,7 +7,7 @@ events and the database has a writer). Tenant A submits one long job; tenant B t
 requests, ``GET /healthz``, ``GET /v1/jobs`` and ``POST /v1/jobs`` (each job cancelled at once,
 untimed, so B stays under its quota), first with no stream open, then while A holds
 ``--streams`` event streams open on its job. Prints p50 / p95 / max per phase, and the status
-codes seen; ``--write`` appends them to bench/RESULTS.md.
+codes seen; ``--write`` adds them to bench/RESULTS.md as its newest section.
 
 :class:`Streams` and :func:`probe` are also what ``tests/security/test_streams_fairness.py``
 runs against its in-process server.
@@ -198,11 +198,11 @@ def run_backend(backend: str, streams: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def report(results: list[dict[str, Any]], streams: int, rounds: int, load: str) -> str:
+def report(results: list[dict[str, Any]], streams: int, rounds: int, loads: tuple[str, str]) -> str:
     lines = [
         f"## Event streams do not hold the database ({dt.date.today().isoformat()}, issue 18 part 3)",
         "",
-        f"Machine: {machine()}; load when started: `{load}`.",
+        f"Machine: {machine()}. Load before: `{loads[0]}`; after: `{loads[1]}`.",
         f"Command: `.venv/bin/python bench/streams.py --streams {streams} --rounds {rounds}`. The API and "
         f"its runner in one child process; tenant A's job stores a candidate every {PACE_S} s; tenant B "
         f"times {rounds} rounds of `GET /healthz`, `GET /v1/jobs`, `POST /v1/jobs` without streams, "
@@ -245,15 +245,17 @@ def main() -> int:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--streams", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--write", action="store_true", help="append the figures to bench/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="add the figures to bench/RESULTS.md")
     args = parser.parse_args()
-    load = uptime()
+    before = uptime()
     results = [run_backend(b, args.streams, args.rounds) for b in args.backends.split(",")]
-    text = report(results, args.streams, args.rounds, load)
+    text = report(results, args.streams, args.rounds, (before, uptime()))
     print(text)
-    if args.write:
-        with (REPO / "bench" / "RESULTS.md").open("a") as fh:
-            fh.write("\n" + text)
+    if args.write:  # newest section first, under the title
+        path = REPO / "bench" / "RESULTS.md"
+        title, rest = path.read_text().split("\n## ", 1)
+        path.write_text(f"{title}\n{text}\n## {rest}")
+        print(f"written to {path}")
     return 0
 
 

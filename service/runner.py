@@ -314,10 +314,12 @@ class Runner:
                 current = session.get(Job, job_id)
                 if current is None or self._over_budget(session, current):
                     return True
-            if watch.yield_wanted.is_set():  # between batches: nothing is being evaluated now
-                self._yield(job_id, watch)
-                return True
-            return False
+                # Re-checked: another slot may have taken the waiting job since the watcher saw it.
+                if not (watch.yield_wanted.is_set() and other_tenant_waiting(session, job_id=job_id)):
+                    watch.yield_wanted.clear()
+                    return False
+            self._yield(job_id, watch)  # between batches: nothing is being evaluated now
+            return True
 
         def make(initializer: Callable[..., Any], initargs: tuple[Any, ...] = ()) -> Executor:
             s = self.settings

@@ -144,10 +144,11 @@ def test_cli_answers_bad_models_with_one_message(tmp_path: Path) -> None:
     whole = _save_static(WholeBatch(), 1, tmp_path / "whole.pt2")
     policy = tmp_path / "p.json"
     policy.write_text(json.dumps({"default": {"width": 0.5}}))
+    onnx, front = str(tmp_path / "o.onnx"), str(tmp_path / "f.json")
     for model, needle in ((garbage, "not a torch.export archive"), (whole, FIX)):
         for args in (
-            ["compress", str(model), "--data", "digits", "--policy", str(policy), "--out", str(tmp_path / "o.onnx")],
-            ["search", str(model), "--data", "digits", "--budget", "2", "--out", str(tmp_path / "f.json")],
+            ["compress", str(model), "--data", "digits", "--policy", str(policy), "--out", onnx],
+            ["search", str(model), "--data", "digits", "--budget", "2", "--out", front],
         ):
             result = CliRunner().invoke(app, args)
             assert result.exit_code == 2, result.output

@@ -55,7 +55,7 @@ class Server:
 
     def client(self) -> httpx.Client:
         return httpx.Client(
-            base_url=f"{self.url}/v1", headers={"Authorization": f"Bearer {self.key}"}, timeout=120
+            base_url=f"{self.url}/v1", headers={"Authorization": f"Bearer {self.key}"}, timeout=300
         )
 
 
@@ -78,7 +78,7 @@ def post(c: httpx.Client, what: str, filename: str, payload: bytes) -> httpx.Res
 
 
 def nothing_left(data_dir: Path) -> bool:
-    return not any((data_dir / sub).iterdir() for sub in ("tmp", "models", "datasets"))
+    return all(not list((data_dir / sub).iterdir()) for sub in ("tmp", "models", "datasets"))
 
 
 # --------------------------------------------------------------------------- code execution
@@ -106,6 +106,14 @@ def test_payloads_run_code_under_plain_torch_export_load(real_pt2: Path, tmp_pat
         next(markers.iterdir()).unlink()
 
 
+REFUSED = {
+    "use_pickle weight": "is pickled (use_pickle)",
+    "use_pickle tensor constant": "is pickled (use_pickle)",
+    "opaque constant": "'data/constants/opaque_obj_0' is not part of a plain torch.export archive",
+    "shape expression": "symbolic shape expression",
+}
+
+
 def test_no_upload_runs_code_at_upload_or_when_a_job_loads_it(
     server: Server, real_pt2: Path, tmp_path: Path
 ) -> None:
@@ -121,12 +129,7 @@ def test_no_upload_runs_code_at_upload_or_when_a_job_loads_it(
                 assert r.status_code == 201, (name, r.text)
                 assert r.json()["params"] == 4 * 9 + 4 + 4 + 4 + 256 * 10 + 10
             else:
-                assert r.status_code == 400, (name, r.text)
-                assert (
-                    "pickled" in r.json()["detail"]
-                    or "not allowed" in r.json()["detail"]
-                    or ("not part of a plain torch.export archive" in r.json()["detail"])
-                ), (name, r.text)
+                assert r.status_code == 400 and REFUSED[name] in r.json()["detail"], (name, r.text)
         assert list(markers.iterdir()) == []
         assert c.get("/models").json()["count"] == len(STRIPPED)
     # The job path (compression.resolve -> load_pt2) on what was stored, then run, and on the rest.
@@ -239,6 +242,7 @@ def test_bombs_are_refused_before_inflating_with_bounded_memory(
         assert [r.status_code for r in answers] == [413] * 3, [r.text for r in answers]
         assert c.get("/devices").status_code == 200  # still serving
         server_peak, children_peak = rss.server_peak, rss.children_peak
+    print(f"bombs: server peak RSS {server_peak / 1e6:.0f} MB, inspection peak RSS {children_peak / 1e6:.0f} MB")
     assert server_peak < RSS_BOUND, f"server peak RSS {server_peak / 1e9:.2f} GB"
     assert 0 < children_peak < RSS_BOUND, f"inspection peak RSS {children_peak / 1e9:.2f} GB"
     assert nothing_left(data_dir)
