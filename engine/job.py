@@ -197,9 +197,9 @@ class JobContext:
 
 def run_job(ctx: JobContext) -> None:
     """Run (or resume) the search of one job; see the module docstring for the contract."""
-    from engine.run import search
+    from engine.run import execute
 
-    search(ctx)
+    execute(ctx)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def _pinned_version(ctx: JobContext) -> int | None:
     return versions[0] if versions else None
 
 
-def search(ctx: JobContext) -> None:
+def execute(ctx: JobContext) -> None:
     """Resume or start the job's search; persists every candidate as it is scored."""
     spec = ctx.spec
     seed = spec.seed

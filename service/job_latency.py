@@ -1,7 +1,7 @@
 """The latency side of one job: its predictor (calibrating one first if needed), the dense
 baseline's measured latency, and the re-measurement of top Pareto points on the device.
 
-Used by ``engine.run.search`` through ``JobContext.latency`` (the runner passes this class).
+Used by ``engine.run.execute`` through ``JobContext.latency`` (the runner passes this class).
 Everything that touches the device goes through ``service.latency``: local devices are timed
 in this process, remote ones through tasks that device agents pull.
 

@@ -177,15 +177,16 @@ def _folder_names(session: Session, device_id: int, scope: int | None) -> set[st
 def _mirror(session: Session, device: Device, data_dir: Path, scope: int | None) -> None:
     """Add a predictors row for every version of one store that has none. Commits when it adds."""
     store = device_store(data_dir, device, scope)
+    versions = store.versions()
     known = _folder_names(session, device.id, scope)
-    if all(f"v{v:04d}" in known for v in store.versions()):
+    if all(f"v{v:04d}" in known for v in versions):
         return
     # Version numbers are allocated across the device's stores: one mirror at a time per device
     # (a row lock on PostgreSQL; SQLite transactions take the write lock anyway).
     session.scalar(select(Device.id).where(Device.id == device.id).with_for_update())
     known = _folder_names(session, device.id, scope)
     top = session.scalar(select(func.max(Predictor.version)).where(Predictor.device_id == device.id)) or 0
-    for version in store.versions():
+    for version in versions:
         folder = store.predictors / f"v{version:04d}"
         if folder.name in known:
             continue

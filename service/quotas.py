@@ -31,7 +31,7 @@ ACTIVE_JOB_STATUSES = ("queued", "running")
 
 
 class JobBudget(Protocol):
-    """The budget of a submitted job (``service.schemas.Budget``)."""
+    """The budget of a submitted job (``engine.spec.Budget``)."""
 
     @property
     def candidates(self) -> int | None: ...

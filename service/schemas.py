@@ -458,7 +458,13 @@ class CalibrationCreate(RequestModel):
         json_schema_extra={"examples": [{"samples": 200}, {"samples": 64, "model_id": 1}]},
     )
 
-    samples: int = Field(default=200, ge=4, le=5000, description="compressed models to measure")
+    samples: int = Field(
+        default=200,
+        ge=4,
+        le=5000,
+        description="compressed models to measure (at most the server's MODELTAILOR_MAX_CALIBRATION_SAMPLES, "
+        "default 1000)",
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     runs: int = Field(default=100, ge=5, le=10_000, description="timed runs per model")
     model_id: int | None = Field(default=None, description="focus the samples on this model")

@@ -55,7 +55,7 @@ def _server(db_url: str, tmp_path: Path) -> Iterator[LiveServer]:
         max_job_candidates=MAX_CANDIDATES,
         max_job_seconds=MAX_SECONDS,
     )
-    for url in serve(settings, search=fake_search):
+    with contextmanager(serve)(settings, search=fake_search) as url:
         yield LiveServer(
             url=url, key=settings.local_key_path.read_text().strip(), settings=settings, db_url=db_url
         )

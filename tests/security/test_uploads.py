@@ -242,7 +242,6 @@ def test_bombs_are_refused_before_inflating_with_bounded_memory(
         assert [r.status_code for r in answers] == [413] * 3, [r.text for r in answers]
         assert c.get("/devices").status_code == 200  # still serving
         server_peak, children_peak = rss.server_peak, rss.children_peak
-    print(f"bombs: server peak RSS {server_peak / 1e6:.0f} MB, inspection peak RSS {children_peak / 1e6:.0f} MB")
     assert server_peak < RSS_BOUND, f"server peak RSS {server_peak / 1e9:.2f} GB"
     assert 0 < children_peak < RSS_BOUND, f"inspection peak RSS {children_peak / 1e9:.2f} GB"
     assert nothing_left(data_dir)
