@@ -30,6 +30,7 @@ from db.models import (
     utcnow,
 )
 from engine.job import Scores
+from engine.spec import JobSpec
 from service.front import dominance, front_objectives, front_order, signed_points
 
 # Ids are INTEGER columns (32-bit on PostgreSQL, which refuses a larger parameter; SQLite's
@@ -144,17 +145,18 @@ def list_datasets(session: Session, *, tenant_id: int) -> Sequence[Dataset]:
 # --- jobs ---------------------------------------------------------------------------
 
 
-def add_job(session: Session, *, tenant_id: int, spec: dict[str, Any]) -> Job:
-    """Store a queued job and its first event (flushes)."""
+def add_job(session: Session, *, tenant_id: int, spec: JobSpec) -> Job:
+    """Store a queued job (its spec as JSON, parsed back with ``JobSpec.model_validate``) and its
+    first event (flushes)."""
     job = Job(
         tenant_id=tenant_id,
-        model_id=spec["model_id"],
-        dataset_id=spec["dataset_id"],
-        device_id=spec["device_id"],
-        algorithm=spec["algorithm"],
-        spec=spec,
+        model_id=spec.model_id,
+        dataset_id=spec.dataset_id,
+        device_id=spec.device_id,
+        algorithm=spec.algorithm,
+        spec=spec.model_dump(mode="json"),
         status="queued",
-        progress={"done": 0, "total": spec["budget"].get("candidates"), "phase": "queued"},
+        progress={"done": 0, "total": spec.budget.candidates, "phase": "queued"},
     )
     session.add(job)
     session.flush()
@@ -239,8 +241,8 @@ def get_candidate(session: Session, *, tenant_id: int, candidate_id: int) -> tup
     return (row[0], row[1]) if row is not None else None
 
 
-def is_feasible(scores: Scores, *, constraints: dict[str, Any], baseline: dict[str, Any]) -> bool:
-    """Whether the scores meet every constraint that can be checked (unknown values pass)."""
+def is_feasible(scores: Scores, *, spec: JobSpec, baseline: dict[str, Any]) -> bool:
+    """Whether the scores meet every bound of the job (values not known yet pass)."""
     values: dict[str, float | None] = {
         "accuracy": scores.accuracy,
         "latency_ms": scores.latency_ms,
@@ -251,13 +253,9 @@ def is_feasible(scores: Scores, *, constraints: dict[str, Any], baseline: dict[s
     values["accuracy_drop"] = (
         base_acc - scores.accuracy if base_acc is not None and scores.accuracy is not None else None
     )
-    for name, bound in constraints.items():
+    for name, bound in spec.constraints.items():
         value = values.get(name)
-        if value is None:
-            continue
-        if bound.get("max") is not None and value > bound["max"]:
-            return False
-        if bound.get("min") is not None and value < bound["min"]:
+        if value is not None and value > bound.max:
             return False
     return True
 
@@ -299,7 +297,7 @@ def add_candidate(
         macs=scores.macs,
         eval_seconds=scores.eval_seconds,
         extra=scores.extra,
-        feasible=is_feasible(scores, constraints=job.spec.get("constraints", {}), baseline=job.baseline),
+        feasible=is_feasible(scores, spec=JobSpec.model_validate(job.spec), baseline=job.baseline),
         on_front=False,
     )
     _place_on_front(session, job=job, candidate=candidate)
@@ -326,8 +324,13 @@ def add_candidate(
 # write transactions are serial already).
 
 
+def spec_objectives(job: Job) -> list[dict[str, Any]]:
+    """The job's objectives as ``{"metric", "direction"}`` dicts (the front's input)."""
+    return [g.model_dump() for g in JobSpec.model_validate(job.spec).objectives]
+
+
 def _front_columns(job: Job) -> tuple[list[dict[str, Any]], list[Any]]:
-    objectives = front_objectives(job.spec.get("objectives", []))
+    objectives = front_objectives(spec_objectives(job))
     return objectives, [getattr(Candidate, o["metric"]) for o in objectives]
 
 
@@ -430,7 +433,7 @@ def pareto(session: Session, *, job: Job) -> list[Candidate]:
     flags are stale it recomputes them first and commits (:func:`refresh_front`).
     Order: lexicographic in the signed objectives (first objective best first), then id.
     """
-    objectives = front_objectives(job.spec.get("objectives", []))
+    objectives = front_objectives(spec_objectives(job))
     if not objectives:
         return []
     counted = select(func.count(Candidate.id)).where(Candidate.job_id == Job.id).scalar_subquery()

@@ -20,6 +20,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Candidate, Job, Measurement
+from engine.spec import JobSpec
 from service import queries
 from service.front import front_objectives, front_order, signed_points
 
@@ -160,7 +161,8 @@ def decimate(table: _Table, idx: np.ndarray, max_points: int) -> np.ndarray:
 def job_scatter(session: Session, *, job: Job, max_points: int = DEFAULT_MAX_POINTS) -> dict[str, Any]:
     """The job's candidates for plotting: the whole front, dominated points decimated to ~max_points."""
     table = _load(session, job.id)
-    objectives = [o for o in job.spec.get("objectives", []) if o.get("metric") in COLUMNS]
+    spec = JobSpec.model_validate(job.spec)
+    objectives = [g.model_dump() for g in spec.objectives if g.metric in COLUMNS]
     front = front_rows(table, objectives)
     size = front_rows(
         table, [{"metric": "accuracy", "direction": "max"}, {"metric": "size_bytes", "direction": "min"}]
@@ -185,8 +187,8 @@ def job_scatter(session: Session, *, job: Job, max_points: int = DEFAULT_MAX_POI
             "progress": job.progress,
             "error": job.error,
         },
-        "objectives": job.spec.get("objectives", []),
-        "constraints": job.spec.get("constraints", {}),
+        "objectives": [g.model_dump() for g in spec.objectives],
+        "constraints": {name: bound.model_dump() for name, bound in spec.constraints.items()},
         "baseline": job.baseline,
         "total": len(table),
         "feasible_total": int(table.feasible.sum()),

@@ -94,7 +94,7 @@ def create_job(
     if queries.get_device(session, tenant_id=tenant.id, device_id=body.device_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {body.device_id} not found")
     quotas.admit_job(session, settings, tenant_id=tenant.id, budget=body.budget)
-    job = queries.add_job(session, tenant_id=tenant.id, spec=body.model_dump(mode="json"))
+    job = queries.add_job(session, tenant_id=tenant.id, spec=body)
     session.commit()
     return JobAccepted(id=job.id, status=job.status)
 

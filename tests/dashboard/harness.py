@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import make_engine, make_session_factory
 from db.models import Candidate, Dataset, Device, Job, JobEvent, Measurement, Model, Predictor, Tenant, utcnow
 from engine.job import Scores
+from engine.spec import JobSpec
 from service import queries
 from service.app import create_app
 from service.settings import Settings
@@ -239,7 +240,7 @@ def add_candidates(
         job = session.get(Job, job_id)
         assert job is not None
         start = queries.count_candidates(session, job_id=job_id)
-        constraints, baseline = job.spec["constraints"], job.baseline
+        spec, baseline = JobSpec.model_validate(job.spec), job.baseline
         values = []
         for i in range(n):
             policy = make_policy(rng)
@@ -260,7 +261,7 @@ def add_candidates(
                     "eval_seconds": 1.5,
                     "extra": {},
                     "measured_latency_ms": round((scores.latency_ms or 0) * 1.04, 5) if i % 50 == 0 else None,
-                    "feasible": queries.is_feasible(scores, constraints=constraints, baseline=baseline),
+                    "feasible": queries.is_feasible(scores, spec=spec, baseline=baseline),
                 }
             )
         for chunk in range(0, len(values), 5000):

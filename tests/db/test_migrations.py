@@ -47,3 +47,43 @@ def test_sqlite_runs_in_wal_mode(tmp_path: object) -> None:
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
     finally:
         engine.dispose()
+
+
+def test_old_job_specs_are_rewritten_to_the_typed_form_and_nothing_is_lost(db_url: str) -> None:
+    from sqlalchemy import select
+
+    from db.engine import make_session_factory
+    from db.models import Dataset, Device, Job, Model, Tenant
+    from engine.spec import JobSpec
+
+    old = {
+        "model_id": 1, "dataset_id": 1, "device_id": 1, "algorithm": "rule",
+        "space": {"schemes": ["dense", "nm"], "bits": [None, 8, 16], "nm_choices": [[2, 4], [5, 4]]},
+        "objectives": [{"metric": "accuracy", "direction": "max"}],
+        "constraints": {"accuracy_drop": {"min": None, "max": 0.01}, "accuracy": {"min": 0.9, "max": None}},
+        "budget": {"candidates": 20, "seconds": 900}, "seed": 3,
+    }  # fmt: skip
+    upgrade(db_url, "0004")
+    engine = make_engine(db_url)
+    try:
+        with make_session_factory(engine)() as s:
+            tenant = Tenant(name="t")
+            s.add(tenant)
+            s.flush()
+            rows = [Dataset(tenant_id=tenant.id, name="d", builtin="digits"), Device(name="cpu", runtime="ort")]
+            s.add_all([*rows, Model(tenant_id=tenant.id, name="m", source="zoo", zoo="lenet5")])
+            s.flush()
+            s.add(Job(tenant_id=tenant.id, model_id=1, dataset_id=1, device_id=1, algorithm="rule", spec=old,
+                      progress={"done": 20}))  # fmt: skip
+            s.commit()
+        upgrade(db_url)
+        with make_session_factory(engine)() as s:
+            job = s.scalars(select(Job)).one()
+            spec = JobSpec.model_validate(job.spec)
+            legacy = job.progress["legacy_spec"]
+    finally:
+        engine.dispose()
+    assert spec.bound("accuracy_drop") == 0.01 and spec.seed == 3
+    assert spec.space.bits == [None, 8] and [tuple(p) for p in spec.space.nm_choices] == [(2, 4)]
+    assert legacy["constraints"] == {"accuracy": {"min": 0.9, "max": None}}
+    assert legacy["space"]["bits"] == [None, 8, 16] and job.progress["done"] == 20

@@ -15,6 +15,7 @@ import json
 import pickle
 import re
 import struct
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -271,6 +272,64 @@ def npz_bomb(unpacked_bytes: int, *, declared: int | None = None) -> bytes:
         if key != "x_train":
             members[f"{key}.npy"] = npy_bytes(arr)
     return build_zip(members)
+
+
+def issue_bombs(src: Path) -> dict[str, tuple[str, bytes]]:
+    """The issue's bombs made from the archive ``src``: name -> (endpoint, payload), each a few
+    MB inflating to gigabytes."""
+    return {
+        "npz inflating to 2.4 GB": ("datasets", npz_bomb(2_400_000_000)),
+        "pt2 with a 2 GiB weight": ("models", pt2_huge_weight(src, 512 * 1024**2)),
+        "pt2 declaring a [1, 8192, 65536] weight": ("models", pt2_huge_declared(src, [1, 8192, 65536])),
+        "pt2 whose weight member lies about its size": ("models", pt2_lying_member(src, 2 * 1024**3)),
+        "npz whose x_train member lies about its size": ("datasets", npz_bomb(860_000_000, declared=10_000)),
+        "npz inflating to 0.86 GB": ("datasets", npz_bomb(860_000_000)),
+    }
+
+
+class PeakRss:
+    """Peak resident memory of a process (VmHWM) and of its children, sampled every 10 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.children_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def hwm(pid: int) -> int:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return 0
+        line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
+        return int(line.split()[1]) * 1024
+
+    def children(self) -> list[int]:
+        pids: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                pids += [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        return pids
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            for child in self.children():
+                self.children_peak = max(self.children_peak, self.hwm(child))
+
+    @property
+    def server_peak(self) -> int:
+        return self.hwm(self.pid)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -34,16 +34,13 @@ from service.uploads import UploadError
 from tests.live import run_app, server_process
 from tests.security.conftest import (
     STRIPPED,
+    PeakRss,
     code_execution_payloads,
+    issue_bombs,
     npz_arrays,
-    npz_bomb,
     npz_bytes,
-    pt2_huge_declared,
-    pt2_huge_weight,
-    pt2_lying_member,
 )
 
-GiB = 1024**3
 RSS_BOUND = 1.5e9
 
 
@@ -150,62 +147,9 @@ def test_no_upload_runs_code_at_upload_or_when_a_job_loads_it(
 # --------------------------------------------------------------------------- bombs
 
 
-class PeakRss:
-    """Peak resident memory of a process (VmHWM) and of its children, sampled every 10 ms."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.children_peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    @staticmethod
-    def hwm(pid: int) -> int:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            return 0
-        line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
-        return int(line.split()[1]) * 1024
-
-    def children(self) -> list[int]:
-        pids: list[int] = []
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            try:
-                pids += [int(p) for p in (task / "children").read_text().split()]
-            except OSError:
-                continue
-        return pids
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            for child in self.children():
-                self.children_peak = max(self.children_peak, self.hwm(child))
-
-    @property
-    def server_peak(self) -> int:
-        return self.hwm(self.pid)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @pytest.fixture(scope="session")
 def bombs(real_pt2: Path) -> dict[str, tuple[str, bytes]]:
-    """The issue's bombs: (endpoint, payload), each a few MB inflating to gigabytes."""
-    return {
-        "npz inflating to 2.4 GB": ("datasets", npz_bomb(2_400_000_000)),
-        "pt2 with a 2 GiB weight": ("models", pt2_huge_weight(real_pt2, 512 * 1024**2)),
-        "pt2 declaring a [1, 8192, 65536] weight": ("models", pt2_huge_declared(real_pt2, [1, 8192, 65536])),
-        "pt2 whose weight member lies about its size": ("models", pt2_lying_member(real_pt2, 2 * GiB)),
-        "npz whose x_train member lies about its size": ("datasets", npz_bomb(860_000_000, declared=10_000)),
-        "npz inflating to 0.86 GB": ("datasets", npz_bomb(860_000_000)),
-    }
+    return issue_bombs(real_pt2)
 
 
 EXPECTED = {

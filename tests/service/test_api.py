@@ -188,7 +188,7 @@ def test_cancel_stops_a_running_job_within_seconds_and_keeps_candidates(live: Li
     c = api(live)
     model_id, data_id, device_id = setup_inputs(c)
     body = {"model_id": model_id, "dataset_id": data_id, "device_id": device_id, "algorithm": "random"}
-    slow = c.post("/jobs", json={**body, "seed": 200, "budget": {"candidates": 10_000}}).json()
+    slow = c.post("/jobs", json={**body, "seed": 200, "budget": {"candidates": 5_000}}).json()
     wait_status(c, slow["id"], {"running"})
     time.sleep(0.5)
     t0 = time.monotonic()
