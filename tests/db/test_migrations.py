@@ -70,11 +70,13 @@ def test_old_job_specs_are_rewritten_to_the_typed_form_and_nothing_is_lost(db_ur
             tenant = Tenant(name="t")
             s.add(tenant)
             s.flush()
-            rows = [Dataset(tenant_id=tenant.id, name="d", builtin="digits"), Device(name="cpu", runtime="ort")]
-            s.add_all([*rows, Model(tenant_id=tenant.id, name="m", source="zoo", zoo="lenet5")])
+            data = Dataset(tenant_id=tenant.id, name="d", builtin="digits")
+            device = Device(name="cpu", runtime="onnxruntime")
+            model = Model(tenant_id=tenant.id, name="m", source="zoo", zoo="lenet5")
+            s.add_all([data, device, model])
             s.flush()
-            s.add(Job(tenant_id=tenant.id, model_id=1, dataset_id=1, device_id=1, algorithm="rule", spec=old,
-                      progress={"done": 20}))  # fmt: skip
+            ids = {"model_id": model.id, "dataset_id": data.id, "device_id": device.id}
+            s.add(Job(tenant_id=tenant.id, algorithm="rule", spec={**old, **ids}, progress={"done": 20}, **ids))
             s.commit()
         upgrade(db_url)
         with make_session_factory(engine)() as s:
