@@ -76,7 +76,8 @@ def test_old_job_specs_are_rewritten_to_the_typed_form_and_nothing_is_lost(db_ur
             s.add_all([data, device, model])
             s.flush()
             ids = {"model_id": model.id, "dataset_id": data.id, "device_id": device.id}
-            s.add(Job(tenant_id=tenant.id, algorithm="rule", spec={**old, **ids}, progress={"done": 20}, **ids))
+            spec = {**old, **ids}
+            s.add(Job(tenant_id=tenant.id, algorithm="rule", spec=spec, progress={"done": 20}, **ids))
             s.commit()
         upgrade(db_url)
         with make_session_factory(engine)() as s:
