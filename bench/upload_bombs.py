@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,8 +29,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from compression.archive_check import ArchiveLimits  # noqa: E402
 from db.testing import fresh_database  # noqa: E402
-from service.inspect_process import archive_limits, inspect_in_child  # noqa: E402
+from service.inspect_process import Kind, archive_limits, inspect_in_child  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.uploads import inspect_dataset, inspect_model  # noqa: E402
 from tests.live import server_process  # noqa: E402
@@ -47,12 +49,16 @@ def child_cost(folder: Path, model: Path, data: Path, repeats: int) -> None:
     """Median wall time of the inspection child vs the same inspection in this process."""
     settings = Settings(data_dir=folder)
     limits = archive_limits(settings)
-    for kind, path, inline in (("model", model, inspect_model), ("dataset", data, inspect_dataset)):
+    cases: list[tuple[Kind, Path, Callable[[Path, ArchiveLimits], object]]] = [
+        ("model", model, inspect_model),
+        ("dataset", data, inspect_dataset),
+    ]
+    for kind, path, inline in cases:
         inline(path, limits)  # imports done: the in-process figure is the inspection alone
         child, local = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            inspect_in_child(kind, path, settings)  # type: ignore[arg-type]
+            inspect_in_child(kind, path, settings)
             child.append(time.perf_counter() - start)
             start = time.perf_counter()
             inline(path, limits)
@@ -96,6 +102,7 @@ def main() -> None:
             for what, payload in (("models", model.read_bytes()), ("datasets", data.read_bytes())):
                 code, seconds, _ = post(c, what, payload)
                 print(f"clean {what[:-1]} upload ({len(payload) / 1e3:.0f} kB): {code} in {seconds:.2f} s")
+            print(f"after the clean uploads: server peak RSS {PeakRss.hwm(srv.proc.pid) / 1e6:.0f} MB")
             with PeakRss(srv.proc.pid) as rss:
                 for name, (what, payload) in bombs.items():
                     code, seconds, detail = post(c, what, payload)
@@ -103,9 +110,8 @@ def main() -> None:
                 what, payload = bombs["npz inflating to 0.86 GB"]
                 with ThreadPoolExecutor(3) as pool:
                     answers = list(pool.map(lambda _: post(c, what, payload), range(3)))
-                print(
-                    f"three 0.86 GB .npz at once: {[a[0] for a in answers]} in {max(a[1] for a in answers):.2f} s"
-                )
+                codes, slowest = [a[0] for a in answers], max(a[1] for a in answers)
+                print(f"three 0.86 GB .npz at once: {codes} in {slowest:.2f} s")
                 server_peak, child_peak = rss.server_peak, rss.children_peak
         print(f"peak RSS: server {server_peak / 1e6:.0f} MB, inspection child {child_peak / 1e6:.0f} MB")
         child_cost(folder, model, data, args.repeats)
