@@ -206,7 +206,9 @@ def run_backend(backend: str, args: argparse.Namespace) -> tuple[Submission, lis
     with tempfile.TemporaryDirectory() as tmp, fresh_database(backend, Path(tmp)) as db_url:
         data_dir = Path(tmp) / "data"
         log_path = Path(tmp) / "server.log"
-        with server_process(data_dir, db_url, log_path=log_path, args=("--no-runner",)) as srv:
+        with server_process(
+            data_dir, db_url, log_path=log_path, args=("--no-runner",), queued_jobs_per_tenant=1_000_000
+        ) as srv:
             try:
                 sub = bench_submission(srv.url, srv.key, args.clients, args.per_client)
                 par = bench_pareto(srv.url, srv.key, db_url, args.candidates, args.repeats)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Protocol
 
 from fastapi import HTTPException, status
 from sqlalchemy import func, select
@@ -25,22 +24,13 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import State
 
 from db.models import Job, Tenant
+from engine.spec import JobSpec
 from service.settings import Settings
 
 ACTIVE_JOB_STATUSES = ("queued", "running")
 
 
-class JobBudget(Protocol):
-    """The budget of a submitted job (``engine.spec.Budget``)."""
-
-    @property
-    def candidates(self) -> int | None: ...
-
-    @property
-    def seconds(self) -> float | None: ...
-
-
-def admit_job(session: Session, settings: Settings, *, tenant_id: int, budget: JobBudget) -> None:
+def admit_job(session: Session, settings: Settings, *, tenant_id: int, spec: JobSpec) -> None:
     """Refuse a job over its tenant's quota (429) or over the budget limits (422).
 
     Call it in the session that then stores the job: on PostgreSQL it locks the tenant's row
@@ -48,6 +38,14 @@ def admit_job(session: Session, settings: Settings, *, tenant_id: int, budget: J
     after the other and never overshoot the limit (SQLite's write transaction already
     serialises them).
     """
+    budget = spec.budget
+    samples = spec.calibration_samples
+    if samples is not None and samples > settings.max_calibration_samples:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"calibration_samples {samples} is over this server's limit of "
+            f"{settings.max_calibration_samples} (MODELTAILOR_MAX_CALIBRATION_SAMPLES)",
+        )
     if budget.candidates is not None and budget.candidates > settings.max_job_candidates:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,

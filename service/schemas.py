@@ -248,12 +248,6 @@ def examples(*values: dict[str, Any]) -> ConfigDict:
     return ConfigDict(json_schema_extra={"examples": list(values)})
 
 
-class _In(BaseModel):
-    """Request bodies: unknown fields are errors, so a typo is never silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
 class _Out(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 

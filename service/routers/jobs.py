@@ -93,7 +93,7 @@ def create_job(
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {body.dataset_id} not found")
     if queries.get_device(session, tenant_id=tenant.id, device_id=body.device_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {body.device_id} not found")
-    quotas.admit_job(session, settings, tenant_id=tenant.id, budget=body.budget)
+    quotas.admit_job(session, settings, tenant_id=tenant.id, spec=body)
     job = queries.add_job(session, tenant_id=tenant.id, spec=body)
     session.commit()
     return JobAccepted(id=job.id, status=job.status)

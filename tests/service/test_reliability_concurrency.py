@@ -111,6 +111,7 @@ def test_100_concurrent_submissions_on_postgresql_are_stored_and_all_complete(tm
                 log_path=tmp_path / "api.log",
                 command=lambda port: _stub("serve", str(port)),
                 run_jobs=False,
+                queued_jobs_per_tenant=JOBS,  # one tenant submits them all at once
             )
         )
         workers = [
