@@ -12,10 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compression.policy import LayerPolicy, Policy, Scheme
+from compression import schemes as _schemes
+from compression.policy import LayerPolicy, Policy, SchemeName
 from compression.space import LayerSpace, SearchSpace, SpaceOptions
 
-FINE_SCHEMES: tuple[Scheme, ...] = ("unstructured", "block", "nm")
+#: Which fine-grained scheme an agent uses at a layer when it has no preference of its own:
+#: the first of these the layer allows, then any other registered scheme (by code).
+FINE_SCHEMES: tuple[SchemeName, ...] = ("unstructured", "block", "nm")
 SKIP_THRESHOLD = 0.75  # uniform warm-up actions then skip a quarter of the blocks, as SearchSpace.sample does
 
 
@@ -56,9 +59,17 @@ ACTION_DIM = len(LayerAction.names())
 MOST_COMPRESSED = LayerAction(0.0, 0.0, 0.0, 1.0)
 
 
-def fine_scheme(ls: LayerSpace, prefer: Sequence[Scheme] = FINE_SCHEMES) -> Scheme | None:
-    """The first scheme of ``prefer`` this layer allows, or None if it is dense-only."""
-    return next((s for s in prefer if s in ls.schemes), None)
+def preferred_schemes() -> tuple[SchemeName, ...]:
+    """``FINE_SCHEMES``, then every other registered scheme except dense (by code)."""
+    rest = [s for s in _schemes.names() if s not in FINE_SCHEMES and s != _schemes.DENSE]
+    return (*FINE_SCHEMES, *rest)
+
+
+def fine_scheme(ls: LayerSpace, prefer: Sequence[SchemeName] | None = None) -> SchemeName | None:
+    """The first scheme of ``prefer`` (default ``preferred_schemes()``) this layer allows, or
+    None if it is dense-only."""
+    order = preferred_schemes() if prefer is None else prefer
+    return next((s for s in order if s in ls.schemes), None)
 
 
 def _sorted_bits(ls: LayerSpace) -> list[int | None]:
@@ -66,7 +77,7 @@ def _sorted_bits(ls: LayerSpace) -> list[int | None]:
 
 
 def layer_policy(
-    ls: LayerSpace, options: SpaceOptions, action: LayerAction, scheme: Scheme | None = None
+    ls: LayerSpace, options: SpaceOptions, action: LayerAction, scheme: SchemeName | None = None
 ) -> LayerPolicy:
     """The policy ``action`` stands for at layer ``ls`` (``scheme`` defaults to its first fine scheme)."""
     width = 1.0
@@ -77,19 +88,10 @@ def layer_policy(
     scheme = scheme if scheme in ls.schemes else fine_scheme(ls)
     bits_choices = _sorted_bits(ls)
     bits = bits_choices[min(int(action.bits * len(bits_choices)), len(bits_choices) - 1)]
-    density = action.keep_weights
-    if scheme in ("unstructured", "block"):
-        sparsity = round((1.0 - density) * options.max_sparsity, 3)
-        if sparsity <= 0.0:
-            return LayerPolicy(width=width, bits=bits)
-        block = ls.block_choices[len(ls.block_choices) // 2] if scheme == "block" else None
-        return LayerPolicy(width=width, scheme=scheme, sparsity=sparsity, block=block, bits=bits)
-    if scheme == "nm":
-        # Dense counts as density 1; pick the pattern whose kept fraction is nearest.
-        options_nm: list[tuple[int, int] | None] = [None, *ls.nm_choices]
-        best = min(options_nm, key=lambda p: abs((1.0 if p is None else p[0] / p[1]) - density))
-        if best is not None:
-            return LayerPolicy(width=width, scheme="nm", nm=best, bits=bits)
+    if scheme is not None:
+        own = _schemes.get(scheme).from_keep(action.keep_weights, ls, options)
+        if own is not None:
+            return LayerPolicy(width=width, scheme=scheme, bits=bits, **own)
     return LayerPolicy(width=width, bits=bits)
 
 
@@ -109,7 +111,7 @@ def policy_from_actions(
     actions: Mapping[int, LayerAction],
     *,
     rest: LayerAction | None = None,
-    schemes: Mapping[int, Scheme] | None = None,
+    schemes: Mapping[int, SchemeName] | None = None,
 ) -> Policy:
     """The policy of per-layer ``actions`` (layer index -> action); layers without one take ``rest``.
 

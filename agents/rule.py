@@ -35,7 +35,7 @@ from agents.actions import LayerAction, layer_policy
 from agents.base import Agent
 from agents.objective import Objective, Score, with_nondominated
 from agents.sensitivity import Sensitivity
-from compression.policy import LayerPolicy, Policy, Scheme
+from compression.policy import LayerPolicy, Policy, SchemeName
 from compression.space import LayerSpace, SearchSpace
 
 Group = Literal["first", "last", "pointwise", "depthwise", "linear", "conv", "blocks"]
@@ -57,7 +57,7 @@ class Rule:
     """
 
     width: bool
-    prefer: tuple[Scheme, ...]
+    prefer: tuple[SchemeName, ...]
     swept: bool = True
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from agents.actions import fine_scheme
 from agents.objective import Objective, Score, with_nondominated
+from compression import schemes
 from compression.policy import LayerPolicy, Policy, PolicyError
 from compression.space import LayerSpace, SearchSpace
 
@@ -89,16 +90,12 @@ def _narrowed(space: SearchSpace, ls: LayerSpace, cur: LayerPolicy, factor: floa
 
 
 def _sparse_patch(ls: LayerSpace) -> dict[str, Any] | None:
+    """The layer's preferred scheme at about ``SPARSITY`` zeros, JSON-able (None: dense-only)."""
     scheme = fine_scheme(ls)
-    if scheme == "nm" and ls.nm_choices:
-        nm = min(ls.nm_choices, key=lambda p: abs(p[0] / p[1] - (1.0 - SPARSITY)))
-        return {"scheme": "nm", "nm": list(nm)}
-    if scheme == "unstructured":
-        return {"scheme": "unstructured", "sparsity": SPARSITY}
-    if scheme == "block" and ls.block_choices:
-        block = ls.block_choices[len(ls.block_choices) // 2]
-        return {"scheme": "block", "sparsity": SPARSITY, "block": block}
-    return None
+    if scheme is None:
+        return None
+    own = schemes.get(scheme).probe(ls, SPARSITY)
+    return None if own is None else {"scheme": scheme, **own}
 
 
 def apply_move(space: SearchSpace, policy: Policy, move: Move) -> Policy | None:
@@ -120,9 +117,8 @@ def apply_move(space: SearchSpace, policy: Policy, move: Move) -> Policy | None:
             width = _narrowed(space, ls, cur, float(move[2]))
             new = replace(cur, width=width) if width is not None else None
         elif move[0] == "sparse" and cur.scheme == "dense":
-            patch = dict(move[2])
-            if "nm" in patch:
-                patch["nm"] = tuple(patch["nm"])
+            # JSON lists (an N:M pattern) back to the tuples LayerPolicy holds
+            patch: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in move[2].items()}
             new = replace(cur, **patch)
     except PolicyError:
         return None

@@ -17,6 +17,7 @@ import numpy as np
 from agents.base import Agent
 from agents.cost import MacsEstimator
 from agents.objective import Objective, Score
+from compression import schemes
 from compression.policy import Policy
 from compression.space import SearchSpace, SpaceOptions
 
@@ -144,10 +145,8 @@ def check_policy_in_space(space: SearchSpace, policy: Policy) -> None:
         assert lp.scheme in ls.schemes, where
         assert lp.bits in ls.bits_choices, where
         assert lp.sparsity <= o.max_sparsity + 1e-9, where
-        if lp.scheme == "nm":
-            assert lp.nm in ls.nm_choices, where
-        if lp.scheme == "block":
-            assert lp.block in ls.block_choices, where
+        problem = schemes.get(lp.scheme).validate(lp, ls)  # its values among the layer's choices
+        assert problem is None, f"{where}: {problem}"
 
 
 def _drive(agent: Agent, problem: SyntheticProblem, rounds: int, n: int) -> list[list[Policy]]:

@@ -48,7 +48,7 @@ def post(c: httpx.Client, what: str, payload: bytes) -> tuple[int, float, str]:
 def child_cost(folder: Path, model: Path, data: Path, repeats: int) -> None:
     """Median wall time of the inspection child vs the same inspection in this process."""
     settings = Settings(data_dir=folder)
-    limits = archive_limits(settings)
+    limits = ArchiveLimits(**archive_limits(settings))
     cases: list[tuple[Kind, Path, Callable[[Path, ArchiveLimits], object]]] = [
         ("model", model, inspect_model),
         ("dataset", data, inspect_dataset),

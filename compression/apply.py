@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
+from compression import schemes
 from compression.channels import ChanSpace
 from compression.graph import ModelGraph
 from compression.masks import fake_quantize, layer_mask
@@ -253,11 +254,13 @@ def _validate(graph: ModelGraph, policy: Policy) -> None:
     policy.check_names((layer.name for layer in graph.layers), (b.name for b in graph.blocks))
     for layer in graph.layers:
         lp = policy.for_layer(layer.name)
-        if lp.scheme == "nm" and lp.nm is not None:
-            per_group_in = layer.features.in_channels // layer.features.groups
-            if layer.op == "dwconv" or per_group_in < 2:
-                if layer.name in policy.layers:
-                    raise PolicyError(f"layer {layer.name!r}: N:M needs several input channels per group")
+        if lp.scheme not in schemes.names():
+            known = schemes.names()
+            raise PolicyError(f"layer {layer.name!r}: unknown scheme {lp.scheme!r}; use one of {known}")
+        if layer.name in policy.layers:  # the default applies only where the layer can take it
+            problem = schemes.get(lp.scheme).layer_problem(layer.features)
+            if problem is not None:
+                raise PolicyError(f"layer {layer.name!r}: {problem}")
         if lp.width < 1.0 and layer.name in policy.layers and not graph.width_prunable(layer):
             gid = graph.group_of(layer)
             why = graph.groups.data(gid).blocked_by[:1] if gid is not None else ["no own channels"]

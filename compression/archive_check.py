@@ -25,7 +25,10 @@ only thing torch reads:
   functions; no custom objects, operator or subgraph arguments; symbolic expressions are
   sympy ``srepr`` text over an allow-list of names (no attribute access, calls only of known
   sympy / torch shape functions); tree specs only of tuples, lists and dicts; names are
-  identifiers or dotted module paths; ``guards_code`` and node metadata are dropped.
+  identifiers or dotted module paths; ``guards_code`` and node metadata are dropped;
+* limits: the members' declared sizes add up to at most ``max_unpacked_bytes``; weights and
+  constants declare at most ``max_model_params`` elements together, and no graph value more
+  than that per sample.
 
 ``.npz`` (:func:`read_npz`): each ``.npy`` header is parsed first (no object or structured
 dtypes), its declared shape x itemsize must equal the member's size, and the data is read
@@ -103,10 +106,11 @@ def _directory_size(path: Path) -> tuple[int, int]:
         tail_len = min(size, 22 + 65535 + 20 + 56)
         f.seek(size - tail_len)
         tail = f.read(tail_len)
-    pos = len(tail) - 22 if tail[-22:-18] == b"PK\x05\x06" else tail.rfind(b"PK\x05\x06")
+    no_comment = tail[-22:-18] == b"PK\x05\x06" and tail[-2:] == b"\0\0"
+    pos = len(tail) - 22 if no_comment else tail.rfind(b"PK\x05\x06")
     if pos < 0 or len(tail) - pos < 22:
         raise ArchiveError("not a zip archive (no end-of-directory record)")
-    entries, cd_size = struct.unpack("<H4xI", tail[pos + 10 : pos + 20])
+    entries, cd_size = struct.unpack("<HI", tail[pos + 10 : pos + 16])
     if pos >= 20 + 56 and tail[pos - 20 : pos - 16] == b"PK\x06\x07":  # zip64: its counts win
         record = tail[pos - 20 - 56 : pos - 20]
         if record[:4] == b"PK\x06\x06":
@@ -434,15 +438,13 @@ def _check_spec(spec: object) -> None:
 
 
 def _walk_model_json(value: Any, key: str = "") -> None:
-    """Check every expression, call target, name and denied argument kind, at any depth."""
+    """Check every expression, tree spec, name and denied argument kind, at any depth."""
     if isinstance(value, dict):
         for k, v in value.items():
             if k in _DENIED_KEYS and v is not None:
                 raise ArchiveError(f"the graph uses {k!r} (custom objects, operators or subgraphs); refused")
             if k == "expr_str":
                 _check_expr(v)
-            elif k == "target" and "inputs" in value:
-                _check_target(v)
             elif k in ("in_spec", "out_spec"):
                 _check_spec(v)
             elif k == "name" and isinstance(v, str) and not _IDENT.fullmatch(v):
@@ -511,8 +513,10 @@ def _check_model_json(doc: Any, limits: ArchiveLimits) -> dict[str, Any]:
                 "MAX_MODEL_PARAMS",
             )
     for node in graph["nodes"]:
-        if isinstance(node, dict):
-            node["metadata"] = {}  # stack traces and module paths: never needed, resolved by getattr
+        if not isinstance(node, dict):
+            raise ArchiveError("a graph node is not an object")
+        _check_target(node.get("target"))
+        node["metadata"] = {}  # stack traces and module paths: never needed, resolved by getattr
     gm["metadata"] = {}
     doc["guards_code"] = []  # exec'd by ExportedProgram.module(); shapes are checked by the graph itself
     return doc

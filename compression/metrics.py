@@ -3,9 +3,10 @@
 Size is what the weights take as stored:
 
 * a dense layer: ``numel · bits / 8`` (bits = 32 for float);
-* unstructured: the non-zeros plus a 1-bit-per-weight mask, or dense if smaller;
-* N:M: the non-zeros plus ``ceil(log2 M)`` bits of position per non-zero;
-* 1×N block: the kept weights plus a 1-bit-per-block mask;
+* a masked layer: its scheme's sparse form (``Scheme.sparse_bytes``), or dense if smaller:
+  unstructured: the non-zeros plus a 1-bit-per-weight mask; N:M: the non-zeros plus
+  ``ceil(log2 M)`` bits of position per non-zero; 1×N block: the kept weights plus a
+  1-bit-per-block mask;
 * quantized layers add one float32 scale per output channel;
 * every other tensor (biases, norms, embeddings, BN statistics) at 4 bytes.
 
@@ -23,8 +24,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from compression import schemes
 from compression.apply import CompressedModel
 from compression.graph import CONV, LINEAR, attr_target
+from compression.policy import LayerPolicy
 
 aten = torch.ops.aten
 _MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
@@ -87,29 +90,14 @@ def layer_macs(gm: fx.GraphModule, example: torch.Tensor) -> tuple[dict[str, int
     return rec.layer_macs, rec.other_macs
 
 
-def _weight_bytes(
-    w: torch.Tensor,
-    mask: torch.Tensor | None,
-    bits: int | None,
-    scheme: str,
-    nm: tuple[int, int] | None,
-    block: int | None,
-) -> int:
+def _weight_bytes(w: torch.Tensor, mask: torch.Tensor | None, bits: int | None, lp: LayerPolicy) -> int:
+    """Stored bytes of one layer weight: dense, or its scheme's sparse form when smaller."""
     b = bits or 32
-    numel = w.numel()
-    dense = math.ceil(numel * b / 8)
+    dense = math.ceil(w.numel() * b / 8)
     scales = 4 * w.shape[0] if bits else 0
     if mask is None:
         return dense + scales
-    nnz = int(mask.sum())
-    if scheme == "nm" and nm is not None:
-        sparse = math.ceil(nnz * b / 8) + math.ceil(nnz * math.ceil(math.log2(nm[1])) / 8)
-    elif scheme == "block" and block is not None:
-        n_blocks = math.ceil(w.shape[0] / block) * (numel // w.shape[0])
-        sparse = math.ceil(nnz * b / 8) + math.ceil(n_blocks / 8)
-    else:
-        sparse = math.ceil(nnz * b / 8) + math.ceil(numel / 8)
-    return min(dense, sparse) + scales
+    return min(dense, schemes.get(lp.scheme).sparse_bytes(w, mask, b, lp)) + scales
 
 
 def measure(cm: CompressedModel) -> ModelMetrics:
@@ -128,7 +116,7 @@ def measure(cm: CompressedModel) -> ModelMetrics:
         if name in weight_of:
             lp = cm.policy.for_layer(weight_of[name])
             mask = cm.masks.get(name)
-            size += _weight_bytes(tensor, mask, cm.bits.get(name), lp.scheme, lp.nm, lp.block)
+            size += _weight_bytes(tensor, mask, cm.bits.get(name), lp)
             m = per_layer.get(name, 0)
             macs += m
             density = float(mask.float().mean()) if mask is not None else 1.0

@@ -12,7 +12,8 @@ A ``Policy`` maps layer names (as found by :func:`compression.space_for`) to a
 fields override the default field by field (fields it does not name keep the
 default's value), so ``{"default": {"bits": 8}, "layers": {"fc": {"width": 1}}}``
 quantizes ``fc`` too. ``scheme: "channel"`` with a ``sparsity`` is accepted as a
-synonym of ``width = 1 - sparsity``.
+synonym of ``width = 1 - sparsity``. What each scheme means and checks lives in its plug-in
+(``compression.schemes``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, cast
+from typing import Any, cast
 
-Scheme = Literal["dense", "unstructured", "nm", "block"]
-SCHEMES: tuple[Scheme, ...] = ("dense", "unstructured", "nm", "block")
+from compression import schemes as _schemes
+
+#: A registered scheme's name (``compression.schemes.names()``): the plug-ins decide what is valid.
+SchemeName = str
+Scheme = SchemeName  # the older name of this alias (the scheme objects are ``compression.schemes.Scheme``)
 MAX_SPARSITY = 0.95
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -40,7 +44,8 @@ class LayerPolicy:
 
     Attributes:
         width: kept fraction of output channels (0, 1]; channels are physically removed.
-        scheme: fine-grained sparsity pattern applied to the (narrowed) weight.
+        scheme: fine-grained sparsity pattern applied to the (narrowed) weight: the name of a
+            registered ``compression.schemes.Scheme``, which validates the fields it uses.
         sparsity: fraction of weights zeroed for ``unstructured`` and ``block``.
         nm: ``(N, M)``: at most N non-zeros in every M consecutive input weights.
         block: N of a 1×N block: N consecutive output channels at one input index.
@@ -48,7 +53,7 @@ class LayerPolicy:
     """
 
     width: float = 1.0
-    scheme: Scheme = "dense"
+    scheme: SchemeName = _schemes.DENSE
     sparsity: float = 0.0
     nm: tuple[int, int] | None = None
     block: int | None = None
@@ -58,19 +63,13 @@ class LayerPolicy:
         """Raise PolicyError naming ``where`` if any value is impossible."""
         if not 0.0 < self.width <= 1.0:
             raise PolicyError(f"{where}: width must be in (0, 1], got {self.width}")
-        if self.scheme not in SCHEMES:
-            raise PolicyError(f"{where}: unknown scheme {self.scheme!r}; use one of {SCHEMES}")
+        if self.scheme not in _schemes.names():
+            raise PolicyError(f"{where}: unknown scheme {self.scheme!r}; use one of {_schemes.names()}")
         if not 0.0 <= self.sparsity <= MAX_SPARSITY:
             raise PolicyError(f"{where}: sparsity must be in [0, {MAX_SPARSITY}], got {self.sparsity}")
-        if self.scheme == "nm":
-            if self.nm is None:
-                raise PolicyError(f"{where}: scheme 'nm' needs nm: [N, M]")
-            n, m = self.nm
-            if not (1 <= n < m <= 64):
-                raise PolicyError(f"{where}: nm needs 1 <= N < M <= 64, got [{n}, {m}]")
-        if self.scheme == "block":
-            if self.block is None or not 2 <= self.block <= 64:
-                raise PolicyError(f"{where}: scheme 'block' needs block N in [2, 64], got {self.block}")
+        problem = _schemes.get(self.scheme).validate(self)
+        if problem is not None:
+            raise PolicyError(f"{where}: {problem}")
         if self.bits is not None and not MIN_BITS <= self.bits <= MAX_BITS:
             raise PolicyError(
                 f"{where}: bits must be in [{MIN_BITS}, {MAX_BITS}] or null (float), got {self.bits}"
@@ -79,12 +78,10 @@ class LayerPolicy:
 
     @property
     def target_sparsity(self) -> float:
-        """Fraction of the narrowed weight that the scheme zeroes."""
-        if self.scheme == "nm" and self.nm is not None:
-            return 1.0 - self.nm[0] / self.nm[1]
-        if self.scheme in ("unstructured", "block"):
-            return self.sparsity
-        return 0.0
+        """Fraction of the narrowed weight that the scheme zeroes (0 for an unknown scheme)."""
+        if self.scheme not in _schemes.names():
+            return 0.0
+        return _schemes.get(self.scheme).target_sparsity(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Full JSON form (every field, canonical types)."""
@@ -103,6 +100,7 @@ class LayerPolicy:
 
 
 _FIELD_NAMES = {f.name for f in fields(LayerPolicy)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LayerPolicy)}
 
 
 def _num(value: Any, where: str, name: str, kind: type) -> Any:
@@ -126,12 +124,13 @@ def _parse_layer(raw: Mapping[str, Any], where: str, base: LayerPolicy) -> Layer
         kw["sparsity"] = _num(raw["sparsity"], where, "sparsity", float)
     if "scheme" in raw:
         scheme = raw["scheme"]
-        if scheme == "channel":  # structured pruning expressed as kept width
+        if scheme == _schemes.CHANNEL:  # structured pruning expressed as kept width, not a scheme
             kw["width"] = 1.0 - float(kw.pop("sparsity", raw.get("sparsity", 0.0)))
             kw["sparsity"] = 0.0
-            scheme = "dense"
-        if scheme not in SCHEMES:
-            raise PolicyError(f"{where}: unknown scheme {scheme!r}; use one of {SCHEMES + ('channel',)}")
+            scheme = _schemes.DENSE
+        if scheme not in _schemes.names():
+            known = (*_schemes.names(), _schemes.CHANNEL)
+            raise PolicyError(f"{where}: unknown scheme {scheme!r}; use one of {known}")
         kw["scheme"] = scheme
     if "nm" in raw:
         nm = raw["nm"]
@@ -149,13 +148,11 @@ def _parse_layer(raw: Mapping[str, Any], where: str, base: LayerPolicy) -> Layer
             bits = None  # float
         kw["bits"] = None if bits is None else _num(bits, where, "bits", int)
     policy = replace(base, **kw)
-    # Fields of other schemes are irrelevant; normalise so equal policies hash equal.
-    if policy.scheme != "nm":
-        policy = replace(policy, nm=None)
-    if policy.scheme != "block":
-        policy = replace(policy, block=None)
-    if policy.scheme in ("dense", "nm"):
-        policy = replace(policy, sparsity=0.0)
+    # Fields the scheme does not use are irrelevant; reset them so equal policies hash equal.
+    used = _schemes.get(policy.scheme).fields
+    unused = {name: _DEFAULTS[name] for name in _schemes.PARAM_FIELDS if name not in used}
+    if unused:
+        policy = replace(policy, **unused)
     return policy.validate(where)
 
 

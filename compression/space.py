@@ -8,12 +8,13 @@ and the scores they are told.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
 
-from compression.policy import LayerPolicy, Policy, PolicyError, Scheme
+from compression import schemes as _schemes
+from compression.policy import LayerPolicy, Policy, PolicyError, SchemeName
 
 OpType = Literal["conv", "dwconv", "gconv", "linear"]
 OP_TYPES: tuple[OpType, ...] = ("conv", "dwconv", "gconv", "linear")
@@ -93,7 +94,7 @@ class LayerSpace:
     features: LayerFeatures
     width_prunable: bool
     width_leader: str | None
-    schemes: tuple[Scheme, ...]
+    schemes: tuple[SchemeName, ...]
     nm_choices: tuple[tuple[int, int], ...]
     block_choices: tuple[int, ...]
     bits_choices: tuple[int | None, ...]
@@ -124,7 +125,8 @@ class SpaceOptions:
     """Which kinds of compression a search may use (a job may restrict the space).
 
     Attributes:
-        schemes: fine-grained schemes to search over ("dense" is always allowed).
+        schemes: fine-grained schemes to search over ("dense" is always allowed); every
+            registered scheme (``compression.schemes.names()``) by default.
         bits: weight bit-widths to search over (None = float32).
         width: search per-group widths (channel pruning).
         depth: search skipping residual blocks.
@@ -139,7 +141,7 @@ class SpaceOptions:
             slower than the dense layer. 1 = any count.
     """
 
-    schemes: tuple[Scheme, ...] = ("dense", "unstructured", "nm", "block")
+    schemes: tuple[SchemeName, ...] = field(default_factory=_schemes.names)
     bits: tuple[int | None, ...] = (None, 8)
     width: bool = True
     depth: bool = True
@@ -159,12 +161,14 @@ class SpaceOptions:
         kw: dict[str, Any] = dict(raw)
         if "schemes" in kw:
             schemes = tuple(kw["schemes"])
-            bad = [s for s in schemes if s not in ("dense", "unstructured", "nm", "block", "channel")]
+            names = (*_schemes.names(), _schemes.CHANNEL)
+            bad = [s for s in schemes if s not in names]
             if bad:
-                raise PolicyError(f"space: unknown scheme(s) {bad}")
-            if "channel" in schemes:
+                raise PolicyError(f"space: unknown scheme(s) {bad}; use some of {names}")
+            if _schemes.CHANNEL in schemes:  # channel pruning is the width choice, not a scheme
                 kw["width"] = True
-            kw["schemes"] = tuple(dict.fromkeys(("dense",) + tuple(s for s in schemes if s != "channel")))
+            fine = tuple(s for s in schemes if s != _schemes.CHANNEL)
+            kw["schemes"] = tuple(dict.fromkeys((_schemes.DENSE, *fine)))
         if "bits" in kw:
             bits = tuple(None if b in (None, 16, 32) else int(b) for b in kw["bits"])
             for b in bits:
@@ -248,15 +252,9 @@ class SearchSpace:
             if o.width and ls.decides_width:
                 width = o.snap_width(ls, round(rng.uniform(o.min_width, 1.0), 3))
             scheme = rng.choice(ls.schemes)
-            kw: dict[str, Any] = {"width": width, "scheme": scheme, "bits": rng.choice(ls.bits_choices)}
-            if scheme == "nm":
-                kw["nm"] = rng.choice(ls.nm_choices)
-            elif scheme == "block":
-                kw["block"] = rng.choice(ls.block_choices)
-                kw["sparsity"] = round(rng.uniform(0.0, o.max_sparsity), 3)
-            elif scheme == "unstructured":
-                kw["sparsity"] = round(rng.uniform(0.0, o.max_sparsity), 3)
-            layers[ls.name] = LayerPolicy(**kw).validate(ls.name)
+            bits = rng.choice(ls.bits_choices)
+            own = _schemes.get(scheme).sample(rng, ls, o)
+            layers[ls.name] = LayerPolicy(width=width, scheme=scheme, bits=bits, **own).validate(ls.name)
         skip = frozenset(b.name for b in self.blocks if o.depth and rng.random() < 0.25)
         return Policy(layers=layers, skip=skip)
 

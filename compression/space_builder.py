@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from compression import schemes as _schemes
 from compression.model_io import CompressibleModel
-from compression.policy import Scheme
 from compression.space import BlockSpace, LayerSpace, SearchSpace, SpaceOptions
 
 
 def space_for(model: CompressibleModel, options: SpaceOptions | None = None) -> SearchSpace:
     """The decision points of ``model`` under ``options``.
 
-    A layer gets ``nm`` only if it has at least M input weights per output
-    position for some offered M (not depthwise), and ``block`` sizes no larger
-    than its output channels. Width is a free choice only for the first layer
-    (in topological order) of each prunable channel group.
+    Each registered scheme sets the choices it owns at a layer of that shape
+    (``Scheme.space_fields``: ``nm`` patterns only where a layer has at least M input
+    weights per output position, not depthwise; ``block`` sizes no larger than its output
+    channels), and a searched scheme is offered only where it has a choice. Width is a free
+    choice only for the first layer (in topological order) of each prunable channel group.
     """
     opts = options or SpaceOptions()
     graph = model.graph
     layers: list[LayerSpace] = []
     for info in graph.layers:
         f = info.features
-        in_per_group = f.in_channels // f.groups
-        nm = tuple(p for p in opts.nm_choices if info.op != "dwconv" and in_per_group >= p[1])
-        blocks = tuple(b for b in opts.block_choices if b <= f.out_channels)
-        schemes: list[Scheme] = []
-        for s in opts.schemes:
-            if (s == "nm" and not nm) or (s == "block" and not blocks):
-                continue
-            schemes.append(s)
-        if "dense" not in schemes:
-            schemes.insert(0, "dense")
+        owned: dict[str, object] = {}
+        for scheme in _schemes.schemes():
+            owned.update(scheme.space_fields(f, opts))
         gid = graph.group_of(info)
         prunable = opts.width and graph.width_prunable(info)
         leader = graph.group_leader(gid) if prunable and gid is not None else None
@@ -43,19 +39,20 @@ def space_for(model: CompressibleModel, options: SpaceOptions | None = None) -> 
                 )
         else:
             in_segments.append((None, f.in_channels))
-        layers.append(
-            LayerSpace(
-                name=info.name,
-                features=f,
-                width_prunable=prunable,
-                width_leader=leader,
-                schemes=tuple(schemes),
-                nm_choices=nm,
-                block_choices=blocks,
-                bits_choices=tuple(opts.bits) or (None,),
-                in_segments=tuple(in_segments),
-                in_expand=info.in_space.expand if info.in_space is not None else 1,
-            )
+        draft = LayerSpace(
+            name=info.name,
+            features=f,
+            width_prunable=prunable,
+            width_leader=leader,
+            schemes=(),
+            bits_choices=tuple(opts.bits) or (None,),
+            in_segments=tuple(in_segments),
+            in_expand=info.in_space.expand if info.in_space is not None else 1,
+            **owned,  # type: ignore[arg-type]
         )
+        offered = [s for s in opts.schemes if _schemes.get(s).offered(draft)]
+        if _schemes.DENSE not in offered:
+            offered.insert(0, _schemes.DENSE)
+        layers.append(replace(draft, schemes=tuple(offered)))
     blocks_out = tuple(BlockSpace(b.name, tuple(b.layers)) for b in graph.blocks) if opts.depth else ()
     return SearchSpace(layers=tuple(layers), blocks=blocks_out, edges=tuple(graph.edges), options=opts)

@@ -1,4 +1,4 @@
-"""Job leases: atomic claim, renew and release, identical on SQLite and PostgreSQL.
+"""Job leases: the jobs of ``db.work_queue`` (claim, renew, release) taken in a fair order.
 
 A claim is a compare-and-set ``UPDATE jobs SET owner=.. WHERE id=.. AND (status='queued'
 OR (status='running' AND lease_expires_at < now))``: the database decides the race, so
@@ -19,19 +19,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Collection
 
-from sqlalchemy import Select, and_, case, func, or_, select, update
-from sqlalchemy.engine import CursorResult
+from sqlalchemy import Select, and_, case, func, select
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import ColumnElement
 
+from db import work_queue
 from db.models import Job, utcnow
-
-
-def _claimable(now: dt.datetime) -> ColumnElement[bool]:
-    return or_(
-        and_(Job.status == "queued", Job.cancel_requested.is_(False)),
-        and_(Job.status == "running", Job.lease_expires_at < now),
-    )
+from db.work_queue import JOBS
 
 
 def _fair_queue(now: dt.datetime) -> Select[int]:
@@ -50,7 +43,7 @@ def _fair_queue(now: dt.datetime) -> Select[int]:
     return (
         select(Job.id)
         .join(tenants, tenants.c.tenant_id == Job.tenant_id)
-        .where(_claimable(now))
+        .where(work_queue.claimable(JOBS, now))
         .order_by(tenants.c.running.asc(), tenants.c.served.asc().nulls_first(), Job.id.asc())
     )
 
@@ -70,8 +63,7 @@ def claim_job(
     other. ``exclude``: jobs the caller must not take (ones it is still winding down).
     """
     for _ in range(10):
-        now = utcnow()
-        query = _fair_queue(now).limit(5)
+        query = _fair_queue(utcnow()).limit(5)
         if job_id is not None:
             query = query.where(Job.id == job_id)
         if exclude:
@@ -81,22 +73,7 @@ def claim_job(
         if not ids:
             return None
         for candidate in ids:
-            now = utcnow()
-            result = session.execute(
-                update(Job)
-                .where(Job.id == candidate, _claimable(now))
-                .values(
-                    status="running",
-                    lease_owner=owner,
-                    lease_expires_at=now + dt.timedelta(seconds=lease_s),
-                    attempts=Job.attempts + 1,
-                    started_at=func.coalesce(Job.started_at, now),
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
-            if _rowcount(result) == 1:
+            if work_queue.claim(session, JOBS, candidate, owner=owner, lease_s=lease_s):
                 return candidate
     return None
 
@@ -104,26 +81,13 @@ def claim_job(
 def other_tenant_waiting(session: Session, *, job_id: int) -> bool:
     """Whether a claimable job of a tenant other than ``job_id``'s is waiting for a runner."""
     tenant = select(Job.tenant_id).where(Job.id == job_id).scalar_subquery()
-    query = select(Job.id).where(_claimable(utcnow()), Job.tenant_id != tenant).limit(1)
+    query = select(Job.id).where(work_queue.claimable(JOBS, utcnow()), Job.tenant_id != tenant).limit(1)
     return session.scalar(query) is not None
-
-
-def _rowcount(result: object) -> int:
-    assert isinstance(result, CursorResult)
-    return int(result.rowcount)
 
 
 def renew_lease(session: Session, *, job_id: int, owner: str, lease_s: float) -> bool:
     """Extend ``owner``'s lease on a running job; False means the lease was lost. Commits."""
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
-        .values(lease_expires_at=now + dt.timedelta(seconds=lease_s), updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return _rowcount(result) == 1
+    return work_queue.renew(session, JOBS, job_id, owner=owner, lease_s=lease_s)
 
 
 def release_job(session: Session, *, job_id: int, owner: str, status: str, error: str | None = None) -> bool:
@@ -133,21 +97,9 @@ def release_job(session: Session, *, job_id: int, owner: str, status: str, error
     the result of the runner that took over.
     """
     now = utcnow()
-    values: dict[str, object] = {
-        "status": status,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "updated_at": now,
-    }
+    values: dict[str, object] = {"lease_owner": None, "updated_at": now}
     if status in ("succeeded", "failed", "cancelled"):
         values["finished_at"] = now
     if error is not None:
         values["error"] = error
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return _rowcount(result) == 1
+    return work_queue.release(session, JOBS, job_id, owner=owner, status=status, values=values)

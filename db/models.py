@@ -161,6 +161,8 @@ class Measurement(Base):
     job_id: Mapped[int | None] = mapped_column(Integer, index=True, default=None)
     claimed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Added in 0006: the lease of a claimed task (``db.work_queue.DEVICE_TASKS``).
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Predictor(Base):
@@ -196,8 +198,9 @@ class Calibration(Base):
     ``active_device_id`` equals ``device_id`` while the calibration is queued or running and
     is NULL once it ended: its unique constraint makes "one calibration per device at a
     time" an atomic property of the database on every backend (NULLs never collide).
-    ``heartbeat_at`` is renewed by whoever runs it; a running calibration whose heartbeat
-    is old was abandoned (its process died) and may be replaced.
+    Whoever runs it holds a lease (``db.work_queue.CALIBRATIONS``): each heartbeat sets
+    ``heartbeat_at`` and pushes ``lease_expires_at`` (added in 0006) forward; a running
+    calibration whose lease lapsed was abandoned (its process died) and is ended as failed.
     """
 
     __tablename__ = "calibrations"
@@ -221,6 +224,7 @@ class Calibration(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Job(Base):

@@ -10,8 +10,9 @@ Two transports carry the JSON of ``latency_models.tasks``:
   are written under a temporary name and renamed, and an agent claims a task by renaming it
   into ``<dir>/claimed/``, so processes on one machine (or sharing a folder) never see half a
   file and never run one task twice.
-* ``HttpTransport``: ``GET {server}/v1/devices/{id}/tasks`` answers a JSON array of tasks
-  (``{"tasks": [...]}`` is accepted too; an empty array means nothing to do);
+* ``HttpTransport``: ``POST {server}/v1/devices/{id}/tasks/claim`` claims tasks for this
+  agent and answers them as a JSON array (``{"tasks": [...]}`` is accepted too; an empty
+  array means nothing to do; ``GET .../tasks`` only lists waiting tasks, claiming none);
   ``POST {server}/v1/devices/{id}/measurements`` takes one result object per call and answers
   2xx. Models given by ``url`` are downloaded with a GET (relative URLs against the server).
   Every call sends ``Authorization: Bearer <token>`` and is retried with exponential backoff
@@ -273,8 +274,8 @@ class HttpTransport:
         return record
 
     def fetch_tasks(self) -> list[MeasurementTask | TaskRejection]:
-        """GET the device's pending tasks."""
-        response = self._request("GET", f"/v1/devices/{self.device_id}/tasks")
+        """Claim the device's next task (it is handed to no other agent while this one holds it)."""
+        response = self._request("POST", f"/v1/devices/{self.device_id}/tasks/claim")
         try:
             body = response.json()
         except ValueError as exc:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from compression import schemes
 from compression.policy import LayerPolicy, Policy
 from compression.space import (
     OP_TYPES,
@@ -43,16 +44,22 @@ __all__ = [
     "INT8_MAC_FRACTION",
     "KERNEL_FEATURES",
     "MODEL_FEATURES",
+    "POLICY_FIELDS",
     "SCHEME_CODES",
     "KernelBatch",
     "LayerIndex",
     "SpaceIndex",
+    "encode_layer_policies",
     "kernel_features",
     "runtime_int8",
     "space_from_dict",
 ]
 
-SCHEME_CODES: dict[str, int] = {"dense": 0, "unstructured": 1, "nm": 2, "block": 3}
+#: Each registered scheme's stable feature code (``Scheme.code``; dense 0, unstructured 1, nm 2, block 3).
+SCHEME_CODES: dict[str, int] = {s.name: s.code for s in schemes.schemes()}
+#: The per-layer policy fields every predictor sees, in this order: the scheme's encoding
+#: (``Scheme.encode``: code, sparsity, N, M, block) and the weight bits (0 = float).
+POLICY_FIELDS: tuple[str, ...] = (*schemes.ENCODING_FIELDS, "bits")
 #: A policy runs as int8 QDQ when layers with ``bits`` set hold at least this share of the MACs.
 INT8_MAC_FRACTION = 0.5
 
@@ -72,10 +79,7 @@ KERNEL_FEATURES: tuple[str, ...] = (
     "out_w",
     "macs",
     "params",
-    "scheme_dense",
-    "scheme_unstructured",
-    "scheme_nm",
-    "scheme_block",
+    *(f"scheme_{name}" for name in SCHEME_CODES),  # one-hot of the scheme
     "sparsity",
     "nm_n",
     "nm_m",
@@ -97,17 +101,16 @@ MODEL_FEATURES: tuple[str, ...] = (
 _K = {name: i for i, name in enumerate(KERNEL_FEATURES)}
 
 
-def _layer_tuple(lp: LayerPolicy) -> tuple[float, int, float, int, int, int, int]:
-    nm = lp.nm or (0, 0)
-    return (
-        lp.width,
-        SCHEME_CODES[lp.scheme],
-        lp.target_sparsity,
-        nm[0],
-        nm[1],
-        lp.block or 0,
-        lp.bits or 0,
-    )
+def encode_layer_policies(lps: Sequence[LayerPolicy]) -> np.ndarray:
+    """(N, 6) float64 ``POLICY_FIELDS`` of N layer policies: the one policy encoding of both
+    the kernel features here and the batched rows (``latency_models.rows``).
+
+    One method call per layer policy (its scheme's ``encode``) and one array: this loop is the
+    cost of prediction.
+    """
+    encoders = {s.name: s.encode for s in schemes.schemes()}
+    out = np.array([(*encoders[lp.scheme](lp), lp.bits or 0) for lp in lps], dtype=np.float64)
+    return out.reshape(len(lps), len(POLICY_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -210,17 +213,8 @@ class SpaceIndex(LayerIndex):
                     skips[p, j] = True
         enc = np.zeros((len(lps), 7))
         if lps:
-            codes = SCHEME_CODES
             enc[:, 0] = [lp.width for lp in lps]
-            scheme = np.array([codes[lp.scheme] for lp in lps], dtype=np.int64)
-            enc[:, 1] = scheme
-            nm = np.array([lp.nm or (0, 0) for lp in lps], dtype=np.float64)
-            enc[:, 3:5] = nm
-            enc[:, 5] = [lp.block or 0 for lp in lps]
-            enc[:, 6] = [lp.bits or 0 for lp in lps]
-            raw = np.array([lp.sparsity for lp in lps])
-            nm_sparsity = 1.0 - nm[:, 0] / np.maximum(nm[:, 1], 1.0)
-            enc[:, 2] = np.where(scheme == 2, nm_sparsity, np.where(scheme == 0, 0.0, raw))
+            enc[:, 1:] = encode_layer_policies(lps)
         return enc.reshape(len(policies), self.n_layers, 7), skips
 
     def features(self, policies: Sequence[Policy]) -> KernelBatch:
@@ -259,8 +253,8 @@ class SpaceIndex(LayerIndex):
         x[:, :, _K["macs"]] = macs
         x[:, :, _K["params"]] = params
         scheme = enc[:, :, 1].astype(np.int64)
-        for code in range(4):
-            x[:, :, _K["scheme_dense"] + code] = scheme == code
+        for name, code in SCHEME_CODES.items():
+            x[:, :, _K[f"scheme_{name}"]] = scheme == code
         x[:, :, _K["sparsity"]] = enc[:, :, 2]
         x[:, :, _K["nm_n"]] = enc[:, :, 3]
         x[:, :, _K["nm_m"]] = enc[:, :, 4]

@@ -37,7 +37,14 @@ import numpy as np
 
 from compression.policy import LayerPolicy, Policy
 from compression.space import OP_TYPES, SearchSpace
-from latency_models.features import INT8_MAC_FRACTION, SCHEME_CODES, LayerIndex, cached_index
+from latency_models.features import (
+    INT8_MAC_FRACTION,
+    POLICY_FIELDS,
+    SCHEME_CODES,
+    LayerIndex,
+    cached_index,
+    encode_layer_policies,
+)
 
 __all__ = [
     "POLICY_FEATURES",
@@ -90,7 +97,7 @@ ROW_FEATURES: tuple[str, ...] = (
     "int8",
 )
 #: Extra columns when ``policy_features`` is on (per-layer fields that keep the shape).
-POLICY_FEATURES: tuple[str, ...] = ("scheme", "sparsity", "nm_n", "nm_m", "block", "bits")
+POLICY_FEATURES: tuple[str, ...] = POLICY_FIELDS  # scheme, sparsity, nm_n, nm_m, block, bits
 _F = {n: i for i, n in enumerate(ROW_FEATURES)}
 #: Key columns before the optional policy fields (see ``RowIndex.keys``).
 N_KEY = 7 + len(NCHWC_BLOCKS)
@@ -107,7 +114,8 @@ class PolicyArrays:
         present: (P, L) False for layers of skipped blocks.
         block_present: (P, B) False for skipped blocks.
         int8: (P,) whether the model runs as int8 QDQ (``features.runtime_int8``).
-        fields: (P, L, 6) scheme code, sparsity, N, M, block, bits; None unless requested.
+        fields: (P, L, 6) ``POLICY_FIELDS`` (scheme code, sparsity, N, M, block, bits, from
+            ``features.encode_layer_policies``); None unless requested.
         layout: (P, L, 2 * len(NCHWC_BLOCKS)) per block size: NCHWc flag, and how many of the
             layer's graph neighbours (in and out) use the other layout.
     """
@@ -220,7 +228,8 @@ class RowIndex(LayerIndex):
             max(L, 1).bit_length(),
             max(B, 1).bit_length(),
         ] + [4] * len(NCHWC_BLOCKS)
-        self.field_bits = [2, 10, 7, 7, 7, 4]
+        #: scheme code, sparsity in thousandths, N, M, block, bits
+        self.field_bits = [max(max(SCHEME_CODES.values()), 1).bit_length(), 10, 7, 7, 7, 4]
 
     # -- policies -> arrays
     def arrays(self, policies: Sequence[Policy], fields: bool = False) -> PolicyArrays:
@@ -269,20 +278,7 @@ class RowIndex(LayerIndex):
         int8 = (macs * quant).sum(axis=1) >= INT8_MAC_FRACTION * np.maximum(total, 1e-9)
         out_fields: np.ndarray | None = None
         if fields:
-            flat = np.zeros((P * L, 6))
-            if lps:
-                scheme = np.array([SCHEME_CODES[lp.scheme] for lp in lps], dtype=np.float64)
-                nm_n = np.array([lp.nm[0] if lp.nm else 0 for lp in lps], dtype=np.float64)
-                nm_m = np.array([lp.nm[1] if lp.nm else 0 for lp in lps], dtype=np.float64)
-                raw = np.array([lp.sparsity for lp in lps], dtype=np.float64)
-                nm_sp = 1.0 - nm_n / np.maximum(nm_m, 1.0)
-                flat[:, 0] = scheme
-                flat[:, 1] = np.where(scheme == 2, nm_sp, np.where(scheme == 0, 0.0, raw))
-                flat[:, 2] = nm_n
-                flat[:, 3] = nm_m
-                flat[:, 4] = [lp.block or 0 for lp in lps]
-                flat[:, 5] = [lp.bits or 0 for lp in lps]
-            out_fields = flat.reshape(P, L, 6)
+            out_fields = encode_layer_policies(lps).reshape(P, L, len(POLICY_FIELDS))
         layout = np.zeros((P, L, 2 * len(NCHWC_BLOCKS)))
         fp32 = ~int8[:, None]  # int8 QDQ convolutions run as QLinearConv: no NCHWc
         for bi, block in enumerate(NCHWC_BLOCKS):

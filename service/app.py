@@ -30,10 +30,11 @@ from service import queries
 from service.auth import ensure_local_tenant
 from service.body_limit import BodyLimit
 from service.dashboard.routes import router as dashboard_router
+from service.housekeeping import Housekeeper
 from service.routers import artifacts, candidates, dashboard_api, datasets, devices, jobs, models
 from service.runner import Runner, SearchFn
 from service.security_headers import SecurityHeaders, docs_policy
-from service.settings import Settings
+from service.settings import Settings, Timeouts
 
 log = logging.getLogger("modeltailor.service")
 Exporter = Callable[[ExportContext], ExportResult]
@@ -98,6 +99,7 @@ def restore_example_nulls(spec: Any, models: dict[str, type[BaseModel]]) -> None
 def create_app(
     settings: Settings,
     *,
+    timeouts: Timeouts | None = None,
     search: SearchFn | None = None,
     exporter: Exporter | None = None,
     announce: Callable[[str], None] = print,
@@ -106,10 +108,14 @@ def create_app(
 
     Args:
         settings: read once by the caller (``Settings()`` reads the environment).
+        timeouts: the device-latency timeouts; default ``Timeouts()``, read from the
+            environment here, at start (a bad value raises ``ValidationError`` naming it).
         search: job search entry point; default ``engine.job.run_job``.
         exporter: candidate export; default ``engine.job.export_candidate``.
         announce: where the first-start API key is printed.
     """
+
+    timeouts = timeouts if timeouts is not None else Timeouts()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -124,9 +130,11 @@ def create_app(
             key = ensure_local_tenant(factory, settings)
             if key is not None:
                 announce(f"Created tenant 'local'; its API key is saved in {settings.local_key_path}:\n{key}")
+        housekeeper = Housekeeper(factory, settings.data_dir, interval_s=settings.poll_s)
+        housekeeper.start()
         runner: Runner | None = None
         if settings.run_jobs:
-            runner = Runner(factory, settings, search=search)
+            runner = Runner(factory, settings, timeouts=timeouts, search=search)
             runner.start(settings.runner_slots)
         app.state.runner = runner
         try:
@@ -134,6 +142,7 @@ def create_app(
         finally:
             if runner is not None:
                 runner.stop()
+            housekeeper.stop()
             engine.dispose()
 
     app = FastAPI(
@@ -148,6 +157,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.timeouts = timeouts
     app.state.exporter = exporter or default_exporter
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(BodyLimit, max_bytes=settings.max_json_body_bytes, upload_paths=UPLOAD_PATHS)
@@ -197,4 +207,4 @@ def create_app(
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory service.app:app_from_env``: settings from the environment."""
-    return create_app(Settings())
+    return create_app(Settings(), timeouts=Timeouts())

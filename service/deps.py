@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from db.engine import read_session
 from db.models import Tenant
 from service.auth import tenant_for_key
-from service.settings import Settings
+from service.settings import Settings, Timeouts
 
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
 
@@ -33,8 +33,24 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_read_session(request: Request) -> Iterator[Session]:
+    """One read-only session per request (``db.engine.read_session``: on SQLite a deferred
+    transaction that neither takes nor waits for the write lock). For GET handlers, which
+    never write."""
+    with read_session(request.app.state.session_factory) as session:
+        yield session
+
+
+def get_timeouts(request: Request) -> Timeouts:
+    """The device-latency timeouts the app was created with."""
+    timeouts: Timeouts = request.app.state.timeouts
+    return timeouts
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+TimeoutsDep = Annotated[Timeouts, Depends(get_timeouts)]
 
 
 def current_tenant(

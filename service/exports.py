@@ -14,9 +14,8 @@ from db.models import Artifact, Candidate, Job, Measurement
 from db.models import Device as DeviceRow
 from engine.job import DeviceRef, ExportContext
 from engine.spec import JobSpec
-from service import latency as lat
 from service import queries
-from service.job_latency import REMEASURE_WAIT_S
+from service.device_tasks import POLL_S, add_task
 from service.runner import candidate_scores, job_refs
 
 log = logging.getLogger("modeltailor.exports")
@@ -37,14 +36,15 @@ def time_on_agent(
     artifact_id: int,
     model: Path,
     dense: Path,
+    wait_s: float,
 ) -> tuple[float, float, float]:
-    """Time ``model`` against ``dense`` on a remote device through its agent's task:
-    (measured ms, dense ms, speedup)."""
+    """Time ``model`` against ``dense`` on a remote device through its agent's task, waiting up
+    to ``wait_s`` (``Timeouts.remeasure_wait_s``): (measured ms, dense ms, speedup)."""
     with factory() as session:
         row = session.get(DeviceRow, device.id)
         if row is None:
             raise RuntimeError(f"device {device.name} was deleted")
-        task = lat.add_task(
+        task = add_task(
             session,
             data_dir=data_dir,
             device=row,
@@ -57,7 +57,7 @@ def time_on_agent(
             info={"artifact_id": artifact_id},
         )
         task_id = task.id
-    deadline = time.monotonic() + REMEASURE_WAIT_S
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         with factory() as session:
             m = session.get(Measurement, task_id)
@@ -69,9 +69,9 @@ def time_on_agent(
                 if m.latency_ms is None or dense_ms is None or not stats.get("speedup"):
                     raise RuntimeError("the device agent's result lacks the dense timing")
                 return float(m.latency_ms), float(dense_ms), float(stats["speedup"])
-        time.sleep(lat.POLL_S)
+        time.sleep(POLL_S)
     raise RuntimeError(
-        f"no device agent timed the export on {device.name} within {REMEASURE_WAIT_S:.0f} s; "
+        f"no device agent timed the export on {device.name} within {wait_s:.0f} s; "
         f"is `modeltailor device-agent --device {device.id}` running?"
     )
 
@@ -80,7 +80,7 @@ def run_export(state: Any, artifact_id: int) -> None:
     """Build artifact ``artifact_id`` with ``state.exporter``; mark it ready or failed with why."""
     factory = state.session_factory
     try:
-        ctx = _context(factory, Path(state.settings.data_dir), artifact_id)
+        ctx = _context(factory, Path(state.settings.data_dir), artifact_id, state.timeouts.remeasure_wait_s)
         if ctx is None:
             return
         result = state.exporter(ctx)
@@ -103,7 +103,9 @@ def run_export(state: Any, artifact_id: int) -> None:
             queries.finish_artifact(session, artifact_id=artifact_id, status="failed", error=message)
 
 
-def _context(factory: sessionmaker[Session], data_dir: Path, artifact_id: int) -> ExportContext | None:
+def _context(
+    factory: sessionmaker[Session], data_dir: Path, artifact_id: int, wait_s: float
+) -> ExportContext | None:
     """The export's inputs read from its artifact, candidate and job; None if one was deleted."""
     with factory() as session:
         artifact = session.get(Artifact, artifact_id)
@@ -125,5 +127,5 @@ def _context(factory: sessionmaker[Session], data_dir: Path, artifact_id: int) -
             out_path=data_dir / "artifacts" / f"{artifact_id}.{artifact.format}",
             data_dir=data_dir,
             progress=lambda data: None,
-            time_on_agent=lambda m, d: time_on_agent(factory, data_dir, device, artifact_id, m, d),
+            time_on_agent=lambda m, d: time_on_agent(factory, data_dir, device, artifact_id, m, d, wait_s),
         )

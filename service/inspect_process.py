@@ -24,12 +24,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from compression.archive_check import ArchiveLimits
     from service.settings import Settings
 
 Kind = Literal["model", "dataset"]
@@ -38,15 +36,16 @@ _STDERR_TAIL = 4000
 log = logging.getLogger(__name__)
 
 
-def archive_limits(settings: Settings) -> ArchiveLimits:
-    """The archive limits of the settings (unpacked bytes, parameters, data set elements)."""
-    from compression.archive_check import ArchiveLimits
+def archive_limits(settings: Settings) -> dict[str, int]:
+    """The settings' archive limits, as :class:`compression.archive_check.ArchiveLimits` fields.
 
-    return ArchiveLimits(
-        max_unpacked_bytes=settings.max_unpacked_bytes,
-        max_model_params=settings.max_model_params,
-        max_dataset_elements=settings.max_dataset_elements,
-    )
+    A plain dict: the API process never imports the model side (and torch) for an upload.
+    """
+    return {
+        "max_unpacked_bytes": settings.max_unpacked_bytes,
+        "max_model_params": settings.max_model_params,
+        "max_dataset_elements": settings.max_dataset_elements,
+    }
 
 
 def _child_env() -> dict[str, str]:
@@ -75,7 +74,7 @@ def inspect_in_child(kind: Kind, path: Path, settings: Settings) -> dict[str, An
         kind,
         str(path.resolve()),
         str(memory),
-        json.dumps(asdict(archive_limits(settings))),
+        json.dumps(archive_limits(settings)),
     ]
     with tempfile.TemporaryFile() as err:
         try:

@@ -2,8 +2,9 @@
 baseline's measured latency, and the re-measurement of top Pareto points on the device.
 
 Used by ``engine.run.execute`` through ``JobContext.latency`` (the runner passes this class).
-Everything that touches the device goes through ``service.latency``: local devices are timed
-in this process, remote ones through tasks that device agents pull.
+A calibration the job needs runs through ``service.calibrations`` (the calibration loop of
+``latency_models.calibration_run``); its own timings of local devices happen in this process,
+remote ones through device-agent tasks (``service.device_tasks``).
 
 Choices (documented here because the issue leaves them open):
 
@@ -22,7 +23,7 @@ Choices (documented here because the issue leaves them open):
   164 s + 13 s fitting under that load, so the job's default is 48 samples (about 1 minute
   quiet, under 2 minutes loaded). The random architectures keep the held-out figure (a split
   by architecture) meaningful. ``spec["calibration_samples"]`` overrides the size.
-* **Which predictor.** The newest version the job's tenant may use (``latency.preferred``):
+* **Which predictor.** The newest version the job's tenant may use (``predictor_versions.preferred``):
   on a shared built-in device the tenant's own, made by its jobs, before the admin's; a
   resumed job keeps the version its first candidates were scored with (version numbers are
   unique on a device), so one job's latencies are never mixed. A job's calibration of a
@@ -49,7 +50,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Candidate, Device, Job, Measurement, utcnow
 from engine.job import JobContext
-from service import latency as lat
+from latency_models.calibration_run import CalibrationError
+from service import calibrations
+from service import predictor_versions as versions
+from service.device_tasks import add_task, harness_device, measurement_stats, wait_tasks
 from service.settings import Timeouts
 
 if TYPE_CHECKING:
@@ -60,9 +64,6 @@ log = logging.getLogger("modeltailor.job_latency")
 
 JOB_CALIBRATION_SAMPLES = 48
 REMEASURE_RUNS = 200
-#: How long the end of a job waits for device agents to time its re-measurement tasks.
-#: (``MODELTAILOR_REMEASURE_WAIT_S``, default 300; a bad value fails the import.)
-REMEASURE_WAIT_S: float = Timeouts().remeasure_wait_s
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -89,11 +90,16 @@ class Remeasured:
 
 
 class JobLatency:
-    """Latency services for one claimed job, over the service database (``factory``)."""
+    """Latency services for one claimed job, over the service database (``factory``).
 
-    def __init__(self, ctx: JobContext, factory: sessionmaker[Session]) -> None:
+    ``timeouts``: how long to wait for device agents, and the lease of a calibration it runs
+    (read once when the runner started).
+    """
+
+    def __init__(self, ctx: JobContext, factory: sessionmaker[Session], timeouts: Timeouts) -> None:
         self.ctx = ctx
         self.factory = factory
+        self.timeouts = timeouts
         self.data_dir = Path(ctx.data_dir)
         with self.factory() as session:
             job = session.get(Job, ctx.job_id)
@@ -133,7 +139,7 @@ class JobLatency:
 
     def ensure_predictor(
         self, model: CompressibleModel, ids: tuple[str, str], pinned: int | None = None
-    ) -> lat.LoadedPredictor:
+    ) -> versions.LoadedPredictor:
         """The predictor the job scores latency with; calibrates (or waits for) one if needed.
 
         Raises:
@@ -144,13 +150,13 @@ class JobLatency:
         samples = self.ctx.spec.calibration_samples or JOB_CALIBRATION_SAMPLES
         ran_own = False
         waited: set[int] = set()
-        scope = lat.scope_of(self.device, self.tenant_id)
+        scope = versions.scope_of(self.device, self.tenant_id)
         for _ in range(20):  # bounded: each turn waits for or runs one calibration
             with self.factory() as session:
                 dev = session.get(Device, self.device.id)
                 assert dev is not None
                 find = functools.partial(
-                    lat.current_predictor,
+                    versions.current_predictor,
                     session,
                     data_dir=self.data_dir,
                     device=dev,
@@ -158,25 +164,28 @@ class JobLatency:
                 )
                 loaded = (find(version=pinned) if pinned is not None else None) or find()
             if loaded is not None:
-                seen = lat.model_seen(self.data_dir, self.device, ids[1], loaded.tenant_id)
+                seen = versions.model_seen(self.data_dir, self.device, ids[1], loaded.tenant_id)
                 if mode != "model" or ran_own or seen:
                     return loaded
             if mode == "never":
-                raise lat.CalibrationError(
+                raise CalibrationError(
                     f"device {self.device.name} has no latency predictor and the job says calibrate='never'; "
                     f"calibrate it first (POST /v1/devices/{self.device.id}/calibrate)"
                 )
             if ran_own:
-                raise lat.CalibrationError(f"device {self.device.name}: calibration produced no predictor")
+                raise CalibrationError(f"device {self.device.name}: calibration produced no predictor")
             with self.factory() as session:
                 dev = session.get(Device, self.device.id)
                 assert dev is not None
-                active = lat.active_calibration(session, device_id=dev.id)
+                active = calibrations.active_calibration(session, device_id=dev.id)
                 if active is not None and active.job_id == self.ctx.job_id:
                     # This job's own calibration from before it was resumed: its runner is gone
                     # (the job's lease is ours now), so end it instead of waiting for it to go stale.
-                    lat.end_calibration(
-                        session, active, status="failed", error="interrupted: its job was resumed elsewhere"
+                    calibrations.end_calibration(
+                        session,
+                        active.id,
+                        status="failed",
+                        error="interrupted: its job was resumed elsewhere",
                     )
                     active = None
                 cal = None
@@ -189,7 +198,7 @@ class JobLatency:
                         "model": ids[1],
                         "scope": "device" if scope is None else "tenant",
                     }
-                    cal = lat.create_calibration(
+                    cal = calibrations.create_calibration(
                         session,
                         device=dev,
                         tenant_id=self.tenant_id,
@@ -210,7 +219,7 @@ class JobLatency:
                 continue
             self._calibrate(cal_id, model, ids)
             ran_own = True
-        raise lat.CalibrationError(f"device {self.device.name}: gave up waiting for a predictor")
+        raise CalibrationError(f"device {self.device.name}: gave up waiting for a predictor")
 
     def _calibrate(self, cal_id: int, model: CompressibleModel, ids: tuple[str, str]) -> None:
         self._phase("calibrating", calibration={"id": cal_id, "done": 0})
@@ -221,18 +230,18 @@ class JobLatency:
                 calibration={"id": cal_id, "done": done, "total": total, "message": message[:200]},
             )
 
-        run = lat.CalibrationRun(
+        started = time.monotonic()
+        version = calibrations.run_calibration(
             self.factory,
             self.data_dir,
             cal_id,
             owner=f"job-{self.ctx.job_id}:{self.owner}",
+            timeouts=self.timeouts,
             model=model,
             model_ids=ids,
             should_stop=self.cancelled,
             progress=progress,
         )
-        started = time.monotonic()
-        version = run.run()
         self._phase(
             f"calibrated predictor v{version}",
             calibration={"id": cal_id, "version": version, "seconds": round(time.monotonic() - started, 1)},
@@ -254,7 +263,7 @@ class JobLatency:
                     calibration={"done": done, "total": total},
                 )
 
-        lat.wait_for(self.factory, cal_id, should_stop=self.cancelled, on_progress=progress)
+        calibrations.wait_for(self.factory, cal_id, should_stop=self.cancelled, on_progress=progress)
 
     # -- measuring on the device ---------------------------------------------------
 
@@ -264,7 +273,7 @@ class JobLatency:
         from latency_models.sampling import SPACE_OPTIONS
 
         space = space_for(model, SPACE_OPTIONS)
-        return export_for_device(model, space, policy, lat.harness_device(self.device), self.workdir / name)
+        return export_for_device(model, space, policy, harness_device(self.device), self.workdir / name)
 
     def _dense(self, model: CompressibleModel) -> tuple[Any, Any]:
         from compression.policy import Policy
@@ -277,7 +286,7 @@ class JobLatency:
     def _add_task(self, purpose: str, model: Path, info: dict[str, Any], baseline: Path | None = None) -> int:
         """Queue one timing of this job for the device's agent (re-measurement settings); its id."""
         with self.factory() as session:
-            m = lat.add_task(
+            m = add_task(
                 session,
                 data_dir=self.data_dir,
                 device=self.device,
@@ -301,8 +310,8 @@ class JobLatency:
         if self.remote:
             self._dense_task = self._add_task("dense", Path(runnable), {"policy_hash": "dense"})
             return None
-        result = measure(runnable, lat.harness_device(self.device), runs=REMEASURE_RUNS, input_shape=shape)
-        self._add_row("dense", result.median_ms, lat.measurement_stats(result), {"policy_hash": "dense"})
+        result = measure(runnable, harness_device(self.device), runs=REMEASURE_RUNS, input_shape=shape)
+        self._add_row("dense", result.median_ms, measurement_stats(result), {"policy_hash": "dense"})
         return float(result.median_ms)
 
     def dense_result(self, timeout_s: float) -> float | None:
@@ -335,16 +344,7 @@ class JobLatency:
         self, ids: Sequence[int], timeout_s: float
     ) -> dict[int, tuple[str, float | None, dict[str, Any], str | None]]:
         """Poll task rows until all ended, the timeout passes, or the job is cancelled."""
-        deadline = time.monotonic() + timeout_s
-        out: dict[int, tuple[str, float | None, dict[str, Any], str | None]] = {}
-        while True:
-            with self.factory() as session:
-                for m in session.scalars(select(Measurement).where(Measurement.id.in_(list(ids)))):
-                    if m.status in ("done", "failed"):
-                        out[m.id] = (m.status, m.latency_ms, dict(m.latency_stats), m.error)
-            if len(out) == len(ids) or time.monotonic() > deadline or self.cancelled():
-                return out
-            time.sleep(lat.POLL_S)
+        return wait_tasks(self.factory, ids, timeout_s, should_stop=self.cancelled)
 
     def remeasure(
         self,
@@ -379,7 +379,7 @@ class JobLatency:
             pair = measure_pair(
                 dense,
                 runnable,
-                lat.harness_device(self.device),
+                harness_device(self.device),
                 runs=REMEASURE_RUNS,
                 input_shape=shape,
                 with_reference=True,
@@ -396,21 +396,18 @@ class JobLatency:
             self._add_row(
                 "candidate",
                 b.median_ms,
-                lat.measurement_stats(b, baseline=pair.a.to_dict(), speedup=pair.speedup),
+                measurement_stats(b, baseline=pair.a.to_dict(), speedup=pair.speedup),
                 {"policy_hash": policy.hash, "int8": int8},
             )
             out.append(Remeasured(policy.hash, predicted, b.median_ms, pair.speedup, detail=detail))
         if pending:
             self._phase(f"re-measuring {len(pending)} front points: waiting for the device agent")
-            results = self._wait_tasks(list(pending), REMEASURE_WAIT_S)
+            wait_s = self.timeouts.remeasure_wait_s
+            results = self._wait_tasks(list(pending), wait_s)
             for mid, (policy, predicted, int8) in pending.items():
                 got = results.get(mid)
                 if got is None or got[0] != "done" or got[1] is None:
-                    why = (
-                        got[3]
-                        if got is not None
-                        else f"no device agent result within {REMEASURE_WAIT_S:.0f} s"
-                    )
+                    why = got[3] if got is not None else f"no device agent result within {wait_s:.0f} s"
                     out.append(Remeasured(policy.hash, predicted, None, error=why))
                     continue
                 stats = got[2]

@@ -319,7 +319,8 @@ def add_candidate(
 # updates both in its own transaction, reading only the current front (O(front)); a
 # read of the front finds the flags exact (count matches) and loads the flagged rows
 # alone. Rows written any other way (bulk loads, a database migrated from before the
-# flags) leave the count behind, and the next read recomputes every flag once.
+# flags) leave the count behind: reads then compute the front from every candidate
+# (writing nothing) until the housekeeping loop recomputes every flag once.
 # Writers of one job's front serialise on its row (SELECT ... FOR UPDATE; SQLite's
 # write transactions are serial already).
 
@@ -388,27 +389,37 @@ def raw_rows(session: Session, statement: Select[Any]) -> list[tuple[Any, ...]]:
         cursor.close()
 
 
+def _front_ids(session: Session, *, job: Job) -> list[int]:
+    """Ids of the job's front computed from all its candidates (a read), best first.
+
+    The slow path: reads the objective columns of every feasible candidate and finds the
+    front in numpy (:mod:`service.front`).
+    """
+    objectives, cols = _front_columns(job)
+    if not objectives:
+        return []
+    rows = raw_rows(
+        session,
+        select(Candidate.id, *cols).where(
+            Candidate.job_id == job.id, Candidate.feasible.is_(True), *[c.is_not(None) for c in cols]
+        ),
+    )
+    if not rows:
+        return []
+    table = np.asarray(rows, dtype=float)
+    order = front_order(signed_points(list(table[:, 1:].T), objectives), table[:, 0])
+    return [int(i) for i in table[order, 0]]
+
+
 def refresh_front(session: Session, *, job: Job) -> None:
     """Recompute every front flag of ``job`` from all its candidates. Commits.
 
-    The slow path, once per job whose flags are stale: reads the objective columns of
-    every feasible candidate and finds the front in numpy (:mod:`service.front`).
+    Once per job whose flags are stale, from the housekeeping loop (:func:`stale_fronts`),
+    never from a read.
     """
-    objectives, cols = _front_columns(job)
     _lock_front(session, job_id=job.id)
     total = count_candidates(session, job_id=job.id)
-    front_ids: list[int] = []
-    if objectives:
-        rows = raw_rows(
-            session,
-            select(Candidate.id, *cols).where(
-                Candidate.job_id == job.id, Candidate.feasible.is_(True), *[c.is_not(None) for c in cols]
-            ),
-        )
-        if rows:
-            table = np.asarray(rows, dtype=float)
-            order = front_order(signed_points(list(table[:, 1:].T), objectives), table[:, 0])
-            front_ids = [int(i) for i in table[order, 0]]
+    front_ids = _front_ids(session, job=job)
     session.execute(
         update(Candidate)
         .where(Candidate.job_id == job.id, Candidate.on_front.is_(True))
@@ -426,11 +437,19 @@ def refresh_front(session: Session, *, job: Job) -> None:
     session.commit()
 
 
+def stale_fronts(session: Session, *, limit: int = 20) -> list[int]:
+    """Jobs whose front flags do not account for all their candidates (a read)."""
+    counted = select(func.count(Candidate.id)).where(Candidate.job_id == Job.id).scalar_subquery()
+    stale = or_(Job.front_candidates.is_(None), Job.front_candidates != counted)
+    return list(session.scalars(select(Job.id).where(stale).order_by(Job.id).limit(limit)))
+
+
 def pareto(session: Session, *, job: Job) -> list[Candidate]:
     """The non-dominated feasible candidates under the job's objectives, best first.
 
-    Reads the flagged rows only (the front, not the job's 50,000 candidates); when the
-    flags are stale it recomputes them first and commits (:func:`refresh_front`).
+    Reads the flagged rows only (the front, not the job's 50,000 candidates). When the
+    flags are stale it computes the front from every candidate instead, and writes nothing:
+    the housekeeping loop brings the flags up to date (:func:`refresh_front`).
     Order: lexicographic in the signed objectives (first objective best first), then id.
     """
     objectives = front_objectives(spec_objectives(job))
@@ -439,7 +458,11 @@ def pareto(session: Session, *, job: Job) -> list[Candidate]:
     counted = select(func.count(Candidate.id)).where(Candidate.job_id == Job.id).scalar_subquery()
     accounted, total = session.execute(select(Job.front_candidates, counted).where(Job.id == job.id)).one()
     if accounted != total:
-        refresh_front(session, job=job)
+        ids = _front_ids(session, job=job)
+        by_id = (
+            {c.id: c for c in session.scalars(select(Candidate).where(Candidate.id.in_(ids)))} if ids else {}
+        )
+        return [by_id[i] for i in ids if i in by_id]
     rows = session.scalars(
         select(Candidate).where(Candidate.job_id == job.id, Candidate.on_front.is_(True))
     ).all()

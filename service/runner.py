@@ -51,7 +51,7 @@ from engine.job import run_job as default_search
 from engine.spec import Budget, JobSpec
 from service import queries
 from service.job_latency import JobLatency
-from service.settings import Settings
+from service.settings import Settings, Timeouts
 
 log = logging.getLogger("modeltailor.runner")
 SearchFn = Callable[[JobContext], None]
@@ -106,6 +106,8 @@ class Runner:
     Args:
         factory: session factory of the service database.
         settings: lease length, poll interval, executor choice.
+        timeouts: device-latency timeouts of the jobs' calibrations and re-measurements
+            (read once at start; default: ``Timeouts()`` from the environment now).
         search: the search entry point (``engine.job.run_job``; tests pass a fake).
         owner: lease owner id; default host:pid:random, unique per runner.
     """
@@ -115,11 +117,13 @@ class Runner:
         factory: sessionmaker[Session],
         settings: Settings,
         *,
+        timeouts: Timeouts | None = None,
         search: SearchFn | None = None,
         owner: str | None = None,
     ) -> None:
         self.factory = factory
         self.settings = settings
+        self.timeouts = timeouts if timeouts is not None else Timeouts()
         self.search = search or default_search
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
@@ -343,7 +347,7 @@ class Runner:
             set_baseline=lambda scores: self._set_baseline(job_id, scores),
             should_stop=should_stop,
             make_executor=make,
-            latency=lambda ctx: JobLatency(ctx, self.factory),
+            latency=lambda ctx: JobLatency(ctx, self.factory, self.timeouts),
         )
 
     def _persist(

@@ -99,23 +99,24 @@ class Settings(BaseSettings):
 
 
 class Timeouts(BaseSettings):
-    """Device-latency timeouts, in seconds, read once when ``service.latency`` and
-    ``service.job_latency`` are imported (module constants of the same meaning).
+    """Device-latency timeouts, in seconds, read once at start: ``create_app`` and the
+    ``worker`` command build one and pass it down (the runner, the calibration threads, the
+    device routes); no module reads it at import.
 
-    A bad value (not a positive finite number) fails the import with a ``ValidationError`` that
-    names the field, instead of falling back to the default.
+    A bad value (not a positive finite number) stops the start with a ``ValidationError``
+    that names the field, instead of falling back to the default.
 
     Attributes:
-        calibration_stale_s: ``MODELTAILOR_CALIBRATION_STALE_S`` (300): a running calibration
-            whose heartbeat is older than this was abandoned (``latency.STALE_S``).
-        task_lease_s: ``MODELTAILOR_TASK_LEASE_S`` (600): a measurement task claimed by a
-            device agent and not answered within this long is handed out again
-            (``latency.TASK_LEASE_S``).
+        calibration_stale_s: ``MODELTAILOR_CALIBRATION_STALE_S`` (300): the lease of a running
+            calibration (``db.work_queue.CALIBRATIONS``), renewed at each of its progress
+            beats; once it lapses the calibration was abandoned and is ended as failed.
+        task_lease_s: ``MODELTAILOR_TASK_LEASE_S`` (600): the lease of a measurement task a
+            device agent claimed (``db.work_queue.DEVICE_TASKS``); not answered within this
+            long, it is handed out again.
         agent_wait_s: ``MODELTAILOR_AGENT_WAIT_S`` (900): how long a calibration waits for
-            any device agent to pick up its tasks before failing (``latency.AGENT_WAIT_S``).
+            any device agent to pick up its tasks before failing.
         remeasure_wait_s: ``MODELTAILOR_REMEASURE_WAIT_S`` (300): how long the end of a job
-            waits for device agents to time its re-measurement tasks
-            (``job_latency.REMEASURE_WAIT_S``).
+            (and an export) waits for device agents to time its re-measurement tasks.
     """
 
     model_config = SettingsConfigDict(env_prefix="MODELTAILOR_", extra="ignore")

@@ -50,16 +50,16 @@ def serve(
     import uvicorn
 
     from service.app import create_app
-    from service.settings import Settings
+    from service.settings import Settings, Timeouts
 
     overrides: dict[str, Any] = {}
     if workers is not None:
         overrides["workers"] = workers
     if no_runner:
         overrides["run_jobs"] = False
-    settings = Settings(**overrides)
+    settings, timeouts = Settings(**overrides), Timeouts()  # a bad value stops here, naming it
     console.print(f"modeltailor: data in {settings.data_dir}; API docs at http://{host}:{port}/docs")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings, timeouts=timeouts), host=host, port=port, log_level="info")
 
 
 @app.command()
@@ -70,16 +70,20 @@ def worker(
     """Run jobs from the database without serving the API (one per machine of a cluster)."""
     from db.engine import make_engine, make_session_factory
     from db.migrate import upgrade
+    from service.housekeeping import Housekeeper
     from service.runner import Runner
-    from service.settings import Settings
+    from service.settings import Settings, Timeouts
 
     overrides: dict[str, Any] = {"workers": workers} if workers is not None else {}
-    settings = Settings(**overrides)
+    settings, timeouts = Settings(**overrides), Timeouts()  # a bad value stops here, naming it
     settings.ensure_dirs()
     upgrade(settings.db_url)
     engine = make_engine(settings.db_url)
-    runner = Runner(make_session_factory(engine), settings)
+    factory = make_session_factory(engine)
+    runner = Runner(factory, settings, timeouts=timeouts)
+    housekeeper = Housekeeper(factory, settings.data_dir, interval_s=settings.poll_s)
     console.print(f"worker {runner.owner}: waiting for jobs (Ctrl-C to stop; running jobs are requeued)")
+    housekeeper.start()
     runner.start(slots)
     try:
         threading.Event().wait()
@@ -87,6 +91,7 @@ def worker(
         console.print("stopping...")
     finally:
         runner.stop()
+        housekeeper.stop()
         engine.dispose()
 
 

@@ -3,9 +3,14 @@ predictors, calibrations, and the device agent's task pull / result push.
 
 The built-in devices are shared by every tenant: only the admin (``X-Admin-Key``) calibrates
 them over REST, and a tenant's job that calibrates one makes a predictor of that tenant only
-(``service.latency``). Nothing a tenant made on a shared device reaches another tenant: its
+(``service.predictor_versions``). Nothing a tenant made on a shared device reaches another tenant: its
 calibrations and predictors are its own, and the device's own predictors show no uploaded
 model's name.
+
+GET handlers only read (a read-only session): ending an abandoned calibration and mirroring
+predictor versions written outside the service happen on write paths and in the
+housekeeping loop (``service.housekeeping``), and a device agent claims tasks with
+``POST /v1/devices/{id}/tasks/claim``.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from db.models import Calibration, Dataset, Device, Predictor
-from service import latency, queries
-from service.deps import CurrentTenant, SessionDep, SettingsDep
+from service import calibrations, device_tasks, queries
+from service import predictor_versions as versions
+from service.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep, TimeoutsDep
 from service.routers.models import ERRORS
 from service.schemas import (
     AgentResult,
@@ -123,7 +129,7 @@ def _device_or_404(session: SessionDep, tenant_id: int, device_id: int) -> Devic
 
 
 @router.get("", response_model=DevicesPublic, responses=ERRORS)
-def list_devices(session: SessionDep, tenant: CurrentTenant) -> DevicesPublic:
+def list_devices(session: ReadSessionDep, tenant: CurrentTenant) -> DevicesPublic:
     """Your devices and the built-in local CPU devices."""
     rows = queries.list_devices(session, tenant_id=tenant.id)
     return DevicesPublic(data=[to_public(d) for d in rows], count=len(rows))
@@ -145,7 +151,7 @@ def create_device(body: DeviceCreate, session: SessionDep, tenant: CurrentTenant
 
 
 @router.get("/{device_id}", response_model=DevicePublic, responses=ERRORS)
-def get_device(device_id: int, session: SessionDep, tenant: CurrentTenant) -> DevicePublic:
+def get_device(device_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> DevicePublic:
     """One device."""
     return to_public(_device_or_404(session, tenant.id, device_id))
 
@@ -165,6 +171,7 @@ def calibrate_device(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    timeouts: TimeoutsDep,
     tenant: CurrentTenant,
     admin_key: AdminKey = None,
 ) -> CalibrationPublic:
@@ -196,7 +203,7 @@ def calibrate_device(
         if model is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {body.model_id} not found")
         dataset = session.get(Dataset, model.dataset_id) if model.dataset_id is not None else None
-        loader = latency.focus_loader(
+        loader = calibrations.focus_loader(
             name=model.name,
             path=model.path,
             zoo=model.zoo,
@@ -218,11 +225,11 @@ def calibrate_device(
         "plan": "focused" if body.model_id is not None else "general",
         "scope": "device",
     }
-    cal = latency.create_calibration(
+    cal = calibrations.create_calibration(
         session, device=device, tenant_id=tenant.id, params=params, model_id=body.model_id
     )
     if cal is None:
-        active = latency.active_calibration(session, device_id=device.id)
+        active = calibrations.active_calibration(session, device_id=device.id)
         # Another tenant's calibration stays anonymous; its owner and the admin may cancel it.
         if active is not None and (active.tenant_id == tenant.id or admin):
             which = f" (calibration {active.id}: POST /v1/calibrations/{active.id}/cancel stops it)"
@@ -232,17 +239,20 @@ def calibrate_device(
             status.HTTP_409_CONFLICT,
             f"device {device.name} is being calibrated already{which}; wait for it to end",
         )
-    latency.start_calibration_thread(
-        request.app.state.session_factory, Path(settings.data_dir), cal.id, model_loader=loader
+    calibrations.start_calibration_thread(
+        request.app.state.session_factory,
+        Path(settings.data_dir),
+        cal.id,
+        timeouts=timeouts,
+        model_loader=loader,
     )
     return calibration_public(cal)
 
 
 @router.get("/{device_id}/calibrations", response_model=CalibrationsPublic, responses=ERRORS)
-def list_calibrations(device_id: int, session: SessionDep, tenant: CurrentTenant) -> CalibrationsPublic:
+def list_calibrations(device_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> CalibrationsPublic:
     """Your calibrations of the device, newest first."""
     device = _device_or_404(session, tenant.id, device_id)
-    latency.active_calibration(session, device_id=device.id)  # fails an abandoned one
     rows = session.scalars(
         select(Calibration)
         .where(Calibration.device_id == device.id, Calibration.tenant_id == tenant.id)
@@ -253,13 +263,11 @@ def list_calibrations(device_id: int, session: SessionDep, tenant: CurrentTenant
 
 
 @calibrations_router.get("/{calibration_id}", response_model=CalibrationPublic, responses=ERRORS)
-def get_calibration(calibration_id: int, session: SessionDep, tenant: CurrentTenant) -> CalibrationPublic:
+def get_calibration(calibration_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> CalibrationPublic:
     """One calibration: status, progress (done / total, message), and the predictor it made."""
     cal = session.get(Calibration, calibration_id) if queries.storable_id(calibration_id) else None
     if cal is None or cal.tenant_id != tenant.id:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"calibration {calibration_id} not found")
-    latency.active_calibration(session, device_id=cal.device_id)  # fails it if abandoned
-    session.refresh(cal)
     return calibration_public(cal)
 
 
@@ -277,7 +285,7 @@ def cancel_calibration(
     admin = is_admin(admin_key, settings)
     if cal is None or (cal.tenant_id != tenant.id and not admin):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"calibration {calibration_id} not found")
-    latency.cancel_calibration(session, calibration_id=cal.id, by="the admin" if admin else "its owner")
+    calibrations.cancel_calibration(session, calibration_id=cal.id, by="the admin" if admin else "its owner")
     session.refresh(cal)
     return calibration_public(cal)
 
@@ -289,8 +297,7 @@ def cancel_calibration(
 )
 def current_predictor(
     device_id: int,
-    session: SessionDep,
-    settings: SettingsDep,
+    session: ReadSessionDep,
     tenant: CurrentTenant,
     version: Annotated[
         int | None, Query(ge=1, le=queries.MAX_ID, description="a version (default: the newest)")
@@ -306,10 +313,8 @@ def current_predictor(
     ``detail``.
     """
     device = _device_or_404(session, tenant.id, device_id)
-    rows = latency.sync_predictors(
-        session, device=device, data_dir=Path(settings.data_dir), tenant_id=tenant.id
-    )
-    chosen = latency.preferred(rows, version)
+    rows = versions.predictor_rows(session, device=device, tenant_id=tenant.id)
+    chosen = versions.preferred(rows, version)
     if chosen is None:
         what = f"version {version}" if version is not None else "predictor yet"
         how = f"POST /v1/devices/{device.id}/calibrate"
@@ -322,14 +327,10 @@ def current_predictor(
 
 
 @predictors_router.get("", response_model=PredictorsPublic, responses=ERRORS)
-def list_predictors(
-    device_id: int, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
-) -> PredictorsPublic:
+def list_predictors(device_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> PredictorsPublic:
     """Predictor versions of a device with their held-out metrics."""
     device = _device_or_404(session, tenant.id, device_id)
-    rows = latency.sync_predictors(
-        session, device=device, data_dir=Path(settings.data_dir), tenant_id=tenant.id
-    )
+    rows = versions.predictor_rows(session, device=device, tenant_id=tenant.id)
     return PredictorsPublic(data=[predictor_public(p, device) for p in rows], count=len(rows))
 
 
@@ -337,21 +338,38 @@ def list_predictors(
 
 
 @router.get("/{device_id}/tasks", response_model=TasksPublic, responses=ERRORS)
-def pull_tasks(
+def list_tasks(
+    device_id: int,
+    session: ReadSessionDep,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=50, description="most tasks to list")] = 1,
+) -> TasksPublic:
+    """The measurement tasks waiting for a device agent, oldest first, without claiming them
+    (an agent claims with ``POST /v1/devices/{id}/tasks/claim``)."""
+    device = _device_or_404(session, tenant.id, device_id)
+    rows = device_tasks.open_tasks(session, device=device, limit=limit, claimable_only=True)
+    tasks = [device_tasks.task_json(m) for m in rows]
+    return TasksPublic(tasks=tasks, count=len(tasks))
+
+
+@router.post("/{device_id}/tasks/claim", response_model=TasksPublic, responses=ERRORS)
+def claim_tasks(
     device_id: int,
     session: SessionDep,
     tenant: CurrentTenant,
+    timeouts: TimeoutsDep,
     limit: Annotated[int, Query(ge=1, le=50, description="most tasks to hand out")] = 1,
 ) -> TasksPublic:
     """Hand measurement tasks to a device agent (claims them: each goes to one agent).
 
-    A task not answered within the task lease (default 10 minutes) is handed out again, so
-    a crashed agent loses nothing. Each task names its ONNX files by sha256 and a
-    ``/v1/devices/{id}/blobs/{sha256}`` URL. An empty list means nothing to do.
+    A task not answered within the task lease (``MODELTAILOR_TASK_LEASE_S``, default 10
+    minutes) is handed out again, so a crashed agent loses nothing. Each task names its ONNX
+    files by sha256 and a ``/v1/devices/{id}/blobs/{sha256}`` URL. An empty list means
+    nothing to do.
     """
     device = _device_or_404(session, tenant.id, device_id)
-    claimed = latency.claim_tasks(session, device=device, limit=limit)
-    tasks = [latency.task_json(m) for m in claimed]
+    claimed = device_tasks.claim_tasks(session, device=device, limit=limit, lease_s=timeouts.task_lease_s)
+    tasks = [device_tasks.task_json(m) for m in claimed]
     return TasksPublic(tasks=tasks, count=len(tasks))
 
 
@@ -372,10 +390,10 @@ def push_result(
         result = MeasurementResult.from_dict(body.model_dump())
     except TaskError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"invalid result: {exc}") from None
-    problem = latency.check_result(result)
+    problem = device_tasks.check_result(result)
     if problem is not None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"invalid result: {problem}")
-    row, stored = latency.record_result(session, device=device, result=result)
+    row, stored = device_tasks.record_result(session, device=device, result=result)
     if row is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"task {result.task_id} is not a task of device {device_id}"
@@ -398,11 +416,11 @@ def push_result(
     },
 )
 def get_blob(
-    device_id: int, sha256: str, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
+    device_id: int, sha256: str, session: ReadSessionDep, settings: SettingsDep, tenant: CurrentTenant
 ) -> FileResponse:
     """An ONNX file of one of the device's tasks, by its sha256."""
     device = _device_or_404(session, tenant.id, device_id)
-    path = latency.blob_path(Path(settings.data_dir), device.id, sha256)
+    path = device_tasks.blob_path(Path(settings.data_dir), device.id, sha256)
     if path is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {sha256[:16]} for device {device_id}")
     return FileResponse(path, media_type="application/octet-stream", filename=f"{sha256}.onnx")

@@ -127,11 +127,11 @@ def test_bad_tasks_become_error_results(tmp_path: Path, onnx_models: tuple[Path,
 
 
 class _FakeService:
-    """A real HTTP server on 127.0.0.1 that fails the first GET and first POST with 503."""
+    """A real HTTP server on 127.0.0.1 that fails the first task claim and first result POST with 503."""
 
     def __init__(self, tasks: list[dict[str, Any]], files: dict[str, bytes], token: str) -> None:
         self.tasks, self.files, self.token = tasks, files, token
-        self.task_gets = 0
+        self.task_claims = 0
         self.posts = 0
         self.results: list[dict[str, Any]] = []
         self.auth_seen: set[str] = set()
@@ -159,12 +159,6 @@ class _FakeService:
             def do_GET(self) -> None:
                 if not self._authorized():
                     return
-                if self.path == "/v1/devices/board-1/tasks":
-                    service.task_gets += 1
-                    if service.task_gets == 1:
-                        return self._reply(503, b'{"detail": "warming up"}')
-                    pending, service.tasks = service.tasks, []
-                    return self._reply(200, json.dumps(pending).encode())
                 if self.path in service.files:
                     return self._reply(200, service.files[self.path], "application/octet-stream")
                 self._reply(404, b"{}")
@@ -173,6 +167,12 @@ class _FakeService:
                 if not self._authorized():
                     return
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.path == "/v1/devices/board-1/tasks/claim":
+                    service.task_claims += 1
+                    if service.task_claims == 1:
+                        return self._reply(503, b'{"detail": "warming up"}')
+                    pending, service.tasks = service.tasks, []
+                    return self._reply(200, json.dumps(pending).encode())
                 if self.path != "/v1/devices/board-1/measurements":
                     return self._reply(404, b"{}")
                 service.posts += 1
@@ -216,7 +216,7 @@ def test_http_agent_retries_after_503_and_posts_results(service: _FakeService, t
     finally:
         transport.close()
     assert done == 2
-    assert service.task_gets >= 2 and service.posts == 3  # one GET and one POST were retried
+    assert service.task_claims >= 2 and service.posts == 3  # one claim and one result POST were retried
     assert service.auth_seen == {"Bearer s3cret"}
     results = {r["task_id"]: MeasurementResult.from_dict(r) for r in service.results}
     assert set(results) == {"h-1", "h-2"} and all(r.status == "ok" for r in results.values())

@@ -178,9 +178,17 @@ def test_front_flags_stay_exact_as_candidates_arrive_and_after_a_bulk_load(
         bulk_load(80, 120)  # bypasses add_candidate: the flags go stale...
         flagged, want, accounted, total = flagged_and_expected()
         assert accounted != total
-        assert pareto_ids() == want  # ...and the next read recomputes them
+        assert pareto_ids() == want  # ...a read computes the front from every candidate...
+        assert flagged_and_expected()[2] == accounted  # ...writing nothing...
+        with factory() as s:
+            assert queries.stale_fronts(s) == [job_id]
+            job = s.get(Job, job_id)
+            assert job is not None
+            queries.refresh_front(s, job=job)  # ...and the housekeeping loop recomputes the flags
         flagged, want, accounted, total = flagged_and_expected()
         assert (flagged, accounted) == (set(want), total)
+        with factory() as s:
+            assert queries.stale_fronts(s) == []
         add(120, 160)
         flagged, want, accounted, total = flagged_and_expected()
         assert (flagged, accounted) == (set(want), total)

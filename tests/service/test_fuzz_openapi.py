@@ -27,7 +27,7 @@ from schemathesis import GenerationMode
 
 from db.testing import BACKENDS, fresh_database
 from engine.job import ExportContext, ExportResult, JobContext, Scores
-from service import latency
+from service import calibrations
 from service.app import create_app
 from service.settings import Settings
 from tests.live import run_app
@@ -79,7 +79,7 @@ def _seed(url: str, key: str) -> None:
 def fuzz_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp(f"fuzz-{request.param}")
     patch = pytest.MonkeyPatch()
-    patch.setattr(latency, "start_calibration_thread", lambda *args, **kwargs: None)
+    patch.setattr(calibrations, "start_calibration_thread", lambda *args, **kwargs: None)
     try:
         with fresh_database(request.param, tmp) as db_url:
             cfg = Settings(data_dir=tmp / "data", database_url=db_url, lease_s=5.0, poll_s=0.1,
@@ -140,7 +140,8 @@ def test_no_generated_request_gets_a_server_error(label: str, fuzz_server: str) 
 
 CONTRACT = [  # the REST contract of DESIGN.md: every call must be documented, hence fuzzed
     "POST /v1/models", "POST /v1/datasets", "POST /v1/devices", "POST /v1/devices/{device_id}/calibrate",
-    "GET /v1/devices/{device_id}/tasks", "POST /v1/devices/{device_id}/measurements", "GET /v1/predictors",
+    "GET /v1/devices/{device_id}/tasks", "POST /v1/devices/{device_id}/tasks/claim",
+    "POST /v1/devices/{device_id}/measurements", "GET /v1/predictors",
     "POST /v1/jobs", "GET /v1/jobs/{job_id}", "POST /v1/jobs/{job_id}/cancel", "GET /v1/jobs/{job_id}/events",
     "GET /v1/jobs/{job_id}/candidates", "GET /v1/jobs/{job_id}/pareto",
     "POST /v1/candidates/{candidate_id}/export", "GET /v1/artifacts/{artifact_id}",

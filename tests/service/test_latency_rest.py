@@ -3,19 +3,22 @@ calibration handles and their conflicts, predictor answers, on SQLite and Postgr
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from db.engine import make_engine, make_session_factory
-from db.models import Calibration, Device
+from db.models import Calibration, Device, Measurement, utcnow
 from modeltailor.client import Client, ConflictError, NotFoundError
-from service import latency
+from service import calibrations, device_tasks
 from service.auth import create_tenant
-from tests.service.conftest import LiveServer
+from service.settings import Settings, Timeouts
+from tests.service.conftest import LiveServer, fake_exporter, fake_search, serve
 
 
 def _h(key: str) -> dict[str, str]:
@@ -33,7 +36,7 @@ def _queue_tasks(live: LiveServer, device_id: int, files: list[Path]) -> list[in
         device = session.get(Device, device_id)
         assert device is not None
         for f in files:
-            m = latency.add_task(
+            m = device_tasks.add_task(
                 session, data_dir=live.settings.data_dir, device=device, tenant_id=device.tenant_id,
                 purpose="calibration", model=f, baseline=files[0], runs=7, warmup=1,
             )  # fmt: skip
@@ -52,14 +55,16 @@ def onnx_files(tmp_path: Path) -> list[Path]:
 
 
 def test_agent_pulls_tasks_downloads_blobs_and_posts_results(
-    live: LiveServer, onnx_files: list[Path], monkeypatch: pytest.MonkeyPatch
+    live: LiveServer, onnx_files: list[Path]
 ) -> None:
     client = Client(live.url, live.key)
     board = client.create_device("board-1", threads=2)
     ids = _queue_tasks(live, board["id"], onnx_files)
     base = f"{live.url}/v1/devices/{board['id']}"
     with httpx.Client(headers=_h(live.key), timeout=30) as http:
-        first = http.get(f"{base}/tasks").json()
+        waiting = http.get(f"{base}/tasks", params={"limit": 10}).json()  # a read: claims nothing
+        assert [t["id"] for t in waiting["tasks"]] == [f"m-{i}" for i in ids]
+        first = http.post(f"{base}/tasks/claim").json()
         assert first["count"] == 1
         task = first["tasks"][0]
         assert task["id"] == f"m-{ids[0]}" and task["runs"] == 7 and task["warmup"] == 1
@@ -68,16 +73,19 @@ def test_agent_pulls_tasks_downloads_blobs_and_posts_results(
         assert blob.status_code == 200
         assert hashlib.sha256(blob.content).hexdigest() == task["model"]["sha256"]
         assert blob.content == onnx_files[0].read_bytes()
-        rest = http.get(f"{base}/tasks", params={"limit": 10}).json()
+        rest = http.post(f"{base}/tasks/claim", params={"limit": 10}).json()
         assert [t["id"] for t in rest["tasks"]] == [f"m-{i}" for i in ids[1:]]
-        assert http.get(f"{base}/tasks").json()["count"] == 0  # all handed out
+        assert http.post(f"{base}/tasks/claim").json()["count"] == 0  # all handed out
+        assert http.get(f"{base}/tasks").json()["count"] == 0
 
-        # A task whose agent went quiet is handed out again.
-        monkeypatch.setattr(latency, "TASK_LEASE_S", 0.2)
-        time.sleep(0.4)
-        again = http.get(f"{base}/tasks", params={"limit": 1}).json()["tasks"]
+        # A task whose agent went quiet (its lease lapsed) is handed out again.
+        with _factory(live)() as session:
+            task_row = session.get(Measurement, ids[0])
+            assert task_row is not None and task_row.lease_expires_at is not None
+            task_row.lease_expires_at = utcnow() - dt.timedelta(seconds=1)
+            session.commit()
+        again = http.post(f"{base}/tasks/claim", params={"limit": 1}).json()["tasks"]
         assert [t["id"] for t in again] == [f"m-{ids[0]}"]
-        monkeypatch.setattr(latency, "TASK_LEASE_S", 600.0)
 
         measurement = {
             "model_sha256": task["model"]["sha256"], "input_shape": [1, 3, 8, 8], "device": "board-1",
@@ -127,6 +135,7 @@ def test_other_tenants_cannot_reach_a_device_s_tasks(live: LiveServer, onnx_file
     base = f"{live.url}/v1/devices/{board['id']}"
     with httpx.Client(headers=_h(other_key), timeout=30) as http:
         assert http.get(f"{base}/tasks").status_code == 404
+        assert http.post(f"{base}/tasks/claim").status_code == 404
         assert http.post(f"{base}/measurements", json={"task_id": "m-1", "device": "x", "status": "error",
                                                        "error": "x"}).status_code == 404  # fmt: skip
         assert http.get(f"{base}/predictor").status_code == 404
@@ -135,10 +144,18 @@ def test_other_tenants_cannot_reach_a_device_s_tasks(live: LiveServer, onnx_file
         assert http.get(f"{base}/tasks").json()["count"] == 1  # still there for its owner
 
 
-def test_calibration_handle_conflict_and_no_agent_failure(
-    live: LiveServer, tiny_pt2: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(latency, "AGENT_WAIT_S", 2.0)
+@pytest.fixture
+def impatient(db_url: str, tmp_path: Path) -> Iterator[LiveServer]:
+    """``live`` whose calibrations wait only 2 s for a device agent."""
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, lease_s=2.0, poll_s=0.1)
+    timeouts = Timeouts(agent_wait_s=2.0)
+    for url in serve(settings, timeouts=timeouts, search=fake_search, exporter=fake_exporter):
+        key = settings.local_key_path.read_text().strip()
+        yield LiveServer(url=url, key=key, settings=settings, db_url=db_url)
+
+
+def test_calibration_handle_conflict_and_no_agent_failure(impatient: LiveServer, tiny_pt2: Path) -> None:
+    live = impatient
     client = Client(live.url, live.key)
     board = client.create_device("board-3")
     assert client.predictor("board-3") is None
@@ -166,25 +183,27 @@ def test_calibration_handle_conflict_and_no_agent_failure(
         time.sleep(0.3)
 
 
-def test_an_abandoned_calibration_is_failed_and_frees_its_device(
-    live: LiveServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_abandoned_calibration_is_failed_and_frees_its_device(live: LiveServer) -> None:
     client = Client(live.url, live.key)
     board = client.create_device("board-4")
     factory = _factory(live)
     with factory() as session:
         device = session.get(Device, board["id"])
         assert device is not None
-        cal = latency.create_calibration(
+        cal = calibrations.create_calibration(
             session, device=device, tenant_id=device.tenant_id, params={"samples": 4}
         )
         assert cal is not None
-        assert latency.create_calibration(session, device=device, tenant_id=None, params={}) is None
-        assert latency.claim_calibration(session, calibration_id=cal.id, owner="dead-process")
+        assert calibrations.create_calibration(session, device=device, tenant_id=None, params={}) is None
+        assert calibrations.claim_calibration(
+            session, calibration_id=cal.id, owner="dead-process", lease_s=0.1
+        )
         cal_id = cal.id
-    monkeypatch.setattr(latency, "STALE_S", 0.1)
-    time.sleep(0.3)
-    got = client.calibration(cal_id)
+    # Nobody renews its lease: the server's housekeeping ends it (a GET only reads).
+    deadline = time.monotonic() + 30
+    while (got := client.calibration(cal_id))["status"] == "running":
+        assert time.monotonic() < deadline, got
+        time.sleep(0.2)
     assert got["status"] == "failed" and "interrupted" in got["error"]
     with factory() as session:
         assert session.get(Calibration, cal_id).active_device_id is None  # type: ignore[union-attr]
@@ -204,7 +223,7 @@ def test_cli_device_commands(live: LiveServer, monkeypatch: pytest.MonkeyPatch) 
 
     started: list[int] = []
     monkeypatch.setattr(
-        latency, "start_calibration_thread", lambda _f, _d, cal_id, **_kw: started.append(cal_id)
+        calibrations, "start_calibration_thread", lambda _f, _d, cal_id, **_kw: started.append(cal_id)
     )
     from modeltailor.cli import app, service_cmds  # noqa: F401  (registers the commands)
 

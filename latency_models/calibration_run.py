@@ -1,0 +1,518 @@
+"""The latency calibration loop: plan samples, have them measured, keep the measurements,
+fit every predictor kind and store a new predictor version.
+
+(*Latency* calibration: measuring a device to fit its latency predictor. Not to be confused
+with BatchNorm statistics re-estimation, ``compression.bn``, or the int8 quantization
+calibration batches of ``latency_models.calibrate.export_for_device``.)
+
+One loop, two transports of the same measurements:
+
+* :class:`HarnessTransport`: the built-in harness times each sample in this process (a
+  device this machine can run);
+* :class:`AgentTransport`: each sample becomes a task that a device agent on the board pulls,
+  times and answers (``modeltailor device-agent``); a window of tasks is kept outstanding.
+
+The loop persists nothing itself. Measurements go to a file store
+(``latency_models.store.DeviceStore``, which also holds the fitted versions), and everything
+else through two small protocols the caller implements: :class:`CalibrationStore` (progress
+and liveness, measurement rows, publishing a fitted version, the outcome) and
+:class:`TaskQueue` (the tasks of the agent transport). The service implements them over its
+database (``service.calibrations``, ``service.device_tasks``); tests may use in-memory ones.
+
+Heavy imports (torch, the predictors) happen inside functions: the API imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from latency_models.focus import FOCUSED_RANDOM_FRACTION, focus_metrics, focused_plan
+
+if TYPE_CHECKING:
+    from compression.model_io import CompressibleModel
+    from compression.policy import Policy
+    from compression.space import SearchSpace
+    from latency_models.devices import Device
+    from latency_models.predictors import LatencyRecord
+    from latency_models.sampling import CalibrationSample
+    from latency_models.store import DeviceStore
+
+log = logging.getLogger("modeltailor.latency")
+
+#: Samples of a calibration whose parameters do not say.
+DEFAULT_SAMPLES = 48
+#: Tasks of one calibration outstanding at once on an agent-measured device (keeps agents busy).
+TASK_WINDOW = 4
+#: How often the agent transport looks at its tasks.
+POLL_S = 0.25
+
+Progress = Callable[[int, int, str], None]
+
+
+class CalibrationError(RuntimeError):
+    """A calibration could not produce a predictor (the message says why and what to do)."""
+
+
+class CalibrationStopped(CalibrationError):
+    """The calibration was cancelled (by a user, its job, or the process stopping)."""
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+class CalibrationStore(Protocol):
+    """Where one calibration keeps what it does (the service: its ``calibrations`` row and tables)."""
+
+    def beat(self, done: int, total: int, skipped: int, message: str) -> None:
+        """Record progress and renew the calibration's liveness; raise :class:`CalibrationStopped`
+        when the calibration was ended meanwhile (cancelled, deleted, or given up as abandoned)."""
+
+    def record(self, sample: CalibrationSample, records: Sequence[LatencyRecord]) -> None:
+        """Keep the measurements the loop took itself (the agent transport's are kept as tasks)."""
+
+    def publish(self, stored_version: int, metrics: dict[str, Any]) -> int:
+        """Make the file store's version ``stored_version`` known with ``metrics``; the version
+        number users see (unique on the device)."""
+
+    def end(
+        self,
+        status: str,
+        error: str | None,
+        version: int | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        """Record the outcome (``succeeded`` / ``failed`` / ``cancelled``) unless it ended already."""
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """An agent's answer to one task: ``ok`` with the result's stats, or the error."""
+
+    task: int
+    ok: bool
+    error: str | None
+    stats: Mapping[str, Any]
+
+
+class TaskQueue(Protocol):
+    """Measurement tasks device agents pull (the service: ``measurements`` rows)."""
+
+    def add(
+        self,
+        *,
+        model: Path,
+        baseline: Path,
+        runs: int,
+        warmup: int,
+        info: dict[str, Any],
+        features: dict[str, Any],
+    ) -> int:
+        """Queue one timing of ``model`` interleaved with ``baseline``; the task's id."""
+
+    def poll(self, tasks: Sequence[int]) -> tuple[bool, list[TaskOutcome]]:
+        """(whether any of ``tasks`` was handed to an agent, the ones that ended)."""
+
+
+class Sink(Protocol):
+    """What a transport reports to the loop (implemented by :class:`CalibrationRun`)."""
+
+    def check_stop(self) -> None: ...
+
+    def measured(self, done: int, sample: CalibrationSample, records: Sequence[LatencyRecord]) -> None: ...
+
+    def skipped(self, done: int, sample: CalibrationSample, why: object) -> None: ...
+
+    def waiting(self, done: int, for_agent: bool) -> None: ...
+
+
+class Transport(Protocol):
+    """Has samples timed on the device and reports each to the loop's :class:`Sink`."""
+
+    #: Whether the measurements it reports still need :meth:`CalibrationStore.record`.
+    records_itself: bool
+
+    def measure(
+        self, samples: Iterator[CalibrationSample], *, runs: int, workdir: Path, sink: Sink
+    ) -> None: ...
+
+
+# --------------------------------------------------------------------------- transports
+
+
+@dataclass
+class HarnessTransport:
+    """Time each sample in this process with the built-in harness."""
+
+    device: Device
+    records_itself: bool = False
+
+    def measure(self, samples: Iterator[CalibrationSample], *, runs: int, workdir: Path, sink: Sink) -> None:
+        from latency_models.calibrate import measure_sample
+
+        dense_cache: dict[str, Any] = {}
+        for i, sample in enumerate(samples):
+            sink.check_stop()
+            try:
+                new = measure_sample(
+                    sample, self.device, workdir, runs=runs, warmup=10, dense_cache=dense_cache
+                )
+            except Exception as exc:  # one bad model must not end a calibration
+                sink.skipped(i + 1, sample, exc)
+                continue
+            sink.measured(i + 1, sample, new)
+
+
+@dataclass
+class AgentTransport:
+    """Queue each sample as a task for the device's agents; collect their answers.
+
+    Args:
+        device: the device as the exports must target it.
+        device_id: how agents name the device (for the "start one" hint).
+        tasks: the task queue.
+        agent_wait_s: fail when no agent picked up any task for this long.
+        device_name: the device's name in messages (default ``device.name``).
+    """
+
+    device: Device
+    device_id: int
+    tasks: TaskQueue
+    agent_wait_s: float
+    window: int = TASK_WINDOW
+    poll_s: float = POLL_S
+    device_name: str = ""
+    records_itself: bool = True
+
+    def measure(self, samples: Iterator[CalibrationSample], *, runs: int, workdir: Path, sink: Sink) -> None:
+        from latency_models.calibrate import export_sample
+
+        dense_files: dict[str, Any] = {}
+        outstanding: dict[int, tuple[CalibrationSample, bool, bool]] = {}  # id -> sample, int8, first
+        finished = 0
+        last_claim = time.monotonic()
+        exhausted = False
+        while not exhausted or outstanding:
+            sink.check_stop()
+            while not exhausted and len(outstanding) < self.window:
+                sample = next(samples, None)
+                if sample is None:
+                    exhausted = True
+                    break
+                try:
+                    dense, path, _shape, int8, first = export_sample(
+                        sample, self.device, workdir, dense_files
+                    )
+                except Exception as exc:
+                    finished += 1
+                    sink.skipped(finished, sample, exc)
+                    continue
+                task = self.tasks.add(
+                    model=Path(path),
+                    baseline=Path(dense),
+                    runs=runs,
+                    warmup=10,
+                    info=sample_info(sample, sample.policy, int8),
+                    features=sample_features(sample.space, sample.policy, sample),
+                )
+                outstanding[task] = (sample, int8, first)
+            if not outstanding:
+                continue
+            claimed_any, ended = self.tasks.poll(list(outstanding))
+            if claimed_any:
+                last_claim = time.monotonic()
+            for outcome in ended:
+                sample, int8, first = outstanding.pop(outcome.task)
+                finished += 1
+                if not outcome.ok:
+                    sink.skipped(finished, sample, outcome.error)
+                    continue
+                sink.measured(
+                    finished, sample, records_from_result(sample, int8, outcome.stats, with_dense=first)
+                )
+            if not ended:
+                waited = time.monotonic() - last_claim
+                if waited > self.agent_wait_s:
+                    name = self.device_name or self.device.name
+                    raise CalibrationError(
+                        f"no device agent picked up a task of device {name} (id {self.device_id}) for "
+                        f"{waited:.0f} s; start one on the device: modeltailor device-agent --server URL "
+                        f"--device {self.device_id} --token KEY"
+                    )
+                sink.waiting(finished, not claimed_any)
+                time.sleep(self.poll_s)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class CalibrationRun:
+    """Runs one calibration to its end: measure every sample, fit, store and publish a version.
+
+    Args:
+        store: progress, measurement rows, publishing and the outcome (the caller's).
+        files: the file store measurements are appended to and fitted from.
+        transport: how samples get timed.
+        params: ``samples``, ``seed``, ``runs``, optional ``kinds`` and ``random_fraction``.
+        device_name: for messages.
+        model: the focus model for a focused plan (a job's model); None = general plan.
+        model_ids: (arch_id, space_id) of ``model``.
+        should_stop: polled between samples; True stops with ``CalibrationStopped``.
+        progress: ``progress(done, total, message)`` after each sample.
+        kinds: predictor kinds to fit (default: ``params["kinds"]``, else every kind).
+    """
+
+    store: CalibrationStore
+    files: DeviceStore
+    transport: Transport
+    params: Mapping[str, Any]
+    device_name: str
+    model: CompressibleModel | None = None
+    model_ids: tuple[str, str] | None = None
+    should_stop: Callable[[], bool] = lambda: False
+    progress: Progress | None = None
+    kinds: Sequence[str] | None = None
+    _skipped: int = field(default=0, init=False)
+    _total: int = field(default=0, init=False)
+
+    # -- the sink the transports report to
+    def _beat(self, done: int, message: str) -> None:
+        self.store.beat(done, self._total, self._skipped, message[:300])
+        if self.progress is not None:
+            self.progress(done, self._total, message)
+
+    def check_stop(self) -> None:
+        if self.should_stop():
+            raise CalibrationStopped("calibration cancelled")
+
+    def measured(self, done: int, sample: CalibrationSample, records: Sequence[LatencyRecord]) -> None:
+        self.files.append(records)
+        if not self.transport.records_itself:
+            self.store.record(sample, records)
+        self._beat(done, f"calibrating {done}/{self._total}")
+
+    def skipped(self, done: int, sample: CalibrationSample, why: object) -> None:
+        self._skipped += 1
+        self._beat(done, f"calibrating {done}/{self._total}: skipped {sample.space_id}: {why}")
+
+    def waiting(self, done: int, for_agent: bool) -> None:
+        self._beat(
+            done, f"calibrating {done}/{self._total}" + (": waiting for a device agent" if for_agent else "")
+        )
+
+    # -- running
+    def run(self) -> int:
+        """Measure, fit, store; returns the new predictor version. Records the outcome."""
+        try:
+            version, metrics = self._run()
+        except CalibrationStopped as exc:
+            self.store.end("cancelled", str(exc))
+            raise
+        except Exception as exc:
+            self.store.end(
+                "failed",
+                f"{type(exc).__name__}: {exc}" if not isinstance(exc, CalibrationError) else str(exc),
+            )
+            raise
+        self.store.end("succeeded", None, version, metrics)
+        return version
+
+    def samples(self) -> Iterator[CalibrationSample]:
+        """The plan: focused on ``model`` when there is one, else the general plan."""
+        n = int(self.params.get("samples", DEFAULT_SAMPLES))
+        seed = int(self.params.get("seed", 0))
+        if self.model is not None and self.model_ids is not None:
+            arch_id, space_id = self.model_ids
+            return focused_plan(
+                self.model,
+                arch_id,
+                space_id,
+                n,
+                seed=seed,
+                random_fraction=float(self.params.get("random_fraction", FOCUSED_RANDOM_FRACTION)),
+            )
+        return general_plan(n, seed=seed)
+
+    def _run(self) -> tuple[int, dict[str, Any]]:
+        import torch
+
+        self._total = total = int(self.params.get("samples", DEFAULT_SAMPLES))
+        runs = int(self.params.get("runs", 100))
+        self._beat(0, f"calibrating 0/{total}")
+        samples = self.samples()
+        with torch.no_grad(), tempfile.TemporaryDirectory(prefix="mt-calib-") as tmp:
+            self.transport.measure(samples, runs=runs, workdir=Path(tmp), sink=self)
+        records = self.files.records()
+        if len({r.arch_id for r in records}) < 2:
+            raise CalibrationError(
+                f"device {self.device_name}: {len(records)} measurement(s) of fewer than two architectures; "
+                "a predictor's held-out error needs at least two (were most samples skipped?)"
+            )
+        self._beat(total, f"fitting predictors on {len(records)} measurements")
+        kinds = tuple(self.kinds) if self.kinds else tuple(self.params.get("kinds") or ()) or None
+        seed = int(self.params.get("seed", 0))
+        doc, stored = fit_all(records, kinds, seed, self.files)
+        holdout = holdout_pairs(records, str(doc["default"]), seed=seed)
+        metrics = predictor_metrics(doc, holdout)
+        if self.model_ids is not None:
+            focus = focus_metrics(records, self.model_ids[1], str(doc["default"]), seed=seed)
+            if focus is not None:
+                metrics["focus"] = focus
+        return self.store.publish(stored, metrics), metrics
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def general_plan(n: int, *, seed: int = 0) -> Iterator[CalibrationSample]:
+    """The general calibration sampling: zoo models at several resolutions + random architectures."""
+    from latency_models.sampling import sample_plan
+
+    return sample_plan(n, seed=seed)
+
+
+def fit_all(
+    records: Sequence[LatencyRecord], kinds: Sequence[str] | None, seed: int, store: DeviceStore
+) -> tuple[dict[str, Any], int]:
+    """Fit every predictor kind and store a version; a kind that fails to fit is left out
+    (named in the metrics under ``failed_kinds``) rather than failing the calibration."""
+    from latency_models.calibrate import fit_predictors
+    from latency_models.predictors import KINDS
+
+    wanted = tuple(kinds or KINDS)
+    try:
+        _fitted, doc, version = fit_predictors(records, kinds=wanted, seed=seed, store=store)
+    except Exception as exc:
+        log.warning("fitting all predictor kinds failed (%s); fitting them one by one", exc)
+        failed: dict[str, str] = {}
+        for kind in wanted:
+            try:
+                fit_predictors(records, kinds=(kind,), seed=seed)
+            except Exception as one:
+                failed[kind] = f"{type(one).__name__}: {one}"[:300]
+        working = tuple(k for k in wanted if k not in failed)
+        if not working:
+            raise CalibrationError(f"no predictor kind could be fitted: {failed}") from exc
+        _fitted, doc, version = fit_predictors(records, kinds=working, seed=seed, store=store)
+        doc = {**doc, "failed_kinds": failed}
+    assert version is not None
+    return doc, version
+
+
+#: Held-out figures shown at the top level of a predictor's metrics (the rest under "detail").
+HEADLINE_METRICS = (
+    "within_10pct",
+    "within_5pct",
+    "mape",
+    "rmse_ms",
+    "speedup_within_10pct",
+    "speedup_mape",
+    "n_train",
+)
+
+
+def predictor_metrics(doc: Mapping[str, Any], holdout: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The published form of a version's metrics.json.
+
+    Top level: the default kind's headline held-out figures (numbers only, so a table can show
+    them) plus ``n_test`` / ``records`` / ``architectures``; ``kind`` and every kind's full
+    metrics under ``detail``; held-out (measured, predicted) pairs under ``holdout`` when known.
+    """
+    default = str(doc.get("default", ""))
+    per_kind: dict[str, Any] = dict(doc.get("predictors") or {})
+    mine: dict[str, Any] = dict(per_kind.get(default) or {})
+    out: dict[str, Any] = {k: mine[k] for k in HEADLINE_METRICS if isinstance(mine.get(k), (int, float))}
+    if isinstance(mine.get("n"), (int, float)):
+        out["n_test"] = mine["n"]
+    for key in ("records", "architectures"):
+        if isinstance(doc.get(key), (int, float)):
+            out[key] = doc[key]
+    out["detail"] = {
+        "kind": default,
+        "target": doc.get("target"),
+        "split": doc.get("split"),
+        "test_fraction": doc.get("test_fraction"),
+        "predictors": per_kind,
+        **({"failed_kinds": doc["failed_kinds"]} if doc.get("failed_kinds") else {}),
+    }
+    if holdout:
+        out["holdout"] = holdout
+    return out
+
+
+def sample_info(sample: CalibrationSample, policy: Policy, int8: bool) -> dict[str, Any]:
+    """What a measurement keeps about the model it measured."""
+    return {
+        "arch_id": sample.arch_id,
+        "space_id": sample.space_id,
+        "policy": policy.to_dict(),
+        "policy_hash": policy.hash,
+        "int8": bool(int8),
+    }
+
+
+def sample_features(
+    space: SearchSpace, policy: Policy, sample: CalibrationSample | None = None
+) -> dict[str, Any]:
+    """Model-level graph features of a measured model (MACs and friends) for listings."""
+    from latency_models.features import MODEL_FEATURES, kernel_features
+
+    try:
+        row = kernel_features(space, [policy]).model[0]
+    except Exception:  # features are informative only
+        return {}
+    out: dict[str, Any] = {name: float(row[i]) for i, name in enumerate(MODEL_FEATURES)}
+    out["macs"] = out.get("total_macs")
+    if sample is not None:
+        out["space_id"] = sample.space_id
+    return out
+
+
+def records_from_result(
+    sample: CalibrationSample, int8: bool, stats: Mapping[str, Any], *, with_dense: bool
+) -> list[LatencyRecord]:
+    """Calibration records from an agent's result (the same shape ``measure_sample`` returns)."""
+    from latency_models.calibrate import sample_records
+    from latency_models.harness import Measurement as HM
+
+    b = HM.from_dict(stats["measurement"])
+    a = HM.from_dict(stats["baseline"]) if stats.get("baseline") else None
+    speedup = stats.get("speedup")
+    return sample_records(
+        sample,
+        b,
+        a,
+        speedup=float(speedup) if speedup is not None else None,
+        int8=int8,
+        with_dense=with_dense,
+    )
+
+
+def holdout_pairs(records: Sequence[LatencyRecord], kind: str, *, seed: int = 0) -> dict[str, Any] | None:
+    """(measured, predicted) ms of the default kind on held-out architectures, for plots."""
+    from latency_models.predictors import REGISTRY, group_split
+    from latency_models.predictors.base import by_space
+
+    try:
+        train, test = group_split(records, 0.25, seed)
+        model = REGISTRY[kind](target="ratio", seed=seed).fit([records[i] for i in train])
+        test_records = [records[i] for i in test]
+        predicted = [0.0] * len(test_records)
+        for space, ix in by_space(test_records):
+            values = model.predict(space, [test_records[i].policy for i in ix])
+            for j, i in enumerate(ix):
+                predicted[int(i)] = float(values[j])
+    except Exception as exc:  # a plot is not worth failing a calibration
+        log.info("no held-out pairs: %s", exc)
+        return None
+    return {
+        "measured_ms": [round(r.latency_ms, 5) for r in test_records],
+        "predicted_ms": [round(p, 5) for p in predicted],
+        "names": [r.space_id for r in test_records],
+    }
