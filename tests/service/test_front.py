@@ -81,6 +81,7 @@ def _setup_job(db_url: str, objectives: list[dict[str, str]], constraints: dict[
     from db.engine import make_engine, make_session_factory
     from db.migrate import upgrade
     from db.models import Dataset, Device, Job, Model, Tenant
+    from engine.spec import JobSpec
     from service import queries
 
     upgrade(db_url)
@@ -98,9 +99,12 @@ def _setup_job(db_url: str, objectives: list[dict[str, str]], constraints: dict[
         s.add(model)
         s.flush()
         device_id = s.scalars(select(Device.id)).first()
-        spec = {"objectives": objectives, "constraints": constraints, "budget": {"candidates": 100}}
-        job = Job(tenant_id=tenant.id, model_id=model.id, dataset_id=data.id, device_id=device_id,
-                  algorithm="random", spec=spec)  # fmt: skip
+        ids = {"model_id": model.id, "dataset_id": data.id, "device_id": device_id}
+        spec = JobSpec.model_validate(
+            {**ids, "algorithm": "random", "objectives": objectives, "constraints": constraints,
+             "budget": {"candidates": 100}}
+        )  # fmt: skip
+        job = Job(tenant_id=tenant.id, algorithm="random", spec=spec.model_dump(mode="json"), **ids)
         s.add(job)
         s.commit()
         return engine, factory, job.id
