@@ -105,12 +105,25 @@ def encode_layer_policies(lps: Sequence[LayerPolicy]) -> np.ndarray:
     """(N, 6) float64 ``POLICY_FIELDS`` of N layer policies: the one policy encoding of both
     the kernel features here and the batched rows (``latency_models.rows``).
 
-    One method call per layer policy (its scheme's ``encode``) and one array: this loop is the
-    cost of prediction.
+    The raw fields are read column by column (this loop is the cost of prediction, so it
+    touches each attribute once), then each scheme present encodes its layers
+    (``Scheme.encode_batch``).
     """
-    encoders = {s.name: s.encode for s in schemes.schemes()}
-    out = np.array([(*encoders[lp.scheme](lp), lp.bits or 0) for lp in lps], dtype=np.float64)
-    return out.reshape(len(lps), len(POLICY_FIELDS))
+    n = len(lps)
+    out = np.zeros((n, len(POLICY_FIELDS)))
+    if n == 0:
+        return out
+    codes = np.array([SCHEME_CODES[lp.scheme] for lp in lps], dtype=np.int64)
+    out[:, 0] = codes
+    out[:, 1] = [lp.sparsity for lp in lps]
+    out[:, 2:4] = np.array([lp.nm or (0, 0) for lp in lps], dtype=np.float64)
+    out[:, 4] = [lp.block or 0 for lp in lps]
+    out[:, 5] = [lp.bits or 0 for lp in lps]
+    for scheme in schemes.schemes():
+        sel = codes == scheme.code
+        if sel.any():
+            out[sel, :5] = scheme.encode_batch(out[sel, :5])
+    return out
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ DENSE = "dense"
 CHANNEL = "channel"
 #: ``LayerPolicy`` fields that parameterise a scheme (``Scheme.fields`` names a subset).
 PARAM_FIELDS: tuple[str, ...] = ("sparsity", "nm", "block")
-#: What a latency predictor sees of a layer's scheme (``Scheme.encode``), in this order.
+#: What a latency predictor sees of a layer's scheme (``Scheme.encode_batch``), in this order.
 ENCODING_FIELDS: tuple[str, ...] = ("scheme", "sparsity", "nm_n", "nm_m", "block")
 
 Encoding = tuple[float, float, float, float, float]
@@ -171,14 +172,24 @@ class Scheme(ABC):
 
     # ------------------------------------------------------------------ latency predictors
 
-    def encode(self, lp: LayerPolicy) -> Encoding:
-        """The layer's scheme as the predictor sees it: ``ENCODING_FIELDS`` as numbers.
+    def encode_batch(self, raw: np.ndarray) -> np.ndarray:
+        """The predictor's encoding of k layers under this scheme, from their raw fields.
 
-        Used by both the kernel features (``latency_models.features``) and the batched rows
-        (``latency_models.rows``); stored predictors depend on these numbers.
+        ``raw`` is (k, 5) float64: ``ENCODING_FIELDS`` as the policies hold them (code,
+        ``sparsity``, N and M of ``nm`` or 0, ``block`` or 0); the result has the same columns
+        as the predictor sees them. Vectorised because it runs for every layer of every policy
+        a predictor scores; both the kernel features (``latency_models.features``) and the
+        batched rows (``latency_models.rows``) use it, and stored predictors depend on these
+        numbers. The default keeps the raw fields.
         """
+        return raw
+
+    def encode(self, lp: LayerPolicy) -> Encoding:
+        """:meth:`encode_batch` of one layer policy."""
         nm = lp.nm or (0, 0)
-        return (float(self.code), self.target_sparsity(lp), float(nm[0]), float(nm[1]), float(lp.block or 0))
+        raw = np.array([[self.code, lp.sparsity, nm[0], nm[1], lp.block or 0]], dtype=np.float64)
+        row = self.encode_batch(raw)[0]
+        return (float(row[0]), float(row[1]), float(row[2]), float(row[3]), float(row[4]))
 
 
 _REGISTRY: dict[str, Scheme] = {}

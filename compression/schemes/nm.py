@@ -7,9 +7,10 @@ import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-from compression.schemes.base import Encoding, Scheme, register
+from compression.schemes.base import Scheme, register
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -130,7 +131,8 @@ class NM(Scheme):
     def to_optuna(self, lp: LayerPolicy) -> dict[str, Any]:
         return {"nm": _key(lp.nm)} if lp.nm is not None else {}
 
-    def encode(self, lp: LayerPolicy) -> Encoding:
-        n, m = lp.nm or (0, 0)
-        # 1 - N / max(M, 1), as the predictors were trained with (1.0 for a pattern-less policy).
-        return (float(self.code), 1.0 - n / max(float(m), 1.0), float(n), float(m), float(lp.block or 0))
+    def encode_batch(self, raw: np.ndarray) -> np.ndarray:
+        out = raw.copy()
+        # sparsity: 1 - N / max(M, 1), as the predictors were trained (1.0 without a pattern)
+        out[:, 1] = 1.0 - raw[:, 2] / np.maximum(raw[:, 3], 1.0)
+        return out

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from db.models import Artifact
 from service import queries
-from service.deps import CurrentTenant, SessionDep
+from service.deps import CurrentTenant, ReadSessionDep, SessionDep
 from service.routers.models import ERRORS
 from service.schemas import ArtifactPublic, Message
 
@@ -44,7 +44,7 @@ def _artifact_or_404(session: SessionDep, tenant_id: int, artifact_id: int) -> A
 
 
 @router.get("/{artifact_id}", response_model=ArtifactPublic, responses=ERRORS)
-def get_artifact(artifact_id: int, session: SessionDep, tenant: CurrentTenant) -> ArtifactPublic:
+def get_artifact(artifact_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> ArtifactPublic:
     """Status and proof: measured vs dense latency, speedup, accuracy, predicted latency, sha256."""
     return to_public(_artifact_or_404(session, tenant.id, artifact_id))
 
@@ -66,7 +66,7 @@ def get_artifact(artifact_id: int, session: SessionDep, tenant: CurrentTenant) -
         },
     },
 )
-def download_artifact(artifact_id: int, session: SessionDep, tenant: CurrentTenant) -> FileResponse:
+def download_artifact(artifact_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> FileResponse:
     """The exported file (ONNX)."""
     artifact = _artifact_or_404(session, tenant.id, artifact_id)
     if artifact.status != "ready" or artifact.path is None:

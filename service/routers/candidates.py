@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, status
 
 from service import queries
-from service.deps import CurrentTenant, SessionDep
+from service.deps import CurrentTenant, ReadSessionDep, SessionDep
 from service.exports import run_export
 from service.routers.jobs import to_candidate
 from service.routers.models import ERRORS
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/candidates", tags=["candidates"])
 
 
 @router.get("/{candidate_id}", response_model=CandidatePublic, responses=ERRORS)
-def get_candidate(candidate_id: int, session: SessionDep, tenant: CurrentTenant) -> CandidatePublic:
+def get_candidate(candidate_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> CandidatePublic:
     """One candidate with its policy and scores."""
     found = queries.get_candidate(session, tenant_id=tenant.id, candidate_id=candidate_id)
     if found is None:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import queries
 from service.dashboard.data import DEFAULT_MAX_POINTS, device_measurements, job_scatter
-from service.deps import CurrentTenant, SessionDep
+from service.deps import CurrentTenant, ReadSessionDep
 from service.routers.models import ERRORS
 from service.schemas import EXAMPLE_JOB, examples
 
@@ -141,7 +141,7 @@ class MeasurementsPublic(_Out):
 @router.get("/jobs/{job_id}/scatter", response_model=JobScatter, responses=ERRORS)
 def get_scatter(
     job_id: int,
-    session: SessionDep,
+    session: ReadSessionDep,
     tenant: CurrentTenant,
     max_points: Annotated[int, Query(ge=100, le=100_000)] = DEFAULT_MAX_POINTS,
 ) -> JobScatter:
@@ -155,7 +155,7 @@ def get_scatter(
 @router.get("/devices/{device_id}/measurements", response_model=MeasurementsPublic, responses=ERRORS)
 def list_measurements(
     device_id: int,
-    session: SessionDep,
+    session: ReadSessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 2000,
 ) -> MeasurementsPublic:

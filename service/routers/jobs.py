@@ -18,7 +18,7 @@ from db.engine import read_session
 from db.models import TERMINAL_JOB_STATUSES, Candidate, Job
 from engine.spec import JobSpec
 from service import queries, quotas
-from service.deps import CurrentTenant, SessionDep, SettingsDep
+from service.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep
 from service.routers.models import ERRORS
 from service.schemas import (
     CandidatePublic,
@@ -101,7 +101,7 @@ def create_job(
 
 @router.get("", response_model=JobsPublic, responses=ERRORS)
 def list_jobs(
-    session: SessionDep,
+    session: ReadSessionDep,
     tenant: CurrentTenant,
     status_: Annotated[str | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -113,7 +113,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
-def get_job(job_id: int, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+def get_job(job_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> JobPublic:
     """Status, progress (done / total, best so far, ETA), the best front points and any error."""
     return to_public(session, _job_or_404(session, tenant.id, job_id))
 
@@ -128,7 +128,7 @@ def cancel_job(job_id: int, session: SessionDep, tenant: CurrentTenant) -> JobPu
 @router.get("/{job_id}/candidates", response_model=CandidatesPublic, responses=ERRORS)
 def list_candidates(
     job_id: int,
-    session: SessionDep,
+    session: ReadSessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0, le=queries.MAX_ID)] = 0,
@@ -142,7 +142,7 @@ def list_candidates(
 
 
 @router.get("/{job_id}/pareto", response_model=CandidatesPublic, responses=ERRORS)
-def get_pareto(job_id: int, session: SessionDep, tenant: CurrentTenant) -> CandidatesPublic:
+def get_pareto(job_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> CandidatesPublic:
     """The non-dominated feasible candidates under the job's objectives."""
     front = queries.pareto(session, job=_job_or_404(session, tenant.id, job_id))
     return CandidatesPublic(data=[to_candidate(c) for c in front], count=len(front))

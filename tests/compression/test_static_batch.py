@@ -171,6 +171,6 @@ def test_upload_of_a_static_model_is_ready_and_its_job_succeeds(
     info = job.wait(timeout=300, poll_s=0.5, progress=False)
     assert info["status"] == "succeeded", info.get("error")
     assert len(job.candidates()) == 3 and all(c["accuracy"] > 0.5 for c in job.pareto())
-    # Fine-tuning trains in batches of 128 and the export checks ONNX Runtime on other batches.
-    meta = job.pareto()[0].export(tmp_path / "best.onnx", finetune_epochs=1, timeout=300)
+    # The export checks ONNX Runtime against torch on batches of 2 and 3.
+    meta = job.pareto()[0].export(tmp_path / "best.onnx", timeout=300)
     assert meta["status"] == "ready" and meta["speedup"] > 0, meta
