@@ -78,7 +78,7 @@ def candidate_moves(space: SearchSpace, anchor: Policy) -> list[tuple[float, Mov
             out.append((float(ls.features.macs), ["bits", ls.name, other]))
         if o.width and ls.decides_width and _narrowed(space, ls, cur, WIDTH_FACTOR) is not None:
             out.append((group_macs.get(ls.name, 0.0), ["width", ls.name, WIDTH_FACTOR]))
-        if cur.scheme == "dense" and (patch := _sparse_patch(ls)) is not None:
+        if cur.scheme == schemes.DENSE and (patch := _sparse_patch(ls)) is not None:
             out.append((float(ls.features.macs), ["sparse", ls.name, patch]))
     return out
 
@@ -116,7 +116,7 @@ def apply_move(space: SearchSpace, policy: Policy, move: Move) -> Policy | None:
         elif move[0] == "width":
             width = _narrowed(space, ls, cur, float(move[2]))
             new = replace(cur, width=width) if width is not None else None
-        elif move[0] == "sparse" and cur.scheme == "dense":
+        elif move[0] == "sparse" and cur.scheme == schemes.DENSE:
             # JSON lists (an N:M pattern) back to the tuples LayerPolicy holds
             patch: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in move[2].items()}
             new = replace(cur, **patch)

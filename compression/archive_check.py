@@ -24,8 +24,9 @@ only thing torch reads:
   write files or skip bounds checks) and a few ``operator`` / ``math`` / ``torch.sym_*``
   functions; no custom objects, operator or subgraph arguments; symbolic expressions are
   sympy ``srepr`` text over an allow-list of names (no attribute access, calls only of known
-  sympy / torch shape functions); tree specs only of tuples, lists and dicts; names are
-  identifiers or dotted module paths; ``guards_code`` and node metadata are dropped;
+  sympy / torch shape functions); tree specs only of tuples, lists and dicts; names, dict
+  keys and forward argument names (FX writes them into generated source) are identifiers,
+  module paths dotted identifiers; ``guards_code`` and node metadata are dropped;
 * limits: the members' declared sizes add up to at most ``max_unpacked_bytes``; weights and
   constants declare at most ``max_model_params`` elements together, and no graph value more
   than that per sample.
@@ -275,6 +276,7 @@ _STRIDED = 7
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FQN = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*|\d+)(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|\d+))*")
 _SYMBOL = re.compile(r"[a-z]{1,8}\d{1,9}")
+_FLOAT = re.compile(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
 # aten operators that touch the file system or skip their bounds / invariant checks.
 _DENIED_ATEN = re.compile(
     r"from_file|save|set_|set_data|_unsafe_index\w*|_unsafe_masked_index\w*|_index_put_impl_|"
@@ -388,10 +390,16 @@ def _check_expr(expr: object) -> None:
         if kind == "name" and nxt != "=" and text not in _SYMPY_NAMES:
             raise ArchiveError(f"symbolic shape expression {expr[:80]!r} uses {text!r}, which is not allowed")
         if kind == "str" and not (
-            i >= 2 and tokens[i - 1][1] == "(" and tokens[i - 2][1] in ("Symbol", "Float")
+            i >= 2
+            and tokens[i - 1][1] == "("
+            and (
+                (tokens[i - 2][1] == "Symbol" and _SYMBOL.fullmatch(text[1:-1]))
+                or (tokens[i - 2][1] == "Float" and _FLOAT.fullmatch(text[1:-1]))
+            )
         ):
             raise ArchiveError(
-                f"symbolic shape expression {expr[:80]!r} has a string outside Symbol() / Float()"
+                f"symbolic shape expression {expr[:80]!r} has a string that is not a shape symbol's "
+                "name in Symbol() or a number in Float()"
             )
         if text == "=" and not (
             i >= 1
@@ -417,20 +425,35 @@ def _check_target(target: object) -> None:
 
 
 def _check_spec(spec: object) -> None:
-    """A pytree spec (JSON text) of tuples, lists, dicts and leaves only."""
+    """A pytree spec (JSON text) of tuples, lists, dicts and leaves only, dict keys identifiers.
+
+    FX writes the keys of the input spec's dict into the generated ``forward`` source.
+    """
     try:
         parsed = json.loads(spec) if isinstance(spec, str) else None
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if not isinstance(parsed, list) or len(parsed) != 2:
         raise ArchiveError("a module signature's tree spec is malformed")
 
     def walk(node: Any) -> None:
-        if not isinstance(node, dict) or node.get("type") not in _SPEC_TYPES:
-            kind = node.get("type") if isinstance(node, dict) else node
+        kind = node.get("type") if isinstance(node, dict) else node
+        if not isinstance(node, dict) or kind not in _SPEC_TYPES:
             raise ArchiveError(
                 f"tree spec type {str(kind)[:80]!r} is not allowed (tuples, lists, dicts only)"
             )
+        context = node.get("context")
+        if kind in ("builtins.dict", "collections.OrderedDict"):
+            try:
+                keys = json.loads(context) if isinstance(context, str) else None
+            except ValueError:
+                keys = None
+            if not isinstance(keys, list) or not all(
+                isinstance(k, str) and _IDENT.fullmatch(k) for k in keys
+            ):
+                raise ArchiveError(f"tree spec dict keys {str(context)[:80]!r} are not identifiers")
+        elif context not in (None, "null"):
+            raise ArchiveError(f"tree spec context {str(context)[:80]!r} is not allowed for {kind}")
         for child in node.get("children_spec") or []:
             walk(child)
 
@@ -447,6 +470,10 @@ def _walk_model_json(value: Any, key: str = "") -> None:
                 _check_expr(v)
             elif k in ("in_spec", "out_spec"):
                 _check_spec(v)
+            elif k == "forward_arg_names" and not (  # written into the generated forward's source
+                isinstance(v, list) and all(isinstance(n, str) and _IDENT.fullmatch(n) for n in v)
+            ):
+                raise ArchiveError(f"forward argument names {str(v)[:80]!r} are not identifiers")
             elif k == "name" and isinstance(v, str) and not _IDENT.fullmatch(v):
                 raise ArchiveError(f"graph name {v[:80]!r} is not an identifier")
             elif k in ("parameter_name", "buffer_name", "tensor_constant_name") and not (
@@ -495,9 +522,17 @@ def _check_model_json(doc: Any, limits: ArchiveLimits) -> dict[str, Any]:
         raise ArchiveError("models/model.json has no graph")
     if graph.get("custom_obj_values") or gm.get("treespec_namedtuple_fields"):
         raise ArchiveError("the graph holds custom objects or named tuples; refused")
-    for name in doc.get("range_constraints") or {}:
+    ranges = doc.get("range_constraints") or {}
+    if not isinstance(ranges, dict):
+        raise ArchiveError("range_constraints is not an object")
+    for name, bounds in ranges.items():
         if not _SYMBOL.fullmatch(name):
             raise ArchiveError(f"range constraint on {name[:80]!r}, which is not a shape symbol")
+        if not (
+            isinstance(bounds, dict)
+            and all(isinstance(bounds.get(b), int | None) for b in ("min_val", "max_val"))
+        ):
+            raise ArchiveError(f"range constraint on {name} has bounds that are not integers")
     tensors = graph.get("tensor_values")
     if not isinstance(tensors, dict):
         raise ArchiveError("models/model.json has no tensor metadata")

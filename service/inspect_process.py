@@ -10,8 +10,9 @@ exhausts memory, hangs or crashes the loader takes only that process down; the s
 answers 413 (over a size or memory limit) or 400 (anything else) with a message naming the
 limit and its setting.
 
-A fresh interpreter (not ``fork``: the server has threads) costs about the import of torch,
-1-2 s on an idle core (``bench/upload_bombs.py`` measures it).
+A fresh interpreter (not ``fork``: the server has threads) costs about 1.6 s, the import of
+torch, plus 1.4 s of torch.export's first-use imports for a model (``bench/upload_bombs.py``,
+figures in ``bench/RESULTS.md``); the API process itself never imports torch for an upload.
 """
 
 from __future__ import annotations

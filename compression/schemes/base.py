@@ -20,7 +20,9 @@ policies hash equal. The predictor sees every scheme through the same five numbe
 Adding one: a module in this package with a ``@register``-ed subclass of :class:`Scheme`
 (a new, never reused ``code``), its import in ``compression/schemes/__init__.py``, and a
 test; ``tests/compression/test_scheme_contract.py`` runs every registered scheme through
-the whole contract on real models.
+the whole contract on real models. Schemes register when this package is imported: the
+predictors' kernel features (one one-hot column per scheme) are laid out then, so a scheme
+registered later from elsewhere is not supported.
 """
 
 from __future__ import annotations

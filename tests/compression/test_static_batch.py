@@ -21,7 +21,7 @@ from compression.evaluate import accuracy
 from compression.model_io import ModelLoadError, free_batch, load_pt2
 from compression.onnx_export import export_onnx, run_onnx
 from modeltailor.cli import _register, app
-from modeltailor.client import Client
+from modeltailor.client import Client, ValidationError
 from tests.service.conftest import LiveServer, real_live  # noqa: F401  (fixture)
 
 _register()
@@ -155,7 +155,7 @@ def test_cli_answers_bad_models_with_one_message(tmp_path: Path) -> None:
             assert needle in " ".join(result.output.split()) and "Traceback" not in result.output
 
 
-def test_upload_of_a_static_model_is_ready_and_its_job_succeeds(
+def test_upload_of_a_static_model_is_ready_and_its_job_succeeds_and_a_hopeless_one_is_refused(
     real_live: LiveServer,  # noqa: F811  (the imported fixture)
     static_pt2: Path,
     tmp_path: Path,
@@ -174,3 +174,7 @@ def test_upload_of_a_static_model_is_ready_and_its_job_succeeds(
     # The export checks ONNX Runtime against torch on batches of 2 and 3.
     meta = job.pareto()[0].export(tmp_path / "best.onnx", timeout=300)
     assert meta["status"] == "ready" and meta["speedup"] > 0, meta
+    # One whose batch cannot be freed is refused at upload, with the fix.
+    with pytest.raises(ValidationError, match="batch of exactly 1") as refused:
+        client.upload_model(_save_static(WholeBatch(), 1, tmp_path / "whole.pt2"), name="whole")
+    assert FIX in str(refused.value)

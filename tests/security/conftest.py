@@ -158,8 +158,8 @@ def _add_pickled(name: str, path_name: str) -> Callable[[Any], Any]:
 
 
 def code_execution_payloads(src: Path, markers: Path) -> dict[str, bytes]:
-    """Copies of the real archive ``src`` that run code in plain ``torch.export.load`` (plus
-    running the loaded module): each creates ``markers/<its name>``."""
+    """Copies of the real archive ``src`` that run code in plain ``torch.export.load`` and a
+    call of the loaded module's ``forward``: each creates ``markers/<its name>``."""
 
     def touch(name: str) -> Touch:
         return Touch(markers / re.sub(r"\W", "-", name))
@@ -178,6 +178,15 @@ def code_execution_payloads(src: Path, markers: Path) -> dict[str, bytes]:
 
     def evil_guard(doc: Any) -> Any:
         doc["guards_code"] = [f"open({str(markers / 'guards-code')!r}, 'w') is not None"]
+        return doc
+
+    def evil_keys(doc: Any) -> Any:  # FX writes the input spec's dict keys into forward's source
+        key = f"x': open({str(markers / 'tree-spec-keys')!r}, 'w'), 'input"
+        leaf: dict[str, Any] = {"type": None, "context": None, "children_spec": []}
+        args = {"type": "builtins.tuple", "context": "null", "children_spec": []}
+        kwargs = {"type": "builtins.dict", "context": json.dumps([key]), "children_spec": [leaf]}
+        spec = [1, {"type": "builtins.tuple", "context": "null", "children_spec": [args, kwargs]}]
+        doc["graph_module"]["module_call_graph"][0]["signature"]["in_spec"] = json.dumps(spec)
         return doc
 
     return {
@@ -199,9 +208,11 @@ def code_execution_payloads(src: Path, markers: Path) -> dict[str, bytes]:
             replace={"data/constants/opaque_obj_0": pickle.dumps(touch("opaque constant"))},
             edit_json={CONSTANTS: _add_pickled("o0", "opaque_obj_0")},
         ),
-        # Found while studying the format: sympify evals shapes, the guards function execs code.
+        # Found while studying the format: sympify evals shapes, the guards function execs code,
+        # FX pastes spec keys into the generated forward.
         "shape expression": rewrite_zip(src, edit_json={"models/model.json": evil_expr}),
         "guards code": rewrite_zip(src, edit_json={"models/model.json": evil_guard}),
+        "tree spec keys": rewrite_zip(src, edit_json={"models/model.json": evil_keys}),
     }
 
 

@@ -87,6 +87,11 @@ def _rename_weight(doc: Any) -> Any:
     return doc
 
 
+def _forward_args(doc: Any) -> Any:
+    doc["graph_module"]["module_call_graph"][0]["signature"]["forward_arg_names"] = ["input=open('x', 'w')"]
+    return doc
+
+
 def _range(doc: Any) -> Any:
     doc["range_constraints"]["__import__('os')"] = {"min_val": 1, "max_val": 2}
     return doc
@@ -111,6 +116,7 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "expression with a string argument": ({"edit_json": {MODEL: _expr("Max('s1', Integer(2))")}}, "string"),
     "range on a non-symbol": ({"edit_json": {MODEL: _range}}, "not a shape symbol"),
+    "forward argument names": ({"edit_json": {MODEL: _forward_args}}, "not identifiers"),
     "weight path with a dunder": ({"edit_json": {WEIGHTS: _rename_weight}}, "not a module path"),
     "weight on another device": ({"edit_json": {WEIGHTS: _weight_meta(device={"type": "cuda"})}}, "CPU"),
     "weight of a complex dtype": ({"edit_json": {WEIGHTS: _weight_meta(dtype=10)}}, "dtype code 10"),
