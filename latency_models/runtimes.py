@@ -239,21 +239,15 @@ class TorchEagerCPU:
             path = Path(model)
             if path.suffix != ".pt2":
                 raise RuntimeSetupError(f"{self.name} times torch modules or .pt2 archives, not {path.name}")
-            from compression.tracing import TRACE_LOCK
+            from compression.model_io import ModelLoadError, load_pt2
 
-            try:
-                with TRACE_LOCK:
-                    program = torch.export.load(str(path))
-            except Exception as exc:
-                raise RuntimeSetupError(f"{path} is not a torch.export archive: {exc}") from exc
+            try:  # the checked loader: an archive timed here may be a user's upload
+                loaded = load_pt2(path)
+            except ModelLoadError as exc:
+                raise RuntimeSetupError(f"{path} is not a usable torch.export archive: {exc}") from exc
             if input_shape is None:
-                args: tuple[Any, ...] = program.example_inputs[0] if program.example_inputs else ()
-                if len(args) != 1 or not isinstance(args[0], torch.Tensor):
-                    raise RuntimeSetupError(
-                        f"{path.name}: give input_shape; the archive has no single example"
-                    )
-                input_shape = (1, *args[0].shape[1:])
-            module: torch.nn.Module = program.module()
+                input_shape = (1, *loaded.input_shape)
+            module: torch.nn.Module = loaded.gm
         elif isinstance(model, torch.nn.Module):
             module = model
             if not isinstance(module, torch.fx.GraphModule):
