@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,6 +26,15 @@ console = Console()
 
 #: Accuracy the exported point may lose against dense (README: "≤ 1 point of accuracy lost").
 MAX_ACCURACY_DROP = 0.01
+
+
+def _print_predictor(predictor: dict[str, Any], model: str) -> None:
+    focus = (predictor.get("metrics") or {}).get("focus") or {}
+    held_out = focus.get("speedup_within_10pct", focus.get("within_10pct"))
+    console.print(
+        f"   predictor v{predictor.get('version')}"
+        + (f": {held_out:.0f} % of held-out {model} policies within ±10 %" if held_out is not None else "")
+    )
 
 
 def pick_export(front: Sequence[Candidate], dense_accuracy: float | None) -> tuple[Candidate, str]:
@@ -72,32 +81,26 @@ def demo(
     console.print(f"[bold]1.[/bold] data set {data}: id {ds['id']}")
     console.print(f"[bold]2.[/bold] {model} (trained on {data} by the server on first use, then cached)")
     mdl = client.zoo_model(model, ds["id"])
-    predictor = client.predictor(device)
-    if predictor is None:
+    if client.predictor(device) is None:
+        # A built-in device is shared: the first job calibrates a predictor for this tenant only.
         console.print(
-            f"[bold]3.[/bold] calibrating a latency predictor for {device}: {calibration_samples} models "
-            f"(mostly policies of {model}) exported and timed with ONNX Runtime"
+            f"[bold]3.[/bold] the first search calibrates a latency predictor for {device}: "
+            f"{calibration_samples} models (mostly policies of {model}) exported and timed with ONNX Runtime"
         )
-        cal = client.calibrate(device, calibration_samples, model_id=mdl["id"], wait=True)
-        predictor = client.predictor(device) or {"version": cal.get("predictor_version"), "metrics": {}}
-    metrics = predictor.get("metrics") or {}
-    focus = metrics.get("focus") or {}
-    held_out = focus.get("speedup_within_10pct", focus.get("within_10pct"))
-    console.print(
-        f"   predictor v{predictor.get('version')}"
-        + (f": {held_out:.0f} % of held-out {model} policies within ±10 %" if held_out is not None else "")
-    )
     front_rows = []
     dense_latency = dense_accuracy = None
-    for algo in algorithms.split(","):
+    for i, algo in enumerate(algorithms.split(",")):
         console.print(
             f"[bold]4.[/bold] searching with [cyan]{algo}[/cyan], {budget} candidates, latency on {device}"
         )
         job = client.submit_job(
             mdl["id"], ds["id"], device, algorithm=algo, budget={"candidates": budget, "seconds": 600},
             space={"schemes": ["unstructured", "nm", "block"], "bits": [None, 8]},
+            calibration_samples=calibration_samples,
         )  # fmt: skip
         info = job.wait(progress=True)
+        if i == 0:
+            _print_predictor(client.predictor(device) or {}, model)
         baseline = info.get("baseline") or {}
         dense_latency = baseline.get("latency_ms") or dense_latency
         dense_accuracy = baseline.get("accuracy") or dense_accuracy
