@@ -514,12 +514,6 @@ def test_help_examples_run(workspace: Path) -> None:
             assert json.loads((workspace / "help-front.json").read_text())["candidates"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="typer renders help with rich markup, which drops '[null, 8]' from the --options examples "
-    "of space and search (shown as '\"bits\": ,'); fix: escape it as '\\\\[null, 8]' in "
-    "modeltailor/cli/compress.py and search.py (or rich_markup_mode=None), then drop this marker",
-)
 def test_help_shows_its_examples_verbatim() -> None:
     for path, _option_name, example in _help_examples():
         assert example in _help(path), f"modeltailor {' '.join(path)} --help mangles {example}"

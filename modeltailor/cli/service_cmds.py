@@ -20,7 +20,9 @@ from modeltailor.cli import app
 
 console = Console()
 admin_app = typer.Typer(
-    help="Administer tenants and keys (opens the database directly).", no_args_is_help=True
+    help="Administer tenants and keys (opens the database directly).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(admin_app, name="admin")
 
@@ -206,7 +208,9 @@ def create_tenant_cmd(name: str) -> None:
 # --- devices, calibration and predictors (REST) ---------------------------------------------
 
 device_app = typer.Typer(
-    help="Devices on the server: list, register, calibrate, show the predictor.", no_args_is_help=True
+    help="Devices on the server: list, register, calibrate, show the predictor.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(device_app, name="device")
 
