@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from compression import schemes as _schemes
-from compression.policy import LayerPolicy, Policy, PolicyError, SchemeName
+from compression.policy import LayerPolicy, Policy, SchemeName
 
 OpType = Literal["conv", "dwconv", "gconv", "linear"]
 OP_TYPES: tuple[OpType, ...] = ("conv", "dwconv", "gconv", "linear")
@@ -150,40 +150,6 @@ class SpaceOptions:
     nm_choices: tuple[tuple[int, int], ...] = ((1, 4), (2, 4), (4, 8))
     block_choices: tuple[int, ...] = (4, 8, 16)
     round_to: int = 1
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> SpaceOptions:
-        """Parse the REST/CLI form ``{"schemes": [...], "bits": [...], "width": true, ...}``."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise PolicyError(f"space: unknown option(s) {sorted(unknown)}; allowed {sorted(known)}")
-        kw: dict[str, Any] = dict(raw)
-        if "schemes" in kw:
-            schemes = tuple(kw["schemes"])
-            names = (*_schemes.names(), _schemes.CHANNEL)
-            bad = [s for s in schemes if s not in names]
-            if bad:
-                raise PolicyError(f"space: unknown scheme(s) {bad}; use some of {names}")
-            if _schemes.CHANNEL in schemes:  # channel pruning is the width choice, not a scheme
-                kw["width"] = True
-            fine = tuple(s for s in schemes if s != _schemes.CHANNEL)
-            kw["schemes"] = tuple(dict.fromkeys((_schemes.DENSE, *fine)))
-        if "bits" in kw:
-            bits = tuple(None if b in (None, 16, 32) else int(b) for b in kw["bits"])
-            for b in bits:
-                if b is not None and not 2 <= b <= 8:
-                    raise PolicyError(f"space: bits must be 2..8 or null, got {b}")
-            kw["bits"] = bits or (None,)
-        if "nm_choices" in kw:
-            kw["nm_choices"] = tuple((int(n), int(m)) for n, m in kw["nm_choices"])
-        if "block_choices" in kw:
-            kw["block_choices"] = tuple(int(b) for b in kw["block_choices"])
-        if "round_to" in kw:
-            r = kw["round_to"]
-            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 1024:
-                raise PolicyError(f"space: round_to must be an integer 1..1024, got {r!r}")
-        return cls(**kw)
 
     def snap_width(self, ls: LayerSpace, width: float) -> float:
         """``width`` of group leader ``ls`` moved to the nearest width whose kept channel count

@@ -121,6 +121,23 @@ class SpaceSpec(_Spec):
         )
 
 
+def parse_space(text: str) -> SpaceSpec:
+    """A space from JSON text (the CLI's ``--options``), by the same rules as a job's ``space``.
+
+    Raises ValueError with one line per problem, naming the key, so the CLI can print it.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return SpaceSpec.model_validate_json(text)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors(include_url=False):
+            where = ".".join(str(p) for p in err["loc"]) or "space"
+            lines.append(f"{where}: {err['msg']}")
+        raise ValueError("invalid space options: " + "; ".join(lines)) from None
+
+
 class GoalSpec(_Spec):
     """One metric to optimise (``agents.Goal``): accuracy is maximised, the others minimised."""
 

@@ -380,11 +380,23 @@ class Job:
     def cancel(self) -> dict[str, Any]:
         return dict(self.client.request("POST", f"/jobs/{self.id}/cancel"))
 
-    def candidates(self, limit: int = 1000, offset: int = 0) -> list[Candidate]:
-        rows = self.client.request(
-            "GET", f"/jobs/{self.id}/candidates", params={"limit": limit, "offset": offset}
-        )
-        return [Candidate(self.client, r) for r in rows["data"]]
+    def candidates(self, limit: int | None = None, offset: int = 0) -> list[Candidate]:
+        """Evaluated candidates in evaluation order: all of them, or ``limit`` from ``offset``.
+
+        Pages through the REST listing (1000 per request), so a long seconds-budget job
+        returns every candidate, not the first page.
+        """
+        page = 1000
+        out: list[Candidate] = []
+        while limit is None or len(out) < limit:
+            want = page if limit is None else min(page, limit - len(out))
+            rows = self.client.request(
+                "GET", f"/jobs/{self.id}/candidates", params={"limit": want, "offset": offset + len(out)}
+            )
+            out.extend(Candidate(self.client, r) for r in rows["data"])
+            if len(rows["data"]) < want:
+                break
+        return out
 
     def pareto(self) -> list[Candidate]:
         """The non-dominated feasible candidates."""

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -121,7 +122,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_dirs()
         upgrade(settings.db_url)
-        engine = make_engine(settings.db_url)
+        # Requests queue for an HTTP thread, not for a database connection: a burst of
+        # submissions that waited on the pool would fail after its 30 s timeout under load.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.http_threads
+        engine = make_engine(settings.db_url, pool_size=settings.db_pool_size, max_overflow=0)
         factory = make_session_factory(engine)
         app.state.session_factory = factory
         with factory() as session:

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
         max_upload_bytes: largest model or data set upload accepted.
         run_jobs: run the job runner inside the API process (the embedded default).
         runner_slots: jobs one process runs at once.
+        http_threads: requests the API handles at once; more wait their turn in the server
+            (never on the database pool, which is sized to hold them all with the runner's).
         lease_s: job lease length; a dead runner's job is resumed after this long.
         poll_s: how often an idle runner looks for queued jobs.
         create_local_tenant: on first start, create tenant "local" and save its key.
@@ -64,6 +66,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     run_jobs: bool = True
     runner_slots: int = Field(default=1, ge=1, le=64)
+    http_threads: int = Field(default=32, ge=2, le=256)
     lease_s: float = Field(default=30.0, gt=0)
     poll_s: float = Field(default=1.0, gt=0)
     create_local_tenant: bool = True
@@ -81,6 +84,12 @@ class Settings(BaseSettings):
     max_job_seconds: float = Field(default=86_400.0, gt=0, allow_inf_nan=False)
     max_calibration_samples: int = Field(default=1000, ge=2)
     admin_key: str | None = None
+
+    @property
+    def db_pool_size(self) -> int:
+        """Connections one API process may hold: every HTTP thread, each runner slot's job and
+        its lease renewal, the housekeeper, and a margin for start-up work."""
+        return self.http_threads + 2 * self.runner_slots + 4
 
     @property
     def db_url(self) -> str:

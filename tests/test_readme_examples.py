@@ -457,12 +457,12 @@ def _command_tree() -> list[tuple[list[str], Any]]:
     return list(walk(typer.main.get_command(app), []))
 
 
-def _help(path: list[str]) -> str:
+def _help(path: list[str], columns: str = "1000") -> str:
     from typer.testing import CliRunner
 
     from modeltailor.cli import app
 
-    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "1000"})
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": columns})
     assert result.exit_code == 0, (path, result.output)
     return result.output
 
@@ -483,17 +483,15 @@ def test_every_subcommand_help_runs() -> None:
         assert f"Usage: modeltailor {' '.join(path)}".rstrip() in text, text[:300]
 
 
-EXAMPLE = re.compile(r"(?:e\.g\.|such as) '(\{.*?\})'")
+EXAMPLE = re.compile(r"--options '(\{.*?\})'")
 
 
 def _help_examples() -> list[tuple[list[str], str, str]]:
-    """(command path, option, JSON example) for each example written in an option's help."""
+    """(command path, option, JSON example) for each `--options '...'` example in a command's help."""
     found = []
     for path, cmd in _command_tree():
-        for param in getattr(cmd, "params", []):
-            raw = (getattr(param, "help", None) or "").replace("\\[", "[")  # rich-escaped brackets
-            for example in EXAMPLE.findall(raw):
-                found.append((path, param.opts[0], example))
+        for example in EXAMPLE.findall(getattr(cmd, "help", None) or ""):
+            found.append((path, "--options", example))
     return found
 
 
@@ -514,6 +512,10 @@ def test_help_examples_run(workspace: Path) -> None:
             assert json.loads((workspace / "help-front.json").read_text())["candidates"]
 
 
-def test_help_shows_its_examples_verbatim() -> None:
+@pytest.mark.parametrize("columns", ["60", "80", "1000"])
+def test_help_shows_its_examples_verbatim(columns: str) -> None:
+    """A user copies the example from --help at any terminal width: it must not be re-wrapped."""
     for path, _option_name, example in _help_examples():
-        assert example in _help(path), f"modeltailor {' '.join(path)} --help mangles {example}"
+        assert f"--options '{example}'" in _help(path, columns), (
+            f"modeltailor {' '.join(path)} --help mangles {example}"
+        )

@@ -120,12 +120,17 @@ def space(
         str | None,
         typer.Option(
             "--options",
-            help='Restrict the space, as a job does: JSON such as \'{"schemes": ["nm"], "bits": [null, 8], '
-            '"depth": false}\'.',
+            help="Restrict the space: JSON with the keys of a job's `space` (see the example above).",
         ),
     ] = None,
 ) -> None:
-    """Print MODEL's search space as JSON: layers with features and allowed choices, skippable blocks."""
+    """Print MODEL's search space as JSON: layers with features and allowed choices, skippable blocks.
+
+    Example, N:M sparsity and int8 only, no block skipping:
+
+    \b
+      modeltailor space model.pt2 --options '{"schemes": ["nm"], "bits": [null, 8], "depth": false}'
+    """
     from compression import PolicyError
     from compression.data import DataError, load_dataset
     from compression.model_io import ModelLoadError, ModelTraceError, load_pt2
@@ -133,9 +138,10 @@ def space(
     from compression.space import SpaceOptions
     from compression.space_builder import space_for
     from compression.zoo import ZOO
+    from engine.spec import parse_space
 
     try:
-        opts = SpaceOptions.from_dict(json.loads(options)) if options else SpaceOptions()
+        opts = parse_space(options).space_options() if options else SpaceOptions()
         if model in ZOO or data is not None:
             dataset = load_dataset(data or "mnist")
             with err.status(f"loading {model} (a zoo model trains on first use)"):
@@ -143,9 +149,6 @@ def space(
         else:
             cmodel = load_pt2(model)
         result = space_for(cmodel, opts).to_dict()
-    except json.JSONDecodeError as exc:
-        err.print(f"[red]error:[/red] --options is not valid JSON: {exc}")
-        raise typer.Exit(2) from exc
     except (PolicyError, DataError, ModelLoadError, ModelTraceError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc

@@ -59,20 +59,26 @@ def search(
         str | None,
         typer.Option(
             "--options",
-            help='Restrict the space (as `modeltailor space --options`), e.g. \'{"schemes": ["nm"], '
-            '"bits": [null, 8], "depth": false, "round_to": 16}\'.',
+            help="Restrict the space: JSON with the keys of a job's `space` (see the example above).",
         ),
     ] = None,
 ) -> None:
-    """Search per-layer compression policies of MODEL for DEVICE; write dense, candidates and Pareto front."""
+    """Search per-layer compression policies of MODEL for DEVICE; write dense, candidates and Pareto front.
+
+    Example, N:M sparsity and int8 only, no block skipping, channels in multiples of 16:
+
+    \b
+      modeltailor search model.pt2 --data data.npz --out front.json \\
+        --options '{"schemes": ["nm"], "bits": [null, 8], "depth": false, "round_to": 16}'
+    """
     from agents import AGENTS, Objective
     from compression.data import DataError, load_dataset
     from compression.model_io import ModelLoadError, ModelTraceError
     from compression.policy import PolicyError
     from compression.resolve import resolve_model
-    from compression.space import SpaceOptions
     from engine.device_latency import LATENCY_SOURCES, latency_callback
     from engine.search import Candidate, Progress, run_search
+    from engine.spec import parse_space
     from latency_models.devices import DeviceError
 
     if algorithm not in AGENTS:
@@ -85,11 +91,8 @@ def search(
     from rich.progress import Progress as Bar
 
     try:
-        space_options = SpaceOptions.from_dict(json.loads(options)) if options else None
-    except json.JSONDecodeError as exc:
-        err.print(f"[red]error:[/red] --options is not valid JSON: {exc}")
-        raise typer.Exit(2) from exc
-    except (PolicyError, TypeError) as exc:
+        space_options = parse_space(options).space_options() if options else None
+    except ValueError as exc:
         err.print(f"[red]error:[/red] --options: {exc}")
         raise typer.Exit(2) from exc
     try:
