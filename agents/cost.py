@@ -37,6 +37,10 @@ class MacsEstimator:
         for i, ls in enumerate(self.space.layers):
             if ls.width_prunable and ls.width_leader is not None:
                 widths[i] = policy.for_layer(ls.width_leader).width
+            elif ls.out_segments:  # output runs with their own leaders: the kept share
+                total = sum(n for _, n in ls.out_segments)
+                kept = sum(n * (policy.for_layer(lead).width if lead else 1.0) for lead, n in ls.out_segments)
+                widths[i] = kept / max(1, total)
         return widths
 
     def per_layer(self, policy: Policy) -> np.ndarray:

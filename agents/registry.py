@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from agents.agmc import AGMCAgent
+from agents.agmc import AGMCAgent, DynaAGMCAgent
 from agents.base import Agent
 from agents.cost import MacsEstimator
 from agents.ddpg.agent import DDPGAgent
+from agents.ddpg.dyna import DynaDDPGAgent
 from agents.objective import Objective
 from agents.optuna_agents import OptunaAgent
 from agents.random_agent import RandomAgent
@@ -32,11 +33,26 @@ def _amc_budget(space: SearchSpace, objective: Objective, kw: dict[str, Any]) ->
 
 
 def _ddpg(space: SearchSpace, objective: Objective, seed: int, **kw: Any) -> Agent:
-    return DDPGAgent(space, objective, seed, **_amc_budget(space, objective, kw))
+    """Model-based DDPG (``agents.ddpg.dyna``); ``latency_fn`` = the device's batch latency."""
+    return DynaDDPGAgent(space, objective, seed, **kw)
 
 
 def _agmc(space: SearchSpace, objective: Objective, seed: int, **kw: Any) -> Agent:
+    return DynaAGMCAgent(space, objective, seed, **kw)
+
+
+def classic_ddpg(space: SearchSpace, objective: Objective, seed: int = 0, **kw: Any) -> Agent:
+    """The model-free AMC agent with its MACs wall (before issue 14), for comparisons."""
+    return DDPGAgent(space, objective, seed, **_amc_budget(space, objective, kw))
+
+
+def classic_agmc(space: SearchSpace, objective: Objective, seed: int = 0, **kw: Any) -> Agent:
+    """The model-free AGMC agent (GCN over prunable layers only), for comparisons."""
     return AGMCAgent(space, objective, seed, **_amc_budget(space, objective, kw))
+
+#: Agents that take the device's latency function (``latency_fn``: a batch of policies ->
+#: latencies); the search loop passes its predictor to these.
+TAKES_LATENCY_FN = frozenset({"ddpg", "agmc"})
 
 
 AGENTS: dict[str, Callable[..., Agent]] = {

@@ -24,6 +24,13 @@ Run (niced, resumable)::
 
 ``--fill-random N`` first adds N uniform random samples to the table (more of the space
 known, a better "best-known" front); ``--agents`` / ``--seeds`` / ``--budgets`` choose the grid.
+``ddpg`` and ``agmc`` get the latency source as their ``latency_fn`` (the model-based agents'
+action wall and acquisition); ``ddpg-classic`` / ``agmc-classic`` are the model-free agents
+from before issue 14. ``--ref-drop`` moves the reference point's accuracy (say where random
+has points, so "beats random" is against a non-zero hypervolume). ``--synthetic`` scores with
+``agents.testing.SyntheticProblem`` (no model run); there ``--model branchy`` is the held-out
+branchy CNN of ``tests/compression/branchy_model.py`` and the best-known front is the union
+of every agent's points.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ import numpy as np
 import torch
 
 from agents import AGENTS, Objective, Score, make
+from agents.base import Agent
 from agents.objective import hypervolume_2d
+from agents.registry import TAKES_LATENCY_FN, classic_agmc, classic_ddpg
 from agents.rule import rule_sweep
 from compression.apply import CompressedModel
 from compression.data import load_dataset
@@ -57,6 +66,8 @@ from engine.device_latency import PROXY_LABEL, PROXY_MACS_PER_MS, macs_proxy, st
 from engine.search import Evaluator
 
 AGENT_ORDER = ("random", "rule", "optuna-tpe", "optuna-nsga2", "ddpg", "agmc")
+#: Model-free agents from before issue 14, for before/after tables (not in the registry).
+CLASSIC: dict[str, Callable[..., Agent]] = {"ddpg-classic": classic_ddpg, "agmc-classic": classic_agmc}
 BUDGETS = (50, 100, 200)
 SEEDS = (0, 1, 2, 3, 4)
 ASK_BATCH = 4
@@ -301,7 +312,10 @@ def replay(
     progress: bool = False,
 ) -> Run:
     """Run agent ``name`` until it has proposed ``budget`` distinct policies (or converged)."""
-    agent = make(name, space, objective, seed, **(agent_options or {}))
+    if name in CLASSIC:
+        agent = CLASSIC[name](space, objective, seed, **(agent_options or {}))
+    else:
+        agent = make(name, space, objective, seed, **(agent_options or {}))
     seen: set[str] = set()
     out: list[Score] = []
     idle = 0
@@ -333,6 +347,12 @@ def replay(
 
 def reference(dense: Score) -> tuple[float, float]:
     return (dense.accuracy - REF_ACCURACY_DROP, dense.latency_ms)
+
+
+def set_reference_drop(drop: float) -> None:
+    """Move the reference point's accuracy to ``dense - drop`` for this process."""
+    global REF_ACCURACY_DROP
+    REF_ACCURACY_DROP = drop
 
 
 def hypervolume(scores: Sequence[Score], dense: Score) -> float:
@@ -458,6 +478,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="score with least-squares reconstruction (the product's default; own table MODEL-refit)",
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--ref-drop", type=float, default=REF_ACCURACY_DROP, help="reference accuracy = dense - this"
+    )
     parser.add_argument("--report-only", action="store_true", help="score nothing new; skip runs with misses")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument(
@@ -480,8 +503,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [n for n in args.agents.split(",") if n]
+    set_reference_drop(args.ref_drop)
     for n in names:
-        if n not in AGENTS:
+        if n not in AGENTS and n not in CLASSIC:
             raise SystemExit(f"unknown agent {n!r}")
     path = args.table or TABLES / f"{args.model}{'-refit' if args.reconstruct else ''}.jsonl.gz"
     if args.pack:
@@ -495,11 +519,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         from compression.zoo import build_model
 
         torch.manual_seed(0)
-        net = build_model(args.model, in_channels=1, image_size=28, num_classes=10)
+        if args.model == "branchy":  # held out of the agents' development
+            from tests.compression.branchy_model import BranchyNet
+
+            net: torch.nn.Module = BranchyNet(in_channels=1, num_classes=10).eval()
+        else:
+            net = build_model(args.model, in_channels=1, image_size=28, num_classes=10)
         space = space_for(from_module(net, torch.randn(2, 1, 28, 28), name=args.model))
         problem = SyntheticProblem(space)
         table = Table(None, lambda p: (problem.score(p), 0))
         label = "SyntheticProblem"
+        latency_of: Callable[[Sequence[Policy]], Sequence[float]] | None = lambda ps: [  # noqa: E731
+            problem.score(p).latency_ms for p in ps
+        ]
     else:
         model, data = load_model(args.model)
         space = space_for(model)
@@ -517,6 +549,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             return evaluate_early_stop(evaluator, policy, hopeless[0])
 
         table = Table(path, score_fn, relatency)
+
+        def predicted(policies: Sequence[Policy]) -> Sequence[float]:
+            return relatency(policies, [])
+
+        # The MACs proxy needs scores: the model-based agents then fit latency on scored points.
+        latency_of = None if args.latency == "macs-proxy" else predicted
     print(
         f"{args.model}: {len(space.layers)} layers, {len(space.blocks)} skippable blocks; "
         f"table {path if not args.synthetic else None} holds {len(table)} policies; "
@@ -552,7 +590,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in names:
         for seed in seeds:
             misses = table.misses
-            run = replay(name, space, objective, table, seed, max(budgets), progress=not args.synthetic)
+            opts = {"latency_fn": latency_of} if name in TAKES_LATENCY_FN and latency_of else {}
+            run = replay(
+                name, space, objective, table, seed, max(budgets), opts, progress=not args.synthetic
+            )
             if not run.scores:
                 print(f"{name} seed {seed}: not in the table (run without --report-only)", flush=True)
                 continue

@@ -108,20 +108,25 @@ def _kept_count(space: ChanSpace, keep: dict[int, torch.Tensor], graph: ModelGra
 
 
 def _importance(gm: fx.GraphModule, graph: ModelGraph, root: int, kind: Importance) -> torch.Tensor:
-    size = graph.groups.data(root).size
+    data = graph.groups.data(root)
+    size = data.size
     score = torch.zeros(size)
     if kind == "bn":
         for act in graph.bn_scales:
+            gamma = get_tensor(gm, act.target).detach().abs().flatten()
+            at = 0  # a BatchNorm over a concat holds each run's scales at its offset
             for seg in act.space.segments:
-                if seg.group is not None and graph.groups.find(seg.group) == root and seg.start == 0:
-                    gamma = get_tensor(gm, act.target).detach().abs().flatten()
-                    if gamma.numel() == size:
-                        score += gamma / gamma.mean().clamp(min=1e-12)
+                g = seg.group
+                full = g is not None and seg.start == 0 and seg.length == size
+                if full and g is not None and graph.groups.find(g) == root and at + size <= gamma.numel():
+                    part = gamma[at : at + size]
+                    score += part / part.mean().clamp(min=1e-12)
+                at += seg.length
         if score.sum() > 0:
             return score
-    for name in graph.groups.data(root).producers:
+    for name, offset in zip(data.producers, data.offsets, strict=True):
         w = get_tensor(gm, graph.layer(name).weight).detach()
-        norms = w.abs().reshape(w.shape[0], -1).sum(dim=1)
+        norms = w.abs().reshape(w.shape[0], -1).sum(dim=1)[offset : offset + size]  # a split layer's rows
         if norms.numel() == size:
             score += norms / norms.mean().clamp(min=1e-12)
     return score
@@ -189,12 +194,19 @@ def _fix_args(gm: fx.GraphModule, graph: ModelGraph, keep: dict[int, torch.Tenso
 
 
 def apply_policy(
-    model: CompressibleModel, policy: Policy, *, importance: Importance = "l1"
+    model: CompressibleModel,
+    policy: Policy,
+    *,
+    importance: Importance = "l1",
+    fine_grained: bool = True,
 ) -> CompressedModel:
     """Build the compressed model for ``policy`` (validated against the model's layers).
 
     Order: skip blocks, remove channels (coupled groups together, width of each
     group taken from its leader layer), mask fine-grained sparsity, quantize weights.
+    ``fine_grained=False`` stops after removing channels: the weights stay dense and
+    ``masks`` / ``bits`` empty, for a caller that masks and quantizes them itself
+    (``compression.obc``, whose masks and rounding depend on calibration data).
 
     Raises:
         PolicyError: unknown layer/block names or values the layer cannot take.
@@ -209,7 +221,7 @@ def apply_policy(
         data = graph.groups.data(root)
         if data.blocked_by:
             continue
-        width = policy.for_layer(data.producers[0]).width
+        width = policy.for_layer(graph.group_leader(root)).width
         if width >= 1.0:
             continue
         sel = _select(_importance(gm, graph, root, importance), width, data.tied_segments)
@@ -233,6 +245,8 @@ def apply_policy(
         if layer.node not in present:
             continue
         result.layer_weights[layer.name] = layer.weight
+        if not fine_grained:
+            continue
         lp = policy.for_layer(layer.name)
         w = get_tensor(gm, layer.weight)
         mask = layer_mask(w, lp)
@@ -261,6 +275,12 @@ def _validate(graph: ModelGraph, policy: Policy) -> None:
             problem = schemes.get(lp.scheme).layer_problem(layer.features)
             if problem is not None:
                 raise PolicyError(f"layer {layer.name!r}: {problem}")
+        if lp.width < 1.0 and layer.name in policy.layers and layer.split:
+            leaders = graph.split_leaders(layer)
+            raise PolicyError(
+                f"layer {layer.name!r}: width cannot change on its own (its output channels meet a "
+                f"concat's runs and follow them); set the width of {leaders} instead"
+            )
         if lp.width < 1.0 and layer.name in policy.layers and not graph.width_prunable(layer):
             gid = graph.group_of(layer)
             why = graph.groups.data(gid).blocked_by[:1] if gid is not None else ["no own channels"]

@@ -12,6 +12,8 @@ blocks pruning of the channels that reach it.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +22,22 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from compression.channels import ChanSpace, Groups, Segment, merge_spaces, reshape_dim_groups
+from compression.channels import (
+    ChanSpace,
+    Groups,
+    Segment,
+    merge_spaces,
+    request_cuts,
+    reshape_dim_groups,
+)
 from compression.space import LayerFeatures, OpType
 
 aten = torch.ops.aten
 _SYMBOLIC = 1_000_003  # stand-in size for a symbolic (batch) dimension
+# Analysis passes at most: each pass after the first splits more layer outputs where a
+# concat's runs meet them (nested concats need one pass per level); a graph still asking
+# for cuts after that keeps those channels whole.
+MAX_SPLIT_PASSES = 16
 
 # Ops that keep every dimension of their first input (channels pass through).
 UNARY_PASS: set[Any] = {
@@ -137,8 +150,17 @@ class LayerInfo:
     bias: str | None
     op: OpType
     features: LayerFeatures
-    out_group: int | None  # None: output channels pass through (depthwise)
+    out_group: int | None  # None: depthwise (output follows input) or split (see out_space)
     in_space: ChanSpace | None
+    # The output channels' space: one segment of ``out_group``; a depthwise conv's input
+    # space; or, for a layer whose output meets a concat's runs (an SE gate, a shortcut
+    # added to a concat), one segment per run, each its own group.
+    out_space: ChanSpace | None = None
+
+    @property
+    def split(self) -> bool:
+        """True if the output channels belong to several groups (cut where a concat's runs meet them)."""
+        return self.out_group is None and self.op != "dwconv"
 
 
 @dataclass
@@ -169,14 +191,26 @@ class ModelGraph:
                 return info
         raise KeyError(name)
 
+    @functools.cached_property
+    def split_layers(self) -> frozenset[str]:
+        """Names of the layers whose output channels span several groups."""
+        return frozenset(info.name for info in self.layers if info.split)
+
     def group_leader(self, gid: int) -> str:
-        return self.groups.data(gid).producers[0]
+        """The layer whose ``width`` decides group ``gid``: its first producer that owns all
+        of its output channels (a split layer's output spans several groups)."""
+        data = self.groups.data(gid)
+        for name in data.producers:
+            if name not in self.split_layers:
+                return name
+        return data.producers[0]  # only split producers: analyze() blocks such a group
 
     def group_of(self, layer: LayerInfo) -> int | None:
-        """The group that decides this layer's output channels (depthwise: its input's)."""
+        """The group that decides this layer's output channels (depthwise: its input's;
+        None for a split layer, whose output channels span several groups)."""
         if layer.out_group is not None:
             return self.groups.find(layer.out_group)
-        if layer.in_space is not None and len(layer.in_space.segments) == 1:
+        if layer.op == "dwconv" and layer.in_space is not None and len(layer.in_space.segments) == 1:
             seg = layer.in_space.segments[0]
             if seg.group is not None and self.groups.is_full(seg):
                 return self.groups.find(seg.group)
@@ -185,6 +219,21 @@ class ModelGraph:
     def width_prunable(self, layer: LayerInfo) -> bool:
         gid = self.group_of(layer)
         return gid is not None and not self.groups.data(gid).blocked_by
+
+    def run_leaders(self, space: ChanSpace) -> list[tuple[str | None, int]]:
+        """(leader of the run's group, None where the run is not width-prunable; its length), per run."""
+        out: list[tuple[str | None, int]] = []
+        for seg in space.segments:
+            root = self.groups.find(seg.group) if seg.group is not None else None
+            free = root is not None and not self.groups.data(root).blocked_by
+            out.append((self.group_leader(root) if free and root is not None else None, seg.length))
+        return out
+
+    def split_leaders(self, layer: LayerInfo) -> list[str]:
+        """The leaders whose widths decide a split layer's output runs (empty otherwise)."""
+        if not layer.split or layer.out_space is None:
+            return []
+        return [name for name, _ in self.run_leaders(layer.out_space) if name is not None]
 
 
 def _shape(node: Any) -> list[int] | None:
@@ -255,8 +304,9 @@ def _param_root(node: Any) -> tuple[str, Callable[[int], int | None]] | None:
 
 
 class _Analyzer:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, cuts: dict[str, set[int]] | None = None) -> None:
         self.gm = gm
+        self.cuts = cuts or {}  # layer name -> rows before which its output is split
         self.groups = Groups()
         self.space: dict[str, ChanSpace | None] = {}
         self.layers: list[LayerInfo] = []
@@ -427,24 +477,40 @@ class _Analyzer:
                     self.slices.append(SliceAction(bias, in_space.with_dim(0)))
                 self.fixes.append(ArgFix(node.name, "groups", 6))
         else:
-            out_group = self.groups.new(out_c, name)
-            out_space = ChanSpace(cdim if is_conv else len(out_shape) - 1, (Segment(out_group, 0, out_c),))
+            out_dim = cdim if is_conv else len(out_shape) - 1
+            cuts = sorted(c for c in self.cuts.get(name, ()) if 0 < c < out_c)
+            if cuts and op != "gconv":
+                # The output meets a concat's runs: one group per run, each to be united
+                # with its run's group (the layer's rows are pruned run by run).
+                out_group = None
+                bounds = [0, *cuts, out_c]
+                out_space = ChanSpace(
+                    out_dim,
+                    tuple(
+                        Segment(self.groups.new(hi - lo, name, lo), 0, hi - lo)
+                        for lo, hi in itertools.pairwise(bounds)
+                    ),
+                )
+            else:
+                out_group = self.groups.new(out_c, name)
+                out_space = ChanSpace(out_dim, (Segment(out_group, 0, out_c),))
+                if cuts:  # every conv group must keep the same offsets: not cut into runs
+                    self.groups.block(out_space, f"grouped conv {name}'s output meets a concat's runs")
             self.slices.append(SliceAction(weight, out_space.with_dim(0)))
             if bias:
                 self.slices.append(SliceAction(bias, out_space.with_dim(0)))
-            if op == "gconv":
+            if op == "gconv" and out_group is not None:
                 self.groups.tie(out_group, groups)
             if in_space is not None:
                 if in_space.expand != 1 and is_conv:
                     self.groups.block(in_space, f"{name} reads flattened channels")
-                elif op == "gconv":
+                elif op == "gconv" and len(in_space.segments) == 1:
                     for seg in in_space.segments:
                         if seg.group is not None:
                             self.groups.tie(seg.group, groups)
-                    if len(in_space.segments) == 1:
-                        self.slices.append(SliceAction(weight, _per_group(in_space, groups)))
-                    else:
-                        self.groups.block(in_space, f"grouped conv {name} after concat")
+                    self.slices.append(SliceAction(weight, _per_group(in_space, groups)))
+                elif op == "gconv":
+                    self.grouped_after_concat(name, weight, in_space, groups)
                 else:
                     self.slices.append(SliceAction(weight, in_space.with_dim(1)))
         self.layers.append(
@@ -457,10 +523,42 @@ class _Analyzer:
                 features=features,
                 out_group=out_group,
                 in_space=in_space,
+                out_space=out_space,
             )
         )
         self.layer_nodes[node.name] = name
         return out_space
+
+    def grouped_after_concat(self, name: str, weight: str, in_space: ChanSpace, groups: int) -> None:
+        """A grouped conv reading a concat: every conv group must keep the same input offsets.
+
+        The input is cut into one chunk per conv group; a run crossing a chunk boundary is
+        split there, and the chunks are united run by run like the operands of an add (so
+        chunk k's i-th run is pruned exactly like chunk 0's). The weight's input dim then
+        holds chunk 0's layout.
+        """
+        reason = f"grouped conv {name} after concat"
+        per = in_space.channels // groups
+        if request_cuts(self.groups, in_space, [k * per for k in range(1, groups)], reason):
+            return
+        chunks: list[list[Segment]] = [[]]
+        filled = 0
+        for seg in in_space.segments:
+            if filled == per:
+                chunks.append([])
+                filled = 0
+            chunks[-1].append(seg)
+            filled += seg.length
+        merged: ChanSpace | None = ChanSpace(1, tuple(chunks[0]))
+        for chunk in chunks[1:]:
+            if merged is None:
+                self.groups.block(in_space, reason)
+                return
+            merged = merge_spaces(self.groups, merged, ChanSpace(1, tuple(chunk)), reason)
+        if merged is None:
+            self.groups.block(in_space, reason)
+            return
+        self.slices.append(SliceAction(weight, merged))
 
     def visit_batch_norm(self, node: fx.Node) -> ChanSpace | None:
         src = self.sp(node.args[0])
@@ -749,10 +847,28 @@ def _layer_edges(
     return sorted(edges)
 
 
-def analyze(gm: fx.GraphModule) -> ModelGraph:
-    """Find prunable layers, channel groups and skippable blocks of an exported graph."""
-    analyzer = _Analyzer(gm)
-    analyzer.run()
+def analyze(gm: fx.GraphModule, *, split_runs: bool = True) -> ModelGraph:
+    """Find prunable layers, channel groups and skippable blocks of an exported graph.
+
+    ``split_runs`` False skips the re-analysis that splits layers where a concat's runs
+    meet their channels: those channels then stay whole (the coverage before that rule,
+    kept for benchmarks that compare the two).
+    """
+    cuts: dict[str, set[int]] = {}
+    for _ in range(MAX_SPLIT_PASSES if split_runs else 1):
+        analyzer = _Analyzer(gm, cuts)
+        analyzer.run()
+        wanted = {name: set(c) for name, c in cuts.items()}
+        for name, more in analyzer.groups.producer_cuts().items():
+            wanted.setdefault(name, set()).update(more)
+        if wanted == cuts:
+            break
+        cuts = wanted
+    split = {info.name for info in analyzer.layers if info.split}
+    for root in analyzer.groups.roots():
+        if all(p in split for p in analyzer.groups.data(root).producers):
+            # No layer owns these channels alone, so none could lead the group's width.
+            analyzer.groups.data(root).blocked_by.append("channels only of split layers")
     if not analyzer.layers:
         raise GraphError("the model has no Conv2d or Linear layer with a parameter weight to compress")
     blocks = _find_blocks(gm, analyzer.layer_nodes)

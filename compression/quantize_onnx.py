@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-__all__ = ["QuantizeError", "quantize_int8"]
+from compression.mixed_precision import supports_int4_matmul
+
+__all__ = ["QuantizeError", "prepare", "quantize_int8", "quantize_qdq", "supports_int4_matmul"]
 
 log = logging.getLogger(__name__)
 
@@ -113,41 +115,76 @@ def quantize_int8(
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise QuantizeError(f"{fp32_path.name}: expected one input, found {len(inputs)}")
-    rank = len(inputs[0].type.tensor_type.shape.dim)
-
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mt-quant-") as tmp:
-        source = fp32_path
-        if preprocess:
-            prepared = Path(tmp) / "preprocessed.onnx"
-            try:
-                # ORT's symbolic shape inference writes sym_shape_infer_temp.onnx (+ external data)
-                # into the working directory when it cannot finish; ONNX's own shape inference
-                # is enough for our fixed-shape CNN/ViT exports.
-                quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-                source = prepared
-            except Exception as exc:  # pre-processing is an optimization; quantize without it
-                log.warning("quant_pre_process failed on %s (%s); quantizing the raw model", fp32_path, exc)
-        batches = iter(calibration)
-        first = next(batches, None)
-        if first is None:
-            raise QuantizeError("calibration data is empty: give at least one input batch")
-        reader = _Batches(inputs[0].name, itertools.chain([first], batches), rank)
-        try:
-            with _quiet_axis_warnings():
-                quantize_static(
-                    str(source),
-                    str(out_path),
-                    reader,
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    weight_type=QuantType.QInt8,
-                    activation_type=activation_type,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-                )
-        except QuantizeError:
-            raise
-        except Exception as exc:
-            raise QuantizeError(f"ONNX Runtime failed to quantize {fp32_path.name}: {exc}") from exc
+        source = prepare(fp32_path, Path(tmp) / "preprocessed.onnx") if preprocess else fp32_path
+        quantize_qdq(source, calibration, out_path, activation_type=activation_type)
+    return out_path
+
+
+def prepare(fp32_path: Path, out_path: Path) -> Path:
+    """``quant_pre_process`` (shape inference + graph optimization: Conv+BN+ReLU fused before
+    quantization, so fewer QDQ pairs are inserted) into ``out_path``; ``fp32_path`` itself when
+    it fails (pre-processing is an optimization)."""
+    try:
+        # ORT's symbolic shape inference writes sym_shape_infer_temp.onnx (+ external data)
+        # into the working directory when it cannot finish; ONNX's own shape inference
+        # is enough for our fixed-shape CNN/ViT exports.
+        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+        return Path(out_path)
+    except Exception as exc:
+        log.warning("quant_pre_process failed on %s (%s); quantizing the raw model", fp32_path, exc)
+        return Path(fp32_path)
+
+
+def quantize_qdq(
+    source: Path,
+    calibration: Iterable[np.ndarray],
+    out_path: Path,
+    *,
+    activation_type: QuantType = QuantType.QUInt8,
+    nodes: Sequence[str] | None = None,
+    float_outputs: Sequence[str] = (),
+) -> Path:
+    """Static QDQ quantization of ``source`` (every supported op, or only ``nodes``, by ONNX
+    node name) with per-channel symmetric int8 weights and MinMax-calibrated activations.
+    Ops of the types in ``float_outputs`` keep float outputs (ORT runs a DQ-MatMul / DQ-Gemm
+    as an int8 kernel with a float result: only its input and weight are rounded).
+
+    Raises:
+        QuantizeError: no calibration data, bad batch shapes, or ORT fails to quantize.
+    """
+    model = onnx.load(str(source), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise QuantizeError(f"{Path(source).name}: expected one input, found {len(inputs)}")
+    rank = len(inputs[0].type.tensor_type.shape.dim)
+    batches = iter(calibration)
+    first = next(batches, None)
+    if first is None:
+        raise QuantizeError("calibration data is empty: give at least one input batch")
+    reader = _Batches(inputs[0].name, itertools.chain([first], batches), rank)
+    try:
+        with _quiet_axis_warnings():
+            quantize_static(
+                str(source),
+                str(out_path),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=activation_type,
+                calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_quantize=list(nodes) if nodes is not None else None,
+                extra_options={
+                    "WeightSymmetric": True,
+                    "ActivationSymmetric": False,
+                    **({"OpTypesToExcludeOutputQuantization": list(float_outputs)} if float_outputs else {}),
+                },
+            )
+    except QuantizeError:
+        raise
+    except Exception as exc:
+        raise QuantizeError(f"ONNX Runtime failed to quantize {Path(source).name}: {exc}") from exc
     return out_path

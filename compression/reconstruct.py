@@ -21,9 +21,13 @@ How it runs:
   would not fit pruned activations; batch statistics are what recalibration will
   install, so later layers are fitted on the inputs they will see when scored.
 
+The layers right after a skipped residual block (the first conv / linear layers its output
+reaches, up to the next block's add) are re-fitted too, pruned inputs or not: their input
+lost the block's contribution, and a fit to the dense outputs takes most of that back.
+
 Left alone: depthwise / grouped convs (their inputs are their own output channels, a
 per-channel filter has nothing to re-mix), layers with a fine-grained mask (a fit
-would fill the zeroed weights), and layers whose input channels were not pruned.
+would fill the zeroed weights), and the other layers whose input channels were not pruned.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from compression.apply import CompressedModel, get_tensor, set_tensor
+from compression.apply import CompressedModel, _positions, get_tensor, set_tensor
 from compression.evaluate import _BNRecalibrator, install_bn_stats, recalibrate_bn
 from compression.graph import CONV, LINEAR, attr_target
 from compression.masks import fake_quantize
@@ -81,16 +85,44 @@ class _Rows:
     target: torch.Tensor  # [rows, kept out channels], float32
 
 
-def _layers_to_refit(cm: CompressedModel) -> dict[str, _Layer]:
-    """Conv/linear nodes of ``cm.gm`` whose inputs were pruned and that a fit can change.
+def after_skipped(cm: CompressedModel) -> set[str]:
+    """Conv / linear nodes that read a skipped block's output: the first such layers reached
+    from its add in the source graph, through any other ops up to the next block's add."""
+    if not cm.policy.skip:
+        return set()
+    src = cm.source
+    nodes = {n.name: n for n in src.gm.graph.nodes}
+    adds = {b.add_node for b in src.graph.blocks}
+    found: set[str] = set()
+    for block in src.graph.blocks:
+        if block.name not in cm.policy.skip:
+            continue
+        todo, seen = list(nodes[block.add_node].users), set()
+        while todo:
+            node = todo.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op == "call_function" and node.target in CONV | LINEAR:
+                found.add(node.name)
+            elif node.name not in adds:
+                todo.extend(node.users)
+    return found
 
-    Kept output channels come from ``cm.keep`` via the layer's output group in the
-    source graph: that is exactly how ``apply_policy`` sliced dim 0 of the weight (a
-    non-grouped layer's output channels are one segment of its own group).
+
+def _layers_to_refit(cm: CompressedModel) -> dict[str, _Layer]:
+    """Conv/linear nodes of ``cm.gm`` whose inputs were pruned (or that follow a skipped block)
+    and that a fit can change.
+
+    Kept output channels come from ``cm.keep`` via the layer's output space in the
+    source graph: that is exactly how ``apply_policy`` sliced dim 0 of the weight (one
+    segment of the layer's own group, or one per run for a layer split where a concat's
+    runs meet its output).
     """
     graph = cm.source.graph
     by_node = {info.node: info for info in graph.layers}
     layers: dict[str, _Layer] = {}
+    after_skip = after_skipped(cm)
     for node in cm.gm.graph.nodes:
         if node.op != "call_function" or node.target not in CONV | LINEAR:
             continue
@@ -102,11 +134,11 @@ def _layers_to_refit(cm: CompressedModel) -> dict[str, _Layer]:
         if node.target in CONV and int(params["groups"]) != 1:
             continue
         w, dense = get_tensor(cm.gm, weight), get_tensor(cm.source.gm, weight)
-        if w.shape[1] >= dense.shape[1]:
+        if w.shape[1] >= dense.shape[1] and node.name not in after_skip:
             continue
         keep: torch.Tensor | None = None
-        if info.out_group is not None:
-            keep = cm.keep.get(graph.groups.find(info.out_group))
+        if info.out_space is not None:
+            keep = _positions(info.out_space.with_dim(0), cm.keep, graph)
         out_keep = torch.arange(dense.shape[0]) if keep is None else keep
         if len(out_keep) != w.shape[0]:  # not the slicing we expect: do not guess
             continue
@@ -243,7 +275,8 @@ def reconstruct(
     ridge: float = 1e-3,
     recalibrate: bool = False,
 ) -> int:
-    """Re-fit, in graph order, every layer of ``cm.gm`` whose input channels were pruned.
+    """Re-fit, in graph order, every layer of ``cm.gm`` whose input channels were pruned
+    (or that follows a skipped block, :func:`after_skipped`).
 
     Each such layer (groups 1, no fine-grained mask) gets the weights (and bias, if it
     has one) that best map its input in the compressed model to the dense model's output

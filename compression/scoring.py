@@ -14,6 +14,7 @@ from compression.apply import CompressedModel, Importance, apply_policy
 from compression.evaluate import accuracy, quantize_activations, recalibrate_bn
 from compression.metrics import measure
 from compression.model_io import CompressibleModel
+from compression.obc import RECOVERIES, ObcCache, Recovery, recover
 from compression.policy import Policy
 from compression.reconstruct import reconstruct as reconstruct_layers
 
@@ -46,12 +47,26 @@ def compress(
     *,
     importance: Importance = "l1",
     reconstruct: bool = False,
+    recovery: Recovery = "magnitude",
+    cache: ObcCache | None = None,
 ) -> CompressedModel:
     """Apply ``policy``, recalibrate BatchNorm, and add 8-bit activations if asked.
 
     ``reconstruct`` re-fits the layers whose inputs were pruned to the dense model's outputs
     on ``calibration`` (see ``compression.reconstruct``) before BatchNorm is recalibrated.
+    ``recovery="obc"`` chooses masks and rounds weights with each layer's Hessian on
+    ``calibration``, updating the remaining weights (``compression.obc``; ``cache`` keeps
+    results across the policies of one model and calibration set); ``"magnitude"``
+    keeps magnitude masks and round-to-nearest.
     """
+    if recovery not in RECOVERIES:
+        raise ValueError(f"recovery must be one of {RECOVERIES}, got {recovery!r}")
+    if recovery == "obc":
+        cm = apply_policy(model, policy, importance=importance, fine_grained=False)
+        recover(cm, calibration, refit=reconstruct, cache=cache)  # recalibrates BatchNorm too
+        if policy.act_bits == 8:
+            quantize_activations(cm, calibration)
+        return cm
     cm = apply_policy(model, policy, importance=importance)
     if reconstruct:  # its pass installs the recalibrated BatchNorm statistics too
         reconstruct_layers(cm, calibration, recalibrate=True)

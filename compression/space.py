@@ -88,6 +88,10 @@ class LayerSpace:
             (positions per channel after a flatten) this lets a latency predictor
             compute the narrowed input of a layer from a policy without building it.
         in_expand: positions per input channel (H·W after a flatten, else 1).
+        out_segments: for a layer that is not ``width_prunable`` yet whose output channels
+            are pruned run by run (an SE excitation or shortcut whose channels meet a
+            concat's runs, a depthwise conv after a concat), the runs as (leader or None,
+            channel count), like ``in_segments``; empty otherwise.
     """
 
     name: str
@@ -100,6 +104,7 @@ class LayerSpace:
     bits_choices: tuple[int | None, ...]
     in_segments: tuple[tuple[str | None, int], ...] = ()
     in_expand: int = 1
+    out_segments: tuple[tuple[str | None, int], ...] = ()
 
     @property
     def decides_width(self) -> bool:
@@ -242,6 +247,7 @@ class SearchSpace:
                     "bits_choices": list(ls.bits_choices),
                     "in_segments": [list(x) for x in ls.in_segments],
                     "in_expand": ls.in_expand,
+                    "out_segments": [list(x) for x in ls.out_segments],
                 }
                 for ls in self.layers
             ],

@@ -31,14 +31,16 @@ def space_for(model: CompressibleModel, options: SpaceOptions | None = None) -> 
         leader = graph.group_leader(gid) if prunable and gid is not None else None
         in_segments: list[tuple[str | None, int]] = []
         if info.in_space is not None:
-            for seg in info.in_space.segments:
-                root = graph.groups.find(seg.group) if seg.group is not None else None
-                free = opts.width and root is not None and not graph.groups.data(root).blocked_by
-                in_segments.append(
-                    (graph.group_leader(root) if free and root is not None else None, seg.length)
-                )
+            in_segments = [(lead if opts.width else None, n) for lead, n in graph.run_leaders(info.in_space)]
         else:
             in_segments.append((None, f.in_channels))
+        # Output channels in several runs (a layer split where a concat's runs meet it, a
+        # depthwise conv after a concat): each run follows its own leader.
+        out_segments: tuple[tuple[str | None, int], ...] = ()
+        if not prunable and info.out_space is not None and len(info.out_space.segments) > 1:
+            runs = [(lead if opts.width else None, n) for lead, n in graph.run_leaders(info.out_space)]
+            if any(lead is not None for lead, _ in runs):
+                out_segments = tuple(runs)
         draft = LayerSpace(
             name=info.name,
             features=f,
@@ -48,6 +50,7 @@ def space_for(model: CompressibleModel, options: SpaceOptions | None = None) -> 
             bits_choices=tuple(opts.bits) or (None,),
             in_segments=tuple(in_segments),
             in_expand=info.in_space.expand if info.in_space is not None else 1,
+            out_segments=out_segments,
             **owned,  # type: ignore[arg-type]
         )
         offered = [s for s in opts.schemes if _schemes.get(s).offered(draft)]

@@ -63,6 +63,20 @@ def measured_latency(
     dev = get_device(device) if isinstance(device, str) else device
 
     def latency(cm: CompressedModel) -> float:
+        if dev.runtime in ("executorch", "openvino"):  # the device's own file, int8 per layer
+            from compression.export_runtimes import compressed_int8_layers, export_for_runtime
+
+            layers = compressed_int8_layers(cm.gm, cm.bits)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = export_for_runtime(
+                    dev.runtime,
+                    cm.gm,
+                    cm.example_input(1),
+                    Path(tmp) / "candidate",
+                    int8_layers=layers or None,
+                    calibration=[cm.example_input(8)] if layers else None,
+                )
+                return measure(path, dev, runs=runs, warmup=warmup, interleave_reference=False).median_ms
         if dev.runtime != "onnxruntime":  # eager runtimes time the module itself
             shape = tuple(cm.example_input(1).shape)
             return measure(

@@ -24,6 +24,8 @@ per claim. Contract for ``run_job``:
   ``accuracy_drop`` constraint).
 * Evaluate through ``ctx.make_executor(initializer, initargs)``: the initializer runs
   once per worker to load the model and data; close the executor before returning.
+* After the search, fine-tune the top-k front points (``spec.finetune``) and store each one's
+  new accuracy with ``ctx.rescore(policy_hash, accuracy, extra)``, polling ``ctx.cancelled()``.
 * Return normally when the search is complete or stopped; raise to fail the job (the
   exception's message becomes the job's ``error``).
 
@@ -32,7 +34,7 @@ This module imports no torch: the bodies live in :mod:`engine.run`, loaded on fi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -115,6 +117,11 @@ class LoadedPredictor(Protocol):
     @property
     def kind(self) -> str: ...
 
+    @property
+    def capabilities(self) -> Mapping[str, Any] | None:
+        """What the device accelerates, stored with this version (``latency_models.capabilities``)."""
+        ...
+
 
 class RemeasuredPoint(Protocol):
     """One front point timed on the device at the end of a job."""
@@ -193,6 +200,13 @@ class JobContext:
     # The service's device side of this job (None outside the service: every candidate is
     # then measured in this process instead of predicted).
     latency: Callable[[JobContext], JobLatency] | None = None
+    # Re-scores a stored candidate after the search (fine-tuning the front): (policy hash, new
+    # accuracy, keys merged into its extra) -> stored; feasibility and the front follow. None:
+    # nothing is stored (the engine still re-scores its own result).
+    rescore: Callable[[str, float, dict[str, Any]], bool] | None = None
+    # True once the job is cancelled or its lease lost; unlike should_stop, not when the budget
+    # is spent (the phases after the search run on a spent budget). None: never.
+    cancelled: Callable[[], bool] | None = None
 
 
 def run_job(ctx: JobContext) -> None:

@@ -26,12 +26,14 @@ from agents import Objective, Score
 from compression import Policy, compress
 from compression.apply import CompressedModel
 from compression.data import Dataset, calibration_batches, load_builtin, load_npz
+from compression.mixed_precision import float_graph
 from compression.model_io import CompressibleModel
 from compression.onnx_export import export_onnx, onnx_accuracy
 from compression.resolve import resolve_model
 from compression.space import SpaceOptions
 from compression.space_builder import space_for
 from engine.device_latency import measured_latency, predicted_latency
+from engine.device_space import latency_matters, resolve_space
 from engine.job import (
     DatasetRef,
     DeviceRef,
@@ -44,6 +46,7 @@ from engine.job import (
 )
 from engine.search import Candidate, Evaluator, Progress, SearchResult, run_search
 from engine.spec import JobSpec
+from latency_models.capabilities import Capabilities
 from latency_models.devices import Device
 from latency_models.focus import model_ids
 from latency_models.harness import measure_pair
@@ -103,7 +106,8 @@ def execute(ctx: JobContext) -> None:
     model = load_job_model(ctx.model, dataset, ctx.data_dir, seed)
     device = device_of(ctx.device)
     objective = spec.objective()
-    options = spec.space_options()
+    # The space's unset keys follow what the device's calibration measured (its predictor's).
+    resolved = resolve_space(spec.space, None, latency_objective=latency_matters(spec))
     job_latency = ctx.latency(ctx) if ctx.latency is not None else None
     version: int | None = None
     kind: str | None = None
@@ -112,11 +116,14 @@ def execute(ctx: JobContext) -> None:
             ids = model_ids(model, ctx.model.sha256, ctx.model.zoo)
             loaded = job_latency.ensure_predictor(model, ids, pinned=_pinned_version(ctx))
             version, kind = loaded.version, loaded.kind
-            latency = predicted_latency(loaded.predictor, space_for(model, options))
+            caps = Capabilities.from_stored(loaded.capabilities)
+            resolved = resolve_space(spec.space, caps, latency_objective=latency_matters(spec))
+            latency = predicted_latency(loaded.predictor, space_for(model, resolved.options))
             source = f"predictor v{version} ({kind}) of {device.name}"
         else:
             latency = measured_latency(device, runs=SEARCH_RUNS, warmup=10)
             source = f"measured on {device.name}"
+        options = resolved.options
         ctx.progress("phase", {"phase": "baseline", "message": "scoring the dense model"})
         with torch.no_grad():
             dense = Evaluator(model, dataset, latency, seed=seed).evaluate(Policy.dense())
@@ -132,8 +139,21 @@ def execute(ctx: JobContext) -> None:
             macs=int(dense.macs),
         )
         ctx.set_baseline(baseline)
-        ctx.progress("phase", {"phase": "searching", "latency_source": source, "predictor_version": version})
+        ctx.progress(
+            "phase",
+            {
+                "phase": "searching",
+                "latency_source": source,
+                "predictor_version": version,
+                "space": resolved.to_dict(),
+            },
+        )
         result = _search(ctx, model, dataset, latency, objective, options, version, kind)
+        if spec.finetune.top_k > 0 and result.pareto:
+            from engine.finetune_front import finetune_job_front
+
+            # Before re-measuring: the front may move once fine-tuned accuracies are in.
+            result = finetune_job_front(ctx, model, dataset, result)
         if not result.pareto:
             ctx.progress("phase", {"note": no_feasible_note(spec, result)})
         if job_latency is not None:
@@ -199,6 +219,7 @@ def _search(
             should_stop=ctx.should_stop,
             executor=ctx.make_executor,  # local pool or Ray workers, from the settings
             reconstruct=ctx.spec.reconstruct,
+            recovery=ctx.spec.recovery,
         )
 
 
@@ -245,41 +266,46 @@ def _finish_latency(
         )
 
 
-def finetune(
-    cm: CompressedModel, dataset: Dataset, epochs: int, progress: Callable[[dict[str, Any]], None]
-) -> None:
-    """A few epochs of SGD on the compressed graph; masks re-applied after every step.
+def _export_model(
+    ctx: ExportContext, model: CompressibleModel, dataset: Dataset, policy: Policy
+) -> CompressedModel | None:
+    """The fine-tuned model when the job's fine-tuning raised this candidate's accuracy (replayed:
+    same batches, same weights) or the export asks for ``finetune_epochs``; else None.
 
-    BatchNorm statistics stay as recalibrated (the exported graph runs BN in eval form).
+    Distillation from the dense model, masks and quantizers held (``compression.distill``).
     """
-    params = [p for p in cm.gm.parameters() if p.is_floating_point()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    x, y = torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train)
-    gen = torch.Generator().manual_seed(0)
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 128):
-            idx = order[i : i + 128]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(cm.gm(x[idx]), y[idx]).backward()
-            opt.step()
-            cm.reapply_masks()
-        progress({"phase": "finetune", "epoch": epoch + 1, "epochs": epochs})
-    for p in params:
-        p.requires_grad_(False)
+    from compression.distill import steps_for_epochs
+    from engine.finetune_front import config_for, replay
+
+    more = 0
+    if ctx.finetune_epochs > 0:
+        batch = config_for(dataset, ctx.job_spec.seed).batch_size
+        more = steps_for_epochs(ctx.finetune_epochs, len(dataset.x_train), batch)
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        if step == steps or step % 10 == 0:
+            ctx.progress({"phase": "finetune", "step": step, "steps": steps, "loss": loss})
+
+    return replay(
+        model,
+        dataset,
+        policy,
+        ctx.scores.extra or {},
+        seed=ctx.job_spec.seed,
+        reconstruct=ctx.job_spec.reconstruct,
+        min_steps=more,
+        progress=progress,
+    )
 
 
 def export(ctx: ExportContext) -> ExportResult:
     """Build the candidate, write ONNX and measure it against dense.
 
-    The file is int8 QDQ when asked, or when the policy's bits make this runtime run it as
-    int8 (``latency_models.features.runtime_int8``: the rule its latency was predicted and
-    re-measured with), so the exported speedup is the one the search saw.
+    The file is all int8 QDQ when asked; otherwise each layer runs at the precision its bits
+    give it on ONNX Runtime (``compression.mixed_precision``: int8 QDQ, 4-bit MatMulNBits for
+    linear layers, float elsewhere: the rule its latency was predicted and re-measured with),
+    so the exported speedup and accuracy are the ones the search saw.
     """
-    from latency_models.features import runtime_int8
-
     seed = ctx.job_spec.seed
     dataset = load_job_dataset(ctx.dataset)
     model = load_job_model(ctx.model, dataset, ctx.data_dir, seed)
@@ -287,23 +313,38 @@ def export(ctx: ExportContext) -> ExportResult:
     calib = calibration_batches(dataset, 8, 64, seed=seed)
     policy = Policy.from_dict(ctx.policy)
     ctx.progress({"phase": "building"})
-    # Built as the search scored it: re-fitted to the dense outputs unless the job said not to.
-    cm = compress(model, policy, calib, reconstruct=ctx.job_spec.reconstruct)
-    if ctx.finetune_epochs > 0:
-        finetune(cm, dataset, ctx.finetune_epochs, ctx.progress)
+    # Built as the search scored it: re-fitted to the dense outputs unless the job said not to,
+    # masks and rounding by the job's recovery. OBC's masks depend on the calibration images,
+    # so it gets exactly the search's (engine.search.Evaluator: 4 batches of 64, same seed).
+    recovery = ctx.job_spec.recovery
+    build_calib = calibration_batches(dataset, 4, 64, seed=seed) if recovery == "obc" else calib
+    cm = _export_model(ctx, model, dataset, policy) or compress(
+        model, policy, build_calib, reconstruct=ctx.job_spec.reconstruct, recovery=recovery
+    )
     dense = compress(model, Policy.dense(), calib)
     ctx.progress({"phase": "exporting"})
+    if device.runtime in ("executorch", "openvino"):  # their own files: .pte / OpenVINO IR zip
+        from engine.export_runtimes import export_runtime_artifact
+
+        return export_runtime_artifact(ctx, model, cm, dense, dataset, calib, device)
     with tempfile.TemporaryDirectory() as tmp:
         example = model.example_input(2)
         dense_path = export_onnx(dense.gm, example, Path(tmp) / "dense.onnx")
-        fp32 = export_onnx(cm.gm, example, Path(tmp) / "fp32.onnx")
-        int8 = ctx.int8 or (device.runtime == "onnxruntime" and runtime_int8(space_for(model), policy))
-        if int8:
+        # without act_bits' fake-quant nodes: activations are the quantizer's job in the file
+        fp32 = export_onnx(float_graph(cm.gm), example, Path(tmp) / "fp32.onnx")
+        precision: dict[str, str] = {}
+        if ctx.int8:
             from compression.quantize_onnx import quantize_int8
 
             quantize_int8(fp32, (b.numpy() for b in calib), ctx.out_path)
+        elif device.runtime == "onnxruntime" and cm.bits:
+            from compression.mixed_precision import export_policy_onnx
+
+            _, layer_precision = export_policy_onnx(cm, fp32, [b.numpy() for b in calib], ctx.out_path)
+            precision = dict(layer_precision)
         else:
             ctx.out_path.write_bytes(fp32.read_bytes())
+        int8 = ctx.int8 or "int8" in precision.values()
         ctx.progress({"phase": "measuring", "device": device.name})
         if ctx.device.kind == "remote":
             if ctx.time_on_agent is None:
@@ -323,5 +364,6 @@ def export(ctx: ExportContext) -> ExportResult:
         "size_bytes": len(data),
         "device": device.name,
         "int8": int8,
+        "layer_precision": precision,  # quantized layers: "int8" / "int4" (the rest is float)
     }
     return ExportResult(path=ctx.out_path, metrics=metrics)

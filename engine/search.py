@@ -33,6 +33,7 @@ from compression.data import Dataset, calibration_batches
 from compression.evaluate import accuracy
 from compression.metrics import measure
 from compression.model_io import CompressibleModel, from_exported
+from compression.obc import ObcCache, Recovery
 from compression.policy import Policy, PolicyError
 from compression.scoring import compress
 from compression.space import SpaceOptions
@@ -134,6 +135,7 @@ class Evaluator:
         calibration_batch: int = 64,
         seed: int = 0,
         reconstruct: bool = True,
+        recovery: Recovery = "magnitude",
     ) -> None:
         self.model = model
         self.device_latency = device_latency
@@ -141,6 +143,10 @@ class Evaluator:
         # (compression.reconstruct): without it channel pruning without fine-tuning loses most
         # of the accuracy (ResNet-20 at width 0.75: 34 % instead of 98 %).
         self.reconstruct = reconstruct
+        # Masks and rounding by OBS / GPTQ on the calibration batches (compression.obc); the
+        # cache reuses a layer's result while everything upstream of it is unchanged.
+        self.recovery: Recovery = recovery
+        self.obc_cache = ObcCache()
         self.calibration = calibration_batches(dataset, calibration, calibration_batch, seed=seed)
         n = min(val_images, len(dataset.x_val))
         idx = np.random.default_rng(seed).permutation(len(dataset.x_val))[:n]
@@ -166,6 +172,7 @@ class Evaluator:
                     "x_val": self.x_val,
                     "y_val": self.y_val,
                     "reconstruct": self.reconstruct,
+                    "recovery": self.recovery,
                 }
             )
         )
@@ -182,14 +189,27 @@ class Evaluator:
         self.calibration = parts["calibration"]
         self.x_val, self.y_val = parts["x_val"], parts["y_val"]
         self.reconstruct = bool(parts.get("reconstruct", True))
+        self.recovery = parts.get("recovery", "magnitude")
+        self.obc_cache = ObcCache()
         return self
+
+    def build(self, policy: Policy) -> CompressedModel:
+        """The compressed model this evaluator scores for ``policy`` (call under ``no_grad``)."""
+        return compress(
+            self.model,
+            policy,
+            self.calibration,
+            reconstruct=self.reconstruct,
+            recovery=self.recovery,
+            cache=self.obc_cache,
+        )
 
     def evaluate(self, policy: Policy) -> Score:
         """Apply, recalibrate, evaluate and time ``policy``; a policy that cannot be applied fails."""
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                cm = compress(self.model, policy, self.calibration, reconstruct=self.reconstruct)
+                cm = self.build(policy)
                 acc = accuracy(cm.gm, self.x_val, self.y_val)
                 m = measure(cm)
             latency = float(self.device_latency(cm))
@@ -317,6 +337,7 @@ def run_search(
     agent_options: Mapping[str, Any] | None = None,
     executor: ExecutorFactory | None = None,
     reconstruct: bool = True,
+    recovery: Recovery = "magnitude",
 ) -> SearchResult:
     """Search compression policies of ``model`` until ``budget_candidates`` new policies are scored.
 
@@ -330,7 +351,8 @@ def run_search(
 
     ``reconstruct`` re-fits pruned layers to the dense model's outputs before scoring (see
     ``compression.reconstruct``; about twice the scoring time, far higher accuracy when
-    channels are pruned).
+    channels are pruned). ``recovery="obc"`` chooses masks and rounding by OBS / GPTQ on
+    the calibration batches (``compression.obc``) instead of by magnitude.
 
     ``executor`` builds the workers that score candidates (None: this process scores them).
     The agent is asked for ``max(batch_size, workers)`` policies a round and the new ones
@@ -347,7 +369,13 @@ def run_search(
     start = time.monotonic()
     space = space_for(model, space_options)
     evaluator = Evaluator(
-        model, dataset, device_latency, val_images=val_images, seed=seed, reconstruct=reconstruct
+        model,
+        dataset,
+        device_latency,
+        val_images=val_images,
+        seed=seed,
+        reconstruct=reconstruct,
+        recovery=recovery,
     )
     dense_score = evaluator.evaluate(Policy.dense())
     if not dense_score.ok:

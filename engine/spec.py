@@ -61,16 +61,16 @@ class SpaceSpec(_Spec):
         }
     )
 
-    schemes: list[SchemeName] = Field(
-        default_factory=_default_schemes,
-        max_length=MAX_CHOICES,
-        description='fine-grained sparsity schemes ("dense" is always allowed; "channel" turns on width)',
+    schemes: Annotated[list[SchemeName], Field(max_length=MAX_CHOICES)] | None = Field(
+        default=None,
+        description='fine-grained sparsity schemes ("dense" is always allowed; "channel" turns on width); '
+        "null = every registered scheme, less those the device's calibration found size-only (no "
+        "faster than dense) when latency is an objective or a bound",
     )
-    bits: list[Bits | None] = Field(
-        default_factory=lambda: [None, 8],
-        min_length=1,
-        max_length=MAX_CHOICES,
-        description="weight bit-widths (null = float32)",
+    bits: Annotated[list[Bits | None], Field(min_length=1, max_length=MAX_CHOICES)] | None = Field(
+        default=None,
+        description="weight bit-widths (null = float32); null = [null, 8], less 8 when the device's "
+        "calibration found int8 size-only and latency is an objective or a bound",
     )
     width: bool = Field(default=True, description="channel pruning: a kept-width fraction per group")
     depth: bool = Field(default=True, description="skipping residual blocks")
@@ -86,14 +86,19 @@ class SpaceSpec(_Spec):
     block_choices: list[BlockSize] = Field(
         default_factory=lambda: [4, 8, 16], max_length=MAX_CHOICES, description="1×N block sizes"
     )
-    round_to: int = Field(
-        default=1, strict=True, ge=1, le=64, description="kept channels are a multiple of this"
+    round_to: int | None = Field(
+        default=None,
+        strict=True,
+        ge=1,
+        le=64,
+        description="kept channels are a multiple of this; null = the multiple the device's "
+        "calibration measured its kernels to reward (1 without one)",
     )
 
     @field_validator("schemes", "bits", "block_choices")
     @classmethod
-    def _dedupe(cls, values: list[Any]) -> list[Any]:
-        return _unique(values)
+    def _dedupe(cls, values: list[Any] | None) -> list[Any] | None:
+        return None if values is None else _unique(values)
 
     @field_validator("nm_choices")
     @classmethod
@@ -104,20 +109,22 @@ class SpaceSpec(_Spec):
         return _unique(pairs)
 
     def space_options(self) -> SpaceOptions:
-        """The engine's options for this space."""
+        """The engine's options for this space, unset keys at their device-free defaults (every
+        scheme, ``[null, 8]``, ``round_to`` 1; ``engine.device_space`` resolves them for a device)."""
         from compression.space import SpaceOptions
 
-        fine = cast("tuple[Scheme, ...]", tuple(s for s in self.schemes if s not in ("dense", "channel")))
+        schemes = self.schemes if self.schemes is not None else _default_schemes()
+        fine = cast("tuple[Scheme, ...]", tuple(s for s in schemes if s not in ("dense", "channel")))
         return SpaceOptions(
             schemes=("dense", *fine),
-            bits=tuple(self.bits),
-            width=self.width or "channel" in self.schemes,
+            bits=tuple(self.bits if self.bits is not None else [None, 8]),
+            width=self.width or "channel" in schemes,
             depth=self.depth,
             min_width=self.min_width,
             max_sparsity=self.max_sparsity,
             nm_choices=tuple(self.nm_choices),
             block_choices=tuple(self.block_choices),
-            round_to=self.round_to,
+            round_to=self.round_to or 1,
         )
 
 
@@ -188,6 +195,31 @@ def _default_objectives() -> list[GoalSpec]:
     return [GoalSpec(metric="accuracy", direction="max"), GoalSpec(metric="latency_ms", direction="min")]
 
 
+class FinetuneSpec(_Spec):
+    """Knowledge-distillation fine-tuning of the front after the search (``engine.finetune_front``).
+
+    The ``top_k`` front points (spread from fastest to most accurate, as ``remeasure_top_k``)
+    are fine-tuned from their compressed weights with the dense model as teacher, masks and
+    quantizers held, and re-scored on the same validation images; each keeps both accuracies.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"top_k": 5, "epochs": 1.0}, {"top_k": 0}, {"top_k": 1, "steps": 20}]}
+    )
+
+    top_k: int = Field(default=5, ge=0, le=50, description="front points fine-tuned (0 = off)")
+    epochs: float = Field(
+        default=2.0,
+        gt=0.0,
+        le=50.0,
+        description="passes over the train split per point (ResNet-20 on the MNIST split: 110 steps, "
+        "under a minute a point on 2 cores)",
+    )
+    steps: int | None = Field(
+        default=None, ge=1, le=100_000, description="optimizer steps per point; overrides epochs when set"
+    )
+
+
 class JobSpec(_Spec):
     """A search job: which model on which data for which device, how, and for how long."""
 
@@ -245,6 +277,14 @@ class JobSpec(_Spec):
         "calibration images (least squares, as AMC / ThiNet) before scoring and export; about "
         "twice the scoring time, far higher accuracy for channel pruning without fine-tuning",
     )
+    recovery: Literal["obc", "magnitude"] = Field(
+        default="obc",
+        description="how fine-grained masks and weight rounding are chosen before scoring and "
+        "export: obc (per-layer Hessians on the calibration images, masks by OBS saliency and "
+        "GPTQ rounding with weight updates; ViT 2:4 on every linear layer keeps accuracy "
+        "within 1 point instead of losing 13) or magnitude (magnitude masks, round to nearest; "
+        "cheaper per candidate)",
+    )
     calibrate: Literal["auto", "model", "never"] = Field(
         default="auto",
         description=(
@@ -254,6 +294,11 @@ class JobSpec(_Spec):
     )
     calibration_samples: int | None = Field(
         default=None, ge=8, le=2000, description="size of the job's own calibration (default 48)"
+    )
+    finetune: FinetuneSpec = Field(
+        default_factory=FinetuneSpec,
+        description="after the search, fine-tune the top-k front points by distillation from the dense "
+        "model and re-score them (the candidate keeps both accuracies; top_k 0 turns it off)",
     )
 
     @field_validator("objectives")

@@ -1,7 +1,9 @@
 """The device agent: runs on the edge device, pulls measurement tasks, times them, posts results.
 
-It needs only onnxruntime, numpy and httpx (no torch, no onnx), so it installs on a small
-board: ``python -m latency_models.agent --server URL --device NAME --token KEY`` (or the
+An ONNX Runtime agent needs only onnxruntime, numpy and httpx (no torch, no onnx), so it
+installs on a small board; an ExecuTorch (``.pte``) or OpenVINO (IR zip) device's agent needs
+that runtime instead, imported only when it prepares its first model:
+``python -m latency_models.agent --server URL --device NAME --token KEY`` (or the
 ``modeltailor device-agent`` command where the full package is installed).
 
 Two transports carry the JSON of ``latency_models.tasks``:
@@ -41,7 +43,13 @@ import httpx
 
 from latency_models.devices import BUILTIN_DEVICES, Device
 from latency_models.harness import NoiseRule, host_info, measure, measure_pair, reference_onnx_path
+from latency_models.runtimes import make_runtime
+from latency_models.runtimes_edge import model_suffix
 from latency_models.tasks import MeasurementResult, MeasurementTask, ModelRef, TaskError
+
+#: Runtimes an agent can serve: each times the files the server sends (ONNX, ExecuTorch ``.pte``,
+#: OpenVINO IR zip); only the served runtime is imported, when the first model is prepared.
+AGENT_RUNTIMES = ("onnxruntime", "executorch", "openvino")
 
 __all__ = [
     "AgentError",
@@ -308,26 +316,42 @@ class HttpTransport:
 # --------------------------------------------------------------------------- the loop
 
 
-def _agent_info() -> dict[str, Any]:
-    import onnxruntime as ort
+def _agent_info(runtime: str = "onnxruntime") -> dict[str, Any]:
+    info: dict[str, Any] = {"host": host_info(), "agent_version": 1}
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
 
-    return {"host": host_info(), "onnxruntime": str(ort.__version__), "agent_version": 1}
+        info["onnxruntime"] = str(ort.__version__)
+    else:
+        try:
+            info[runtime] = make_runtime(runtime).version()
+        except Exception as exc:  # not installed: the task's error says so
+            info[runtime] = f"unavailable: {type(exc).__name__}"
+    return info
 
 
 def _materialize(ref: ModelRef, transport: Transport, cache_dir: Path) -> Path:
-    """The model as a local file named by its hash (verified, cached across tasks)."""
-    path = cache_dir / f"{ref.sha256}.onnx"
-    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256:
-        return path
+    """The model as a local file named by its hash (verified, cached across tasks); its suffix
+    (``.onnx``, ``.pte``, ``.zip``) follows its content, which is how the runtime reads it."""
+    for suffix in (".onnx", ".pte", ".zip"):
+        path = cache_dir / f"{ref.sha256}{suffix}"
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256:
+            return path
     data = ref.load_bytes(transport.read_model)
+    path = cache_dir / f"{ref.sha256}{model_suffix(data)}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, data)
     return path
 
 
-def _default_reference() -> Path | None:
-    """The built-in reference, if this install can build it (needs the onnx package)."""
+def _default_reference(runtime: str = "onnxruntime") -> Path | None:
+    """The built-in reference, if this install can build it (ONNX: needs the onnx package;
+    ExecuTorch: torch and executorch). OpenVINO times the ONNX reference."""
     try:
+        if runtime == "executorch":
+            from latency_models.runtimes_edge import reference_pte_path
+
+            return reference_pte_path()
         return reference_onnx_path()
     except ImportError:
         return None
@@ -346,7 +370,7 @@ def execute_task(
         reference = (
             _materialize(task.reference, transport, cache_dir)
             if task.reference is not None
-            else _default_reference()
+            else _default_reference(device.runtime)
         )
         dev = Device(
             name=device.name,
@@ -369,7 +393,7 @@ def execute_task(
                 reference=reference,
             )
             return MeasurementResult(
-                task.id, device.name, "ok", pair.b, pair.a, pair.speedup, agent=_agent_info()
+                task.id, device.name, "ok", pair.b, pair.a, pair.speedup, agent=_agent_info(device.runtime)
             )
         measurement = measure(
             model,
@@ -382,13 +406,17 @@ def execute_task(
             noise=noise,
             model_sha256=task.model.sha256,
         )
-        return MeasurementResult(task.id, device.name, "ok", measurement, agent=_agent_info())
+        return MeasurementResult(task.id, device.name, "ok", measurement, agent=_agent_info(device.runtime))
     except AgentError:
         raise
     except Exception as exc:  # one bad task must not stop the agent: report it instead
         log.error("task %s failed: %s", task.id, exc)
         return MeasurementResult(
-            task.id, device.name, "error", error=f"{type(exc).__name__}: {exc}", agent=_agent_info()
+            task.id,
+            device.name,
+            "error",
+            error=f"{type(exc).__name__}: {exc}",
+            agent=_agent_info(device.runtime),
         )
 
 
@@ -408,11 +436,12 @@ def run_agent(
     number of tasks completed (delivered).
 
     Raises:
-        AgentError: the device is not an ONNX Runtime device, or the server refuses the agent.
+        AgentError: the device's runtime is not one an agent serves, or the server refuses the agent.
     """
-    if device.runtime != "onnxruntime":
+    if device.runtime not in AGENT_RUNTIMES:
         raise AgentError(
-            f"the device agent times ONNX models with onnxruntime; {device.name} uses {device.runtime}"
+            f"the device agent times files with {', '.join(AGENT_RUNTIMES)}; "
+            f"{device.name} uses {device.runtime}"
         )
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1 or None, got {stop_after}")
@@ -444,7 +473,11 @@ def run_agent(
             if isinstance(task, TaskRejection):
                 pending.append(
                     MeasurementResult(
-                        task.task_id, device.name, "error", error=task.error, agent=_agent_info()
+                        task.task_id,
+                        device.name,
+                        "error",
+                        error=task.error,
+                        agent=_agent_info(device.runtime),
                     )
                 )
             else:
@@ -471,11 +504,13 @@ def run_agent(
 
 
 def agent_device(name: str, threads: int | None = None) -> Device:
-    """The agent's device: a built-in ORT device by name, or a custom ORT device ``name``."""
+    """The agent's device: a built-in device by name, or a custom ORT device ``name``."""
     builtin = BUILTIN_DEVICES.get(name)
     if builtin is not None:
-        if builtin.runtime != "onnxruntime":
-            raise AgentError(f"device {name} uses {builtin.runtime}; the agent runs onnxruntime devices")
+        if builtin.runtime not in AGENT_RUNTIMES:
+            raise AgentError(
+                f"device {name} uses {builtin.runtime}; the agent runs {', '.join(AGENT_RUNTIMES)} devices"
+            )
         return Device(
             builtin.name, builtin.runtime, threads or builtin.threads, builtin.settings, is_local=True
         )
@@ -484,9 +519,11 @@ def agent_device(name: str, threads: int | None = None) -> Device:
 
 def device_from_record(record: dict[str, Any], threads: int | None = None) -> Device:
     """The agent's device as the server describes it (``threads`` overrides the server's)."""
-    runtime = record.get("runtime", "onnxruntime")
-    if runtime != "onnxruntime":
-        raise AgentError(f"device {record.get('name')} uses {runtime}; the agent runs onnxruntime devices")
+    runtime = str(record.get("runtime", "onnxruntime"))
+    if runtime not in AGENT_RUNTIMES:
+        raise AgentError(
+            f"device {record.get('name')} uses {runtime}; the agent runs {', '.join(AGENT_RUNTIMES)} devices"
+        )
     if record.get("kind") == "local":
         log.warning(
             "device %s is a local device: the server measures it itself, so no tasks will come",
@@ -495,7 +532,7 @@ def device_from_record(record: dict[str, Any], threads: int | None = None) -> De
     settings = {str(k): str(v) for k, v in (record.get("settings") or {}).items()}
     return Device(
         str(record["name"]),
-        "onnxruntime",
+        runtime,
         threads or int(record.get("threads") or 1),
         settings,
         is_local=True,
@@ -582,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--token", default=os.environ.get("MODELTAILOR_TOKEN"), help="API key ($MODELTAILOR_TOKEN)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=int, default=None, help="the runtime's intra-op threads")
     parser.add_argument("--stop-after", type=int, default=None, help="exit after this many tasks")
     parser.add_argument("--poll-s", type=float, default=5.0, help="seconds between polls when idle")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where downloaded models are kept")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from compression.apply import apply_policy
+from compression.export_runtimes import EXPORT_RUNTIMES, export_for_runtime, int8_layer_names
+from compression.mixed_precision import export_policy_onnx
 from compression.model_io import CompressibleModel
 from compression.onnx_export import export_onnx
 from compression.policy import Policy
-from compression.quantize_onnx import quantize_int8
 from compression.space import SearchSpace
 from latency_models.devices import Device, get_device
-from latency_models.features import runtime_int8
 from latency_models.harness import Measurement, measure_pair
 from latency_models.predictors import KINDS, REGISTRY, LatencyRecord, Predictor, holdout_metrics
 from latency_models.predictors.base import Target, supports_statistic, with_statistic
@@ -54,17 +54,30 @@ def export_for_device(
 ) -> tuple[Any, tuple[int, ...] | None, bool]:
     """The compressed model in the form ``device`` runs it: (model, input shape, int8).
 
-    ONNX Runtime devices get an ONNX file (int8 QDQ when ``runtime_int8`` says so, else
-    fp32); torch devices get the GraphModule (fake-quantized weights run in fp32).
+    ONNX Runtime devices get an ONNX file with each layer at the precision its bits run at
+    (``compression.mixed_precision``: int8 QDQ, 4-bit MatMulNBits or fp32, the rule the
+    features encode; ``int8``: any layer is quantized); ExecuTorch / OpenVINO devices their
+    ``.pte`` / IR zip with the layers that have ``bits`` in int8
+    (``compression.export_runtimes``); torch devices get the GraphModule (fake-quantized
+    weights run in fp32).
     """
     compressed = apply_policy(cm, policy)
+    if device.runtime in EXPORT_RUNTIMES:  # ExecuTorch .pte / OpenVINO IR zip, int8 per layer
+        int8_layers = int8_layer_names(space, policy)
+        batches = _calibration_batches(cm.input_shape) if int8_layers else None
+        example = cm.example_input(1)
+        exported = export_for_runtime(
+            device.runtime, compressed.gm, example, path, int8_layers=int8_layers, calibration=batches
+        )
+        return exported, None, bool(int8_layers)
     if device.runtime != "onnxruntime":
         return compressed.gm, (1, *cm.input_shape), False
     onnx_path = export_onnx(compressed.gm, cm.example_input(1), path, check=False)
-    if not runtime_int8(space, policy):
+    if not compressed.bits:
         return onnx_path, None, False
     batches = _calibration_batches(cm.input_shape)
-    return quantize_int8(onnx_path, batches, path.with_name(path.stem + "-int8.onnx")), None, True
+    out, precision = export_policy_onnx(compressed, onnx_path, batches, path.with_name(path.stem + "-q.onnx"))
+    return out, None, bool(precision)
 
 
 def export_sample(
@@ -233,6 +246,7 @@ def fit_predictors(
     test_fraction: float = 0.25,
     store: DeviceStore | None = None,
     statistic: str = "min",
+    extra: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Predictor], dict[str, Any], int | None]:
     """Held-out metrics of every kind (architecture split), then each kind refitted on all records.
 
@@ -242,6 +256,7 @@ def fit_predictors(
     reference's fast tail make the fit fall back to ``median`` (``doc["statistic"]`` says).
     The default kind is the one with the best mean of its held-out ±10 % figures for absolute
     latency and for speedup over the dense model.
+    ``extra`` is stored in the metrics document as given (the device's capabilities).
     Returns (predictors, metrics document, stored version or None).
     """
     requested = statistic
@@ -276,6 +291,7 @@ def fit_predictors(
         "test_fraction": test_fraction,
         "split": "held-out architectures (group split by arch_id)",
         "predictors": per_kind,
+        **dict(extra or {}),
     }
     version = store.save_version(fitted, doc, default) if store is not None else None
     return fitted, {**doc, "default": default}, version

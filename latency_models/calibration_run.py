@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from compression.model_io import CompressibleModel
     from compression.policy import Policy
     from compression.space import SearchSpace
+    from latency_models.capabilities import Capabilities, Trial
     from latency_models.devices import Device
+    from latency_models.harness import Measurement
     from latency_models.predictors import LatencyRecord
     from latency_models.sampling import CalibrationSample
     from latency_models.store import DeviceStore
@@ -51,6 +53,8 @@ DEFAULT_SAMPLES = 48
 TASK_WINDOW = 4
 #: How often the agent transport looks at its tasks.
 POLL_S = 0.25
+#: Purpose of the device-agent tasks that time capability trials (``latency_models.capabilities``).
+CAPABILITY_PURPOSE = "capability"
 
 Progress = Callable[[int, int, str], None]
 
@@ -112,8 +116,10 @@ class TaskQueue(Protocol):
         warmup: int,
         info: dict[str, Any],
         features: dict[str, Any],
+        purpose: str | None = None,
     ) -> int:
-        """Queue one timing of ``model`` interleaved with ``baseline``; the task's id."""
+        """Queue one timing of ``model`` interleaved with ``baseline``; the task's id.
+        ``purpose`` tells apart the capability trials (``capability``) from the samples."""
 
     def poll(self, tasks: Sequence[int]) -> tuple[bool, list[TaskOutcome]]:
         """(whether any of ``tasks`` was handed to an agent, the ones that ended)."""
@@ -141,6 +147,24 @@ class Transport(Protocol):
         self, samples: Iterator[CalibrationSample], *, runs: int, workdir: Path, sink: Sink
     ) -> None: ...
 
+    def time_trials(
+        self, trials: Sequence[Trial], *, runs: int, workdir: Path, sink: Sink
+    ) -> dict[str, float]:
+        """Time each capability trial against its dense probe in one run: {key: speedup}
+        (``latency_models.capabilities``); a trial that could not be timed is left out."""
+        ...
+
+
+def _p10_speedup(baseline: Measurement, model: Measurement) -> float:
+    """Dense over variant by the fast tail of one interleaved run: on a shared machine the
+    steadier ratio of two small models (``PairMeasurement.speedup_p10``)."""
+    return baseline.p10_ms / model.p10_ms
+
+
+def _trial_file(workdir: Path, trial: Trial | None, probe: str) -> Path:
+    name = trial.key.replace("/", "-") if trial is not None else f"{probe}-dense"
+    return workdir / f"capability-{name}.onnx"
+
 
 # --------------------------------------------------------------------------- transports
 
@@ -166,6 +190,42 @@ class HarnessTransport:
                 sink.skipped(i + 1, sample, exc)
                 continue
             sink.measured(i + 1, sample, new)
+
+    def time_trials(
+        self, trials: Sequence[Trial], *, runs: int, workdir: Path, sink: Sink
+    ) -> dict[str, float]:
+        from compression.policy import Policy
+        from latency_models.calibrate import export_for_device
+        from latency_models.harness import measure_pair
+
+        dense: dict[str, Any] = {}
+        out: dict[str, float] = {}
+        for trial in trials:
+            sink.check_stop()
+            try:
+                if trial.probe not in dense:
+                    dense[trial.probe] = export_for_device(
+                        trial.model,
+                        trial.space,
+                        Policy.dense(),
+                        self.device,
+                        _trial_file(workdir, None, trial.probe),
+                    )[0]
+                model, shape, _int8 = export_for_device(
+                    trial.model,
+                    trial.space,
+                    trial.policy,
+                    self.device,
+                    _trial_file(workdir, trial, trial.probe),
+                )
+                pair = measure_pair(
+                    dense[trial.probe], model, self.device, runs=runs, warmup=5, input_shape=shape
+                )
+            except Exception as exc:  # one trial must not end the calibration
+                log.info("capability trial %s not timed: %s", trial.key, exc)
+                continue
+            out[trial.key] = _p10_speedup(pair.a, pair.b)
+        return out
 
 
 @dataclass
@@ -247,6 +307,80 @@ class AgentTransport:
                 sink.waiting(finished, not claimed_any)
                 time.sleep(self.poll_s)
 
+    def time_trials(
+        self, trials: Sequence[Trial], *, runs: int, workdir: Path, sink: Sink
+    ) -> dict[str, float]:
+        from compression.policy import Policy
+        from latency_models.calibrate import export_for_device
+        from latency_models.harness import Measurement as HM
+
+        dense: dict[str, Path] = {}
+        todo = list(trials)
+        outstanding: dict[int, Trial] = {}
+        out: dict[str, float] = {}
+        last_claim = time.monotonic()
+        while todo or outstanding:
+            sink.check_stop()
+            while todo and len(outstanding) < self.window:
+                trial = todo.pop(0)
+                try:
+                    if trial.probe not in dense:
+                        dense[trial.probe] = Path(
+                            export_for_device(
+                                trial.model,
+                                trial.space,
+                                Policy.dense(),
+                                self.device,
+                                _trial_file(workdir, None, trial.probe),
+                            )[0]
+                        )
+                    model = export_for_device(
+                        trial.model,
+                        trial.space,
+                        trial.policy,
+                        self.device,
+                        _trial_file(workdir, trial, trial.probe),
+                    )[0]
+                except Exception as exc:
+                    log.info("capability trial %s not exported: %s", trial.key, exc)
+                    continue
+                task = self.tasks.add(
+                    model=Path(model),
+                    baseline=dense[trial.probe],
+                    runs=runs,
+                    warmup=5,
+                    info={"capability": trial.key},
+                    features={},
+                    purpose=CAPABILITY_PURPOSE,
+                )
+                outstanding[task] = trial
+            if not outstanding:
+                continue
+            claimed_any, ended = self.tasks.poll(list(outstanding))
+            if claimed_any:
+                last_claim = time.monotonic()
+            for outcome in ended:
+                trial = outstanding.pop(outcome.task)
+                if not outcome.ok:
+                    log.info("capability trial %s failed on the device: %s", trial.key, outcome.error)
+                    continue
+                try:
+                    base = HM.from_dict(outcome.stats["baseline"])
+                    mine = HM.from_dict(outcome.stats["measurement"])
+                    out[trial.key] = _p10_speedup(base, mine)
+                except (KeyError, TypeError, ValueError):
+                    speedup = outcome.stats.get("speedup")
+                    if isinstance(speedup, (int, float)):
+                        out[trial.key] = float(speedup)
+            if not ended:
+                if time.monotonic() - last_claim > self.agent_wait_s:
+                    raise CalibrationError(
+                        f"no device agent answered the capability tasks of device "
+                        f"{self.device_name or self.device.name} (id {self.device_id})"
+                    )
+                time.sleep(self.poll_s)
+        return out
+
 
 # --------------------------------------------------------------------------- the loop
 
@@ -323,6 +457,22 @@ class CalibrationRun:
         self.store.end("succeeded", None, version, metrics)
         return version
 
+    def _capabilities(self, workdir: Path) -> Capabilities | None:
+        """The channel multiple and schemes the device rewards (``latency_models.capabilities``),
+        timed through the calibration's own transport; None (logged) when they could not be."""
+        from latency_models.capabilities import TRIAL_RUNS, measure_capabilities
+
+        self._beat(self._total, "measuring what the device accelerates (channel multiples, schemes)")
+        try:
+            return measure_capabilities(
+                lambda trials: self.transport.time_trials(trials, runs=TRIAL_RUNS, workdir=workdir, sink=self)
+            )
+        except CalibrationError:
+            raise
+        except Exception as exc:  # the predictor is still worth having
+            log.warning("device %s: capabilities not measured: %s", self.device_name, exc)
+            return None
+
     def samples(self) -> Iterator[CalibrationSample]:
         """The plan: focused on ``model`` when there is one, else the general plan."""
         n = int(self.params.get("samples", DEFAULT_SAMPLES))
@@ -348,16 +498,19 @@ class CalibrationRun:
         samples = self.samples()
         with torch.no_grad(), tempfile.TemporaryDirectory(prefix="mt-calib-") as tmp:
             self.transport.measure(samples, runs=runs, workdir=Path(tmp), sink=self)
-        records = self.files.records()
-        if len({r.arch_id for r in records}) < 2:
-            raise CalibrationError(
-                f"device {self.device_name}: {len(records)} measurement(s) of fewer than two architectures; "
-                "a predictor's held-out error needs at least two (were most samples skipped?)"
-            )
+            records = self.files.records()
+            if len({r.arch_id for r in records}) < 2:
+                raise CalibrationError(
+                    f"device {self.device_name}: {len(records)} measurement(s) of fewer than two "
+                    "architectures; a predictor's held-out error needs at least two "
+                    "(were most samples skipped?)"
+                )
+            capabilities = self._capabilities(Path(tmp)) if self.params.get("capabilities", True) else None
         self._beat(total, f"fitting predictors on {len(records)} measurements")
         kinds = tuple(self.kinds) if self.kinds else tuple(self.params.get("kinds") or ()) or None
         seed = int(self.params.get("seed", 0))
-        doc, stored = fit_all(records, kinds, seed, self.files)
+        extra = {"capabilities": capabilities.to_dict()} if capabilities is not None else None
+        doc, stored = fit_all(records, kinds, seed, self.files, extra)
         holdout = holdout_pairs(records, str(doc["default"]), seed=seed)
         metrics = predictor_metrics(doc, holdout)
         if self.model_ids is not None:
@@ -370,6 +523,34 @@ class CalibrationRun:
 # --------------------------------------------------------------------------- pieces
 
 
+class _NoStop:
+    def check_stop(self) -> None:
+        return None
+
+    def measured(self, done: int, sample: CalibrationSample, records: Sequence[LatencyRecord]) -> None:
+        return None
+
+    def skipped(self, done: int, sample: CalibrationSample, why: object) -> None:
+        return None
+
+    def waiting(self, done: int, for_agent: bool) -> None:
+        return None
+
+
+def local_capabilities(device: Device, *, runs: int | None = None) -> Capabilities:
+    """Measure what a device this process can time accelerates (``modeltailor calibrate``,
+    the capabilities bench) through the calibration's own harness transport."""
+    from latency_models.capabilities import TRIAL_RUNS, measure_capabilities
+
+    transport = HarnessTransport(device)
+    with tempfile.TemporaryDirectory(prefix="mt-capabilities-") as tmp:
+        return measure_capabilities(
+            lambda trials: transport.time_trials(
+                trials, runs=runs or TRIAL_RUNS, workdir=Path(tmp), sink=_NoStop()
+            )
+        )
+
+
 def general_plan(n: int, *, seed: int = 0) -> Iterator[CalibrationSample]:
     """The general calibration sampling: zoo models at several resolutions + random architectures."""
     from latency_models.sampling import sample_plan
@@ -378,16 +559,21 @@ def general_plan(n: int, *, seed: int = 0) -> Iterator[CalibrationSample]:
 
 
 def fit_all(
-    records: Sequence[LatencyRecord], kinds: Sequence[str] | None, seed: int, store: DeviceStore
+    records: Sequence[LatencyRecord],
+    kinds: Sequence[str] | None,
+    seed: int,
+    store: DeviceStore,
+    extra: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Fit every predictor kind and store a version; a kind that fails to fit is left out
-    (named in the metrics under ``failed_kinds``) rather than failing the calibration."""
+    (named in the metrics under ``failed_kinds``) rather than failing the calibration.
+    ``extra`` (the device's capabilities) is stored in the version's metrics.json."""
     from latency_models.calibrate import fit_predictors
     from latency_models.predictors import KINDS
 
     wanted = tuple(kinds or KINDS)
     try:
-        _fitted, doc, version = fit_predictors(records, kinds=wanted, seed=seed, store=store)
+        _fitted, doc, version = fit_predictors(records, kinds=wanted, seed=seed, store=store, extra=extra)
     except Exception as exc:
         log.warning("fitting all predictor kinds failed (%s); fitting them one by one", exc)
         failed: dict[str, str] = {}
@@ -399,7 +585,7 @@ def fit_all(
         working = tuple(k for k in wanted if k not in failed)
         if not working:
             raise CalibrationError(f"no predictor kind could be fitted: {failed}") from exc
-        _fitted, doc, version = fit_predictors(records, kinds=working, seed=seed, store=store)
+        _fitted, doc, version = fit_predictors(records, kinds=working, seed=seed, store=store, extra=extra)
         doc = {**doc, "failed_kinds": failed}
     assert version is not None
     return doc, version
@@ -422,7 +608,8 @@ def predictor_metrics(doc: Mapping[str, Any], holdout: dict[str, Any] | None = N
 
     Top level: the default kind's headline held-out figures (numbers only, so a table can show
     them) plus ``n_test`` / ``records`` / ``architectures``; ``kind`` and every kind's full
-    metrics under ``detail``; held-out (measured, predicted) pairs under ``holdout`` when known.
+    metrics under ``detail``; held-out (measured, predicted) pairs under ``holdout`` when known;
+    the device's measured ``capabilities`` when the version has them.
     """
     default = str(doc.get("default", ""))
     per_kind: dict[str, Any] = dict(doc.get("predictors") or {})
@@ -443,6 +630,8 @@ def predictor_metrics(doc: Mapping[str, Any], holdout: dict[str, Any] | None = N
     }
     if holdout:
         out["holdout"] = holdout
+    if isinstance(doc.get("capabilities"), Mapping):  # what the device accelerates (see capabilities)
+        out["capabilities"] = dict(doc["capabilities"])
     return out
 
 

@@ -1,7 +1,7 @@
 """Devices: a named target = hardware + runtime + settings.
 
 Latency only means something for one device, so predictors and measurements are keyed by
-the device name. Three devices are built in for this machine's CPU; others (an edge board
+the device name. Five devices are built in for this machine's CPU; others (an edge board
 running the device agent) are described by ``Device.from_dict``.
 """
 
@@ -29,7 +29,8 @@ class Device:
 
     Attributes:
         name: unique id, e.g. ``cpu-ort-1t``; letters, digits, ``_ . -``.
-        runtime: runtime kind from ``latency_models.runtimes.RUNTIMES`` (``onnxruntime``, ``torch``).
+        runtime: runtime kind from ``latency_models.runtimes.RUNTIMES`` (``onnxruntime``, ``torch``,
+            ``executorch``, ``openvino``).
         threads: intra-op threads the runtime may use.
         settings: runtime-specific options (ONNX Runtime session config entries).
         is_local: True when this process can time the device itself; False when a device
@@ -111,6 +112,20 @@ BUILTIN_DEVICES: dict[str, Device] = {
             "cpu-ort-2t", "onnxruntime", 2, is_local=True, description="this CPU, ONNX Runtime, 2 threads"
         ),
         Device("cpu-torch-1t", "torch", 1, is_local=True, description="this CPU, PyTorch eager, 1 thread"),
+        Device(
+            "cpu-executorch-1t",
+            "executorch",
+            1,
+            is_local=True,
+            description="this CPU, ExecuTorch with the XNNPACK delegate, 1 thread (needs the runtimes extra)",
+        ),
+        Device(
+            "cpu-openvino-1t",
+            "openvino",
+            1,
+            is_local=True,
+            description="this CPU, OpenVINO CPU plugin in float32, 1 thread (needs the runtimes extra)",
+        ),
     )
 }
 

@@ -13,12 +13,16 @@ input channels are the sum over ``in_segments`` of the same rule with each segme
 times ``in_expand`` (positions per channel after a flatten). Depthwise convolutions keep one
 group per kept channel. Layers inside a skipped block are not kernels at all.
 
-How ``bits`` map to this runtime (``runtime_int8``): ONNX Runtime on this CPU runs a model
-either in fp32 or as a static int8 QDQ model. A policy runs as int8 QDQ when layers holding at
-least half of the kept MACs have ``bits`` set (any of 2-8: lower bit-widths are stored in int8
-containers, ORT has no faster kernel for them); otherwise it runs in fp32 (the fake-quantized
-weights are just float values). The sampler exports models by this very rule, so the
+How ``bits`` map to this runtime: per layer, by ``compression.mixed_precision.layer_precision``
+(the rule the export follows). A layer with ``bits`` runs as a static int8 QDQ kernel, a linear
+layer with ``bits <= 4`` as a 4-bit ``MatMulNBits`` when ORT has that kernel, every other layer
+in fp32. Each kernel carries its own ``bits``, ``int8`` and ``int4`` flags and its
+``qdq_edges`` (graph neighbours at another precision: a quantize / dequantize pair each), and
+the model its MAC share in int8; the sampler exports models by this very rule, so the
 predictors learn what int8 costs per kernel shape instead of assuming a speedup.
+
+``FEATURE_VERSION`` names this encoding: a predictor saved under another version refuses to
+load (``latency_models.predictors.base.StalePredictorError``) and must be refitted.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from compression import schemes
+from compression.mixed_precision import supports_int4_matmul
 from compression.policy import LayerPolicy, Policy
 from compression.space import (
     OP_TYPES,
@@ -41,7 +46,7 @@ from compression.space import (
 )
 
 __all__ = [
-    "INT8_MAC_FRACTION",
+    "FEATURE_VERSION",
     "KERNEL_FEATURES",
     "MODEL_FEATURES",
     "POLICY_FIELDS",
@@ -51,6 +56,7 @@ __all__ = [
     "SpaceIndex",
     "encode_layer_policies",
     "kernel_features",
+    "layer_runtime",
     "runtime_int8",
     "space_from_dict",
 ]
@@ -60,8 +66,9 @@ SCHEME_CODES: dict[str, int] = {s.name: s.code for s in schemes.schemes()}
 #: The per-layer policy fields every predictor sees, in this order: the scheme's encoding
 #: (``Scheme.encode``: code, sparsity, N, M, block) and the weight bits (0 = float).
 POLICY_FIELDS: tuple[str, ...] = (*schemes.ENCODING_FIELDS, "bits")
-#: A policy runs as int8 QDQ when layers with ``bits`` set hold at least this share of the MACs.
-INT8_MAC_FRACTION = 0.5
+#: Version of the feature encoding (1: one whole-model int8 flag; 2: precision per layer).
+#: Bump it whenever a feature's meaning changes: stored predictors of another version refuse to load.
+FEATURE_VERSION = 2
 
 KERNEL_FEATURES: tuple[str, ...] = (
     "op_conv",
@@ -86,6 +93,8 @@ KERNEL_FEATURES: tuple[str, ...] = (
     "block",
     "bits",
     "int8",
+    "int4",
+    "qdq_edges",
     "in_numel",
     "out_numel",
     "position",
@@ -94,7 +103,7 @@ MODEL_FEATURES: tuple[str, ...] = (
     "total_macs",
     "n_kernels",
     "input_numel",
-    "int8",
+    "int8_macs",
     "total_out_numel",
     "total_params",
 )
@@ -145,8 +154,8 @@ class KernelBatch:
 
     @property
     def int8(self) -> np.ndarray:
-        """(P,) whether each policy runs as int8 QDQ (see ``runtime_int8``)."""
-        return self.model[:, MODEL_FEATURES.index("int8")] > 0.5
+        """(P,) whether any kernel of each policy runs as int8 QDQ (see ``runtime_int8``)."""
+        return np.asarray((self.x[:, :, _K["int8"]] > 0.5).any(axis=1))
 
 
 class LayerIndex:
@@ -203,6 +212,28 @@ class LayerIndex:
                     self.block_layers[j, pos[name]] = 1.0
         first = f[0] if f else None
         self.input_numel = float(first.in_channels * first.in_h * first.in_w) if first else 0.0
+        self.is_linear = self.op == OP_TYPES.index("linear")
+        e = np.asarray(space.edges, dtype=np.int64).reshape(-1, 2)
+        self.edge_src, self.edge_dst = e[:, 0], e[:, 1]
+        # each edge counts for both of its layers (a precision change costs a Q/DQ pair)
+        self.edge_incidence = np.zeros((len(e), self.n_layers))
+        self.edge_incidence[np.arange(len(e)), e[:, 0]] += 1.0
+        self.edge_incidence[np.arange(len(e)), e[:, 1]] += 1.0
+
+    def precision(self, bits: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(int8, int4, qdq_edges), each (P, L), of per-layer ``bits`` (0 = float) under
+        ``compression.mixed_precision.layer_precision``; ``qdq_edges`` counts the layer's
+        present graph neighbours that run at another precision."""
+        quant = (bits > 0) & present
+        int4 = quant & self.is_linear & (bits <= 4) & supports_int4_matmul()
+        int8 = quant & ~int4
+        code = int8 + 2 * int4
+        edges = np.zeros(bits.shape)
+        if len(self.edge_src):
+            live = present[:, self.edge_src] & present[:, self.edge_dst]
+            diff = (code[:, self.edge_src] != code[:, self.edge_dst]) & live
+            edges = diff @ self.edge_incidence
+        return int8, int4, edges
 
 
 class SpaceIndex(LayerIndex):
@@ -275,9 +306,11 @@ class SpaceIndex(LayerIndex):
         bits = enc[:, :, 6]
         x[:, :, _K["bits"]] = bits
         total_macs = macs.sum(axis=1)
-        quant_macs = (macs * (bits > 0)).sum(axis=1)
-        int8 = quant_macs >= INT8_MAC_FRACTION * np.maximum(total_macs, 1e-9)
-        x[:, :, _K["int8"]] = int8[:, None]
+        int8, int4, qdq_edges = self.precision(bits, present)
+        x[:, :, _K["int8"]] = int8
+        x[:, :, _K["int4"]] = int4
+        x[:, :, _K["qdq_edges"]] = qdq_edges
+        int8_macs = (macs * int8).sum(axis=1) / np.maximum(total_macs, 1e-9)
         x[:, :, _K["in_numel"]] = cin * self.in_h * self.in_w
         out_numel = cout * self.out_h * self.out_w
         x[:, :, _K["out_numel"]] = out_numel
@@ -288,7 +321,7 @@ class SpaceIndex(LayerIndex):
                 total_macs,
                 present.sum(axis=1).astype(np.float64),
                 np.full(n_pol, self.input_numel),
-                int8.astype(np.float64),
+                int8_macs,
                 (out_numel * present).sum(axis=1),
                 (params * present).sum(axis=1),
             ],
@@ -322,8 +355,21 @@ def kernel_features(space: SearchSpace, policies: Sequence[Policy]) -> KernelBat
 
 
 def runtime_int8(space: SearchSpace, policy: Policy) -> bool:
-    """Whether this runtime executes ``policy`` as an int8 QDQ model (see module docstring)."""
+    """Whether any layer of ``policy`` runs as int8 QDQ on this runtime (see module docstring)."""
     return bool(kernel_features(space, [policy]).int8[0])
+
+
+def layer_runtime(space: SearchSpace, policy: Policy) -> dict[str, str]:
+    """Layer name -> "int8" / "int4" for the layers of ``policy`` that run quantized (present
+    layers with bits), as the features encode them and the export writes them."""
+    kb = kernel_features(space, [policy])
+    out: dict[str, str] = {}
+    for i, name in enumerate(space.layers):
+        if kb.x[0, i, _K["int4"]] > 0.5:
+            out[name.name] = "int4"
+        elif kb.x[0, i, _K["int8"]] > 0.5:
+            out[name.name] = "int8"
+    return out
 
 
 def space_from_dict(raw: Mapping[str, Any]) -> SearchSpace:

@@ -358,6 +358,10 @@ def reference_torch_module() -> Any:
 def _reference_for(runtime: Runtime, reference: Any) -> Any:
     if reference is not None:
         return reference
+    if runtime.accepts == "executorch":  # OpenVINO reads the ONNX reference itself
+        from latency_models.runtimes_edge import reference_pte_path
+
+        return reference_pte_path()
     return reference_torch_module() if runtime.accepts == "torch" else reference_onnx_path()
 
 

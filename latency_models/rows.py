@@ -24,8 +24,8 @@ they improve its held-out error on the training data.
 Speed: ``RowIndex`` precomputes everything static once per space; per batch of policies only
 the fields a row depends on are read from the policies (widths of the width-leading layers,
 bits, skips), and rows are reduced to *unique* rows (a row depends on its layer, its kept
-channels, the int8 flag and its neighbours' layouts, which repeat across policies) before
-the regressor sees them.
+channels, its precision and its neighbours' layouts and precisions, which repeat across
+policies) before the regressor sees them.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import numpy as np
 from compression.policy import LayerPolicy, Policy
 from compression.space import OP_TYPES, SearchSpace
 from latency_models.features import (
-    INT8_MAC_FRACTION,
     POLICY_FIELDS,
     SCHEME_CODES,
     LayerIndex,
@@ -95,12 +94,14 @@ ROW_FEATURES: tuple[str, ...] = (
     "n_kernels",
     "n_adds",
     "int8",
+    "int4",
+    "qdq_edges",
 )
 #: Extra columns when ``policy_features`` is on (per-layer fields that keep the shape).
 POLICY_FEATURES: tuple[str, ...] = POLICY_FIELDS  # scheme, sparsity, nm_n, nm_m, block, bits
 _F = {n: i for i, n in enumerate(ROW_FEATURES)}
 #: Key columns before the optional policy fields (see ``RowIndex.keys``).
-N_KEY = 7 + len(NCHWC_BLOCKS)
+N_KEY = 8 + len(NCHWC_BLOCKS)
 #: Fixed cost of one op in MAC-equivalents (in ``work``): small kernels are overhead-bound.
 OP_COST = 10_000.0
 
@@ -113,7 +114,8 @@ class PolicyArrays:
         cin / cout: (P, L) kept input / output channels.
         present: (P, L) False for layers of skipped blocks.
         block_present: (P, B) False for skipped blocks.
-        int8: (P,) whether the model runs as int8 QDQ (``features.runtime_int8``).
+        int8 / int4: (P, L) whether each layer runs as int8 QDQ / 4-bit MatMulNBits.
+        qdq: (P, L) graph neighbours of each layer at another precision.
         fields: (P, L, 6) ``POLICY_FIELDS`` (scheme code, sparsity, N, M, block, bits, from
             ``features.encode_layer_policies``); None unless requested.
         layout: (P, L, 2 * len(NCHWC_BLOCKS)) per block size: NCHWc flag, and how many of the
@@ -125,6 +127,8 @@ class PolicyArrays:
     present: np.ndarray
     block_present: np.ndarray
     int8: np.ndarray
+    int4: np.ndarray
+    qdq: np.ndarray
     fields: np.ndarray | None
     layout: np.ndarray
 
@@ -136,7 +140,7 @@ def base_design(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     model totals; the boosted trees then learn each row's deviation from it.
     """
     t = x[:, _F["type"]].astype(np.int64)
-    int8 = x[:, _F["int8"]] > 0.5
+    int8 = (x[:, _F["int8"]] > 0.5) | (x[:, _F["int4"]] > 0.5)
     model = t == _MODEL
     traffic = x[:, _F["in_numel"]] + x[:, _F["out_numel"]] + x[:, _F["params"]]
     ops = np.where(model, 1.0 + x[:, _F["n_kernels"]], 1.0)
@@ -201,11 +205,6 @@ class RowIndex(LayerIndex):
         self.is_block_out = np.zeros(L)
         self.is_block_out[self.block_out[[j for j, b in enumerate(space.blocks) if b.layers]]] = 1.0
         e = np.asarray(space.edges, dtype=np.int64).reshape(-1, 2)
-        self.edge_src, self.edge_dst = e[:, 0], e[:, 1]
-        # each edge counts for both of its layers (a layout change costs a reorder either way)
-        self.edge_incidence = np.zeros((len(e), L))
-        self.edge_incidence[np.arange(len(e)), e[:, 0]] += 1.0
-        self.edge_incidence[np.arange(len(e)), e[:, 1]] += 1.0
         self.is_conv = self.op != OP_TYPES.index("linear")
         #: layouts only meet between convolutions (linear layers see pooled / flattened tensors)
         self.conv_edge = self.is_conv[self.edge_src] & self.is_conv[self.edge_dst]
@@ -224,16 +223,17 @@ class RowIndex(LayerIndex):
             items.bit_length(),
             cin_max.bit_length(),
             cout_max.bit_length(),
-            1,
+            2,
             max(L, 1).bit_length(),
             max(B, 1).bit_length(),
+            4,
         ] + [4] * len(NCHWC_BLOCKS)
         #: scheme code, sparsity in thousandths, N, M, block, bits
         self.field_bits = [max(max(SCHEME_CODES.values()), 1).bit_length(), 10, 7, 7, 7, 4]
 
     # -- policies -> arrays
     def arrays(self, policies: Sequence[Policy], fields: bool = False) -> PolicyArrays:
-        """Kept channels, presence, int8 flag (and the per-layer fields when ``fields``)."""
+        """Kept channels, presence, per-layer precision (and the policy fields when ``fields``)."""
         P, L = len(policies), self.n_layers
         names, wnames = self.names, self.width_names
         widths: list[float] = []
@@ -253,7 +253,7 @@ class RowIndex(LayerIndex):
                 if j is not None:
                     skips[p, j] = 1.0
         w = np.asarray(widths, dtype=np.float64).reshape(P, len(wnames))
-        quant = np.asarray(bits, dtype=np.float64).reshape(P, L) > 0
+        bits_pl = np.asarray(bits, dtype=np.float64).reshape(P, L)
         if len(wnames):
             lead_w = np.where(self.leader_col >= 0, w[:, np.maximum(self.leader_col, 0)], 1.0)
             seg_w = np.where(self.seg_col >= 0, w[:, np.maximum(self.seg_col, 0)], 1.0)
@@ -273,14 +273,12 @@ class RowIndex(LayerIndex):
         cin = (seg @ self.seg_to_layer) * self.expand
         present = (skips @ self.block_layers) < 0.5
         groups = np.where(self.is_dw, cout, self.groups)
-        macs = cin / groups * cout * self.kernel * self.kernel * self.out_h * self.out_w * present
-        total = macs.sum(axis=1)
-        int8 = (macs * quant).sum(axis=1) >= INT8_MAC_FRACTION * np.maximum(total, 1e-9)
+        int8, int4, qdq = self.precision(bits_pl, present)
         out_fields: np.ndarray | None = None
         if fields:
             out_fields = encode_layer_policies(lps).reshape(P, L, len(POLICY_FIELDS))
         layout = np.zeros((P, L, 2 * len(NCHWC_BLOCKS)))
-        fp32 = ~int8[:, None]  # int8 QDQ convolutions run as QLinearConv: no NCHWc
+        fp32 = ~int8  # int8 QDQ convolutions run as QLinearConv: no NCHWc
         for bi, block in enumerate(NCHWC_BLOCKS):
             ok = nchwc_ok(cin, cout, groups, self.is_dw, self.is_conv, block) & present & fp32
             layout[:, :, 2 * bi] = ok
@@ -288,7 +286,7 @@ class RowIndex(LayerIndex):
                 live = present[:, self.edge_src] & present[:, self.edge_dst] & self.conv_edge
                 diff = (ok[:, self.edge_src] != ok[:, self.edge_dst]) & live
                 layout[:, :, 2 * bi + 1] = diff @ self.edge_incidence
-        return PolicyArrays(cin, cout, present, skips < 0.5, int8, out_fields, layout)
+        return PolicyArrays(cin, cout, present, skips < 0.5, int8, int4, qdq, out_fields, layout)
 
     # -- arrays -> unique row keys
     def keys(self, pa: PolicyArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -296,12 +294,13 @@ class RowIndex(LayerIndex):
 
         Returns (keys (R, K) int64, owner (R,), kind (R,) 0 kernel / 2 model), kernels first
         (policy-major, layers in order), then one model row per policy. Key
-        columns: kind, item (layer or block index), cin, cout, int8, n_kernels, n_adds, layout
-        changes at each NCHWc block size, then the 6 policy fields (sparsity in thousandths)
-        when present. Equal keys mean equal rows.
+        columns: kind, item (layer or block index), cin, cout, precision (kernels: 0 fp32, 1 int8,
+        2 int4; the model row: 1 if any layer is quantized), n_kernels, n_adds, precision changes
+        to neighbours, layout changes at each NCHWc block size, then the 6 policy fields
+        (sparsity in thousandths) when present. Equal keys mean equal rows.
         """
         P = pa.cin.shape[0]
-        i8 = pa.int8.astype(np.int64)
+        code = pa.int8.astype(np.int64) + 2 * pa.int4.astype(np.int64)
         pp, ll = np.nonzero(pa.present)
         base = N_KEY
         n_k = base + (6 if pa.fields is not None else 0)
@@ -309,15 +308,16 @@ class RowIndex(LayerIndex):
         kern[:, 1] = ll
         kern[:, 2] = pa.cin[pp, ll]
         kern[:, 3] = pa.cout[pp, ll]
-        kern[:, 4] = i8[pp]
-        kern[:, 7:base] = np.minimum(pa.layout[pp, ll][:, 1::2], 15)
+        kern[:, 4] = code[pp, ll]
+        kern[:, 7] = np.minimum(pa.qdq[pp, ll], 15)
+        kern[:, 8:base] = np.minimum(pa.layout[pp, ll][:, 1::2], 15)
         if pa.fields is not None:
             fl = pa.fields[pp, ll]
             kern[:, base:] = fl
             kern[:, base + 1] = np.round(fl[:, 1] * 1000.0)
         model = np.zeros((P, n_k), dtype=np.int64)
         model[:, 0] = 2
-        model[:, 4] = i8
+        model[:, 4] = (code > 0).any(axis=1)
         model[:, 5] = pa.present.sum(axis=1)
         model[:, 6] = pa.block_present.sum(axis=1)
         keys = np.concatenate([kern, model])
@@ -334,7 +334,8 @@ class RowIndex(LayerIndex):
         item = keys[:, 1]
         cin = keys[:, 2].astype(np.float64)
         cout = keys[:, 3].astype(np.float64)
-        int8 = keys[:, 4].astype(np.float64)
+        int8 = (keys[:, 4] == 1).astype(np.float64)
+        int4 = (keys[:, 4] == 2).astype(np.float64)
         work = np.zeros(R)
         # kernels
         k = kind == 0
@@ -364,8 +365,13 @@ class RowIndex(LayerIndex):
             "in_numel": in_numel,
             "out_numel": out_numel,
             "intensity": macs / (in_numel + out_numel + params),
-            # bytes the kernel touches (fp32: 4 per element, int8: 1): cache-size cliffs
-            "footprint_kb": (in_numel + out_numel + params) * np.where(int8[k] > 0.5, 1.0, 4.0) / 1024.0,
+            # bytes the kernel touches (fp32: 4 per element, int8: 1, int4: float activations and
+            # half a byte per weight): cache-size cliffs
+            "footprint_kb": (
+                (in_numel + out_numel) * np.where(int8[k] > 0.5, 1.0, 4.0)
+                + params * np.where(int8[k] > 0.5, 1.0, np.where(int4[k] > 0.5, 0.5, 4.0))
+            )
+            / 1024.0,
             "tokens": self.tokens[li],
             "fan_in": self.fan_in[li],
             "fan_out": self.fan_out[li],
@@ -373,12 +379,14 @@ class RowIndex(LayerIndex):
             "cin_mod16": kcin % 16,
             "cout_mod16": kc % 16,
             "int8": int8[k],
+            "int4": int4[k],
+            "qdq_edges": keys[k, 7].astype(np.float64),
         }
         is_conv = self.is_conv[li]
         fp32 = int8[k] < 0.5
         for b, block in enumerate(NCHWC_BLOCKS):
             cols[f"nchwc{block}"] = nchwc_ok(kcin, kc, groups, self.is_dw[li], is_conv, block) & fp32
-            cols[f"reorder{block}"] = keys[k, 7 + b]
+            cols[f"reorder{block}"] = keys[k, 8 + b]
         for name, v in cols.items():
             x[k, _F[name]] = v
         work[k] = macs + in_numel + out_numel + params + OP_COST
@@ -390,7 +398,7 @@ class RowIndex(LayerIndex):
         x[m, _F["in_numel"]] = self.input_numel
         x[m, _F["n_kernels"]] = keys[m, 5]
         x[m, _F["n_adds"]] = keys[m, 6]
-        x[m, _F["int8"]] = int8[m]
+        x[m, _F["int8"]] = keys[m, 4].astype(np.float64)
         work[m] = OP_COST * (1.0 + keys[m, 5]) + self.input_numel
         if policy_cols:
             x[:, len(ROW_FEATURES) :] = keys[:, N_KEY:]

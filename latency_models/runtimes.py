@@ -10,6 +10,8 @@ What a runtime accepts (``Runtime.accepts``):
   onnxruntime and numpy, never torch, so the device agent installs on a small board.
 * ``"torch"`` (``TorchEagerCPU``): a ``torch.nn.Module`` / ``torch.fx.GraphModule`` or a path
   to a ``.pt2`` archive written by ``torch.export.save``; torch is imported when first used.
+* ``"executorch"`` / ``"openvino"``: ExecuTorch-XNNPACK ``.pte`` programs and OpenVINO IR
+  files, see ``latency_models.runtimes_edge`` (each runtime imported only when first used).
 
 Add a runtime (TFLite, a GPU provider) by implementing ``Runtime`` and adding it to
 ``RUNTIMES``.
@@ -37,7 +39,7 @@ __all__ = [
     "make_runtime",
 ]
 
-ModelKind = Literal["onnx", "torch"]
+ModelKind = Literal["onnx", "torch", "executorch", "openvino"]
 
 
 class RuntimeSetupError(ValueError):
@@ -263,9 +265,16 @@ class TorchEagerCPU:
         return _TorchPrepared(module, tuple(int(d) for d in input_shape), self.threads)
 
 
-RUNTIMES: dict[str, type[OnnxRuntimeCPU] | type[TorchEagerCPU]] = {
+# ExecuTorch (XNNPACK) and OpenVINO live in their own module (it uses the helpers above).
+from latency_models.runtimes_edge import ExecuTorchXnnpackCPU, OpenVinoCPU  # noqa: E402
+
+RUNTIMES: dict[
+    str, type[OnnxRuntimeCPU] | type[TorchEagerCPU] | type[ExecuTorchXnnpackCPU] | type[OpenVinoCPU]
+] = {
     OnnxRuntimeCPU.name: OnnxRuntimeCPU,
     TorchEagerCPU.name: TorchEagerCPU,
+    ExecuTorchXnnpackCPU.name: ExecuTorchXnnpackCPU,
+    OpenVinoCPU.name: OpenVinoCPU,
 }
 
 

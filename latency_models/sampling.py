@@ -9,10 +9,11 @@ Two sources, mixed:
   attention blocks, so that the predictors see kernel shapes no zoo model has and can be
   judged on architectures they never trained on.
 
-Policies are drawn to cover schemes, sparsities, widths, skipped blocks and bits. Bits are
-drawn per model, not per layer (``random_policy``): a model is either meant to run in fp32 or
-as int8 QDQ (see ``latency_models.features.runtime_int8`` for how bits map to the runtime),
-with a few stray layers of the other kind, so both runtime modes are well covered.
+Policies are drawn to cover schemes, sparsities, widths, skipped blocks and bits. A mode is
+drawn per model (``random_policy``): all float, mixed (some layers quantized) or mostly
+quantized; each layer then runs at the precision its bits give it
+(``compression.mixed_precision.layer_precision``: int8 QDQ, 4-bit MatMulNBits for linear
+layers, fp32), so float, int8 and int4 kernels and the boundaries between them are covered.
 """
 
 from __future__ import annotations
@@ -189,7 +190,9 @@ def random_architecture(rng: random.Random) -> tuple[nn.Module, tuple[int, int, 
 def random_policy(space: SearchSpace, rng: random.Random) -> Policy:
     """A policy covering widths, schemes, skips and bits, with the bits mode drawn per model."""
     base = space.sample(rng)
-    mode = rng.choice(("fp32", "fp32", "int8"))
+    # Per-layer precision (compression.mixed_precision): all-float, mixed and mostly
+    # quantized models, so the predictors see int8 / int4 kernels beside float ones.
+    mode = rng.choice(("fp32", "mixed", "int8"))
     keep_width = rng.random() < 0.3
     uniform_width = round(rng.uniform(0.25, 1.0), 3) if rng.random() < 0.3 else None
     layers: dict[str, LayerPolicy] = {}
@@ -197,8 +200,10 @@ def random_policy(space: SearchSpace, rng: random.Random) -> Policy:
         lp = base.for_layer(ls.name)
         if mode == "int8":
             bits: int | None = rng.choice((8, 8, 8, 4)) if rng.random() < 0.9 else None
+        elif mode == "mixed":
+            bits = rng.choice((8, 8, 4)) if rng.random() < 0.4 else None
         else:
-            bits = 8 if rng.random() < 0.1 else None
+            bits = None
         width = lp.width
         if ls.decides_width and (keep_width or uniform_width is not None):
             width = 1.0 if keep_width else float(uniform_width or 1.0)

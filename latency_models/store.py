@@ -23,10 +23,10 @@ from typing import Any
 
 from compression.policy import Policy
 from compression.space import SearchSpace
-from latency_models.features import space_from_dict
+from latency_models.features import FEATURE_VERSION, space_from_dict
 from latency_models.predictors.base import LatencyRecord, Predictor, load_predictor
 
-__all__ = ["DeviceStore", "data_dir", "record_from_json", "record_to_json"]
+__all__ = ["DeviceStore", "data_dir", "record_from_json", "record_is_current", "record_to_json"]
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 
@@ -34,6 +34,15 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 def data_dir() -> Path:
     """``$MODELTAILOR_DATA_DIR`` (default ``~/.modeltailor``)."""
     return Path(os.environ.get("MODELTAILOR_DATA_DIR") or Path.home() / ".modeltailor")
+
+
+def record_is_current(r: LatencyRecord) -> bool:
+    """Whether ``r`` was measured on the file the current export rule writes for its policy
+    (``measurement["feature_version"]``, stamped when the store wrote the line; none: v1)."""
+    if int(r.measurement.get("feature_version", FEATURE_VERSION)) >= FEATURE_VERSION:
+        return True
+    policy = r.policy
+    return policy.default.bits is None and all(lp.bits is None for lp in policy.layers.values())
 
 
 def record_to_json(r: LatencyRecord) -> str:
@@ -51,6 +60,8 @@ def record_to_json(r: LatencyRecord) -> str:
             "speedup": r.speedup,
             "int8": r.int8,
             "measurement": r.measurement,
+            # the export rule / feature encoding the measured file was made under
+            "feature_version": int(r.measurement.get("feature_version", FEATURE_VERSION)),
         },
         sort_keys=True,
     )
@@ -71,7 +82,8 @@ def record_from_json(line: str, spaces: Mapping[str, SearchSpace]) -> LatencyRec
         dense_ratio=d.get("dense_ratio"),
         speedup=d.get("speedup"),
         int8=bool(d.get("int8", False)),
-        measurement=dict(d.get("measurement") or {}),
+        # lines written before the field existed were measured under feature version 1
+        measurement={**(d.get("measurement") or {}), "feature_version": int(d.get("feature_version", 1))},
     )
 
 
@@ -110,16 +122,22 @@ class DeviceStore:
                 out[d["space_id"]] = d["space"]
         return out
 
-    def records(self) -> list[LatencyRecord]:
-        """Every stored measurement (spaces shared between records of one model)."""
+    def records(self, *, current: bool = True) -> list[LatencyRecord]:
+        """Every stored measurement (spaces shared between records of one model).
+
+        ``current``: leave out measurements that the current export rule would not reproduce:
+        quantized policies measured before per-layer precision (feature version 1 exported
+        them all-int8 or all-fp32 by their MAC share); float policies are the same files.
+        """
         if not self.measurements.is_file():
             return []
         spaces = {k: space_from_dict(v) for k, v in self._space_lines().items()}
-        return [
+        out = [
             record_from_json(line, spaces)
             for line in self.measurements.read_text().splitlines()
             if line.strip()
         ]
+        return [r for r in out if not current or record_is_current(r)]
 
     # -- predictor versions
     def versions(self) -> list[int]:

@@ -296,7 +296,11 @@ class Client:
         algorithm: str = "rule",
         **spec: Any,
     ) -> Job:
-        """Queue a search; ``spec`` takes the other fields of the job contract (space, budget, ...)."""
+        """Queue a search; ``spec`` takes the other fields of the job contract (space, budget, ...).
+
+        ``finetune={"top_k": 5, "epochs": 2.0}`` (the default) fine-tunes the top-k front points
+        by distillation after the search and re-scores them; ``finetune={"top_k": 0}`` skips it.
+        """
         device_id = device if isinstance(device, int) else self.device(device)["id"]
         body = {
             "model_id": model_id,
@@ -347,7 +351,11 @@ class Candidate:
         timeout: float = 3600.0,
         poll_s: float = 0.5,
     ) -> dict[str, Any]:
-        """Export to ONNX, wait until ready, download to ``path``; return the artifact metadata."""
+        """Export to ONNX, wait until ready, download to ``path``; return the artifact metadata.
+
+        A candidate the job fine-tuned is exported fine-tuned; ``finetune_epochs`` asks for at least
+        that many epochs of distillation (from the dense model) first.
+        """
         body = {"format": "onnx", "int8": int8, "finetune_epochs": finetune_epochs}
         accepted = self.client.request("POST", f"/candidates/{self.id}/export", json=body)
         artifact_id = int(accepted["artifact_id"])

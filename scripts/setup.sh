@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create or reuse .venv and install modeltailor with torch 2.13.0 (CPU) pinned.
+# Create or reuse .venv and install modeltailor with torch 2.13.0 (CPU) pinned, with the
+# ExecuTorch and OpenVINO device runtimes (the "runtimes" extra).
 # torch is named on the same pip line as everything else so no dependency can
 # pull another (multi-GB CUDA) torch build.
 set -euo pipefail
@@ -11,6 +12,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c "import modeltailor, torch, pytest" 2>/dev/null \
     || [ pyproject.toml -nt .venv/.modeltailor-installed ]; then
-    .venv/bin/pip install -q "torch==2.13.0" -e ".[dev]"
+    .venv/bin/pip install -q "torch==2.13.0" -e ".[dev,runtimes]"
     touch .venv/.modeltailor-installed
 fi

@@ -143,9 +143,15 @@ def add_task(
     """
     from latency_models.harness import reference_onnx_path
 
+    if device.runtime == "executorch":  # its agents time .pte files only (OpenVINO reads ONNX)
+        from latency_models.runtimes_edge import reference_pte_path
+
+        reference = reference_pte_path()
+    else:
+        reference = reference_onnx_path()
     spec: dict[str, Any] = {
         "model_sha256": put_blob(data_dir, device.id, model),
-        "reference_sha256": put_blob(data_dir, device.id, reference_onnx_path()),
+        "reference_sha256": put_blob(data_dir, device.id, reference),
         "runs": runs,
         "warmup": warmup,
         **(info or {}),
@@ -285,6 +291,7 @@ class DbTaskQueue:
         warmup: int,
         info: dict[str, Any],
         features: dict[str, Any],
+        purpose: str | None = None,
     ) -> int:
         with self.factory() as session:
             m = add_task(
@@ -292,7 +299,7 @@ class DbTaskQueue:
                 data_dir=self.data_dir,
                 device=self.device,
                 tenant_id=self.tenant_id,
-                purpose=self.purpose,
+                purpose=purpose or self.purpose,
                 model=model,
                 baseline=baseline,
                 runs=runs,

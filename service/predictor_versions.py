@@ -199,6 +199,8 @@ class LoadedPredictor:
     kind: str
     device: str
     tenant_id: int | None = None
+    #: What the device accelerates, measured by the calibration that made this version.
+    capabilities: dict[str, Any] | None = None
 
 
 _CACHE: dict[tuple[str, int], tuple[Any, int, str]] = {}
@@ -226,7 +228,10 @@ def current_predictor(
         with _CACHE_LOCK:
             _CACHE[key] = cached
     predictor, _stored, kind = cached
-    return LoadedPredictor(predictor, row.version, kind, device.name, row.tenant_id)
+    caps = (row.metrics or {}).get("capabilities")
+    return LoadedPredictor(
+        predictor, row.version, kind, device.name, row.tenant_id, caps if isinstance(caps, dict) else None
+    )
 
 
 def model_seen(data_dir: Path, device: Device, space_id: str, tenant_id: int | None = None) -> bool:

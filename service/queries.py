@@ -42,6 +42,8 @@ BUILTIN_DEVICES: tuple[dict[str, Any], ...] = (
     {"name": "cpu-ort-1t", "runtime": "onnxruntime", "threads": 1},
     {"name": "cpu-ort-2t", "runtime": "onnxruntime", "threads": 2},
     {"name": "cpu-torch-1t", "runtime": "torch", "threads": 1},
+    {"name": "cpu-executorch-1t", "runtime": "executorch", "threads": 1},
+    {"name": "cpu-openvino-1t", "runtime": "openvino", "threads": 1},
 )
 
 
@@ -310,6 +312,33 @@ def add_candidate(
         session.rollback()
         return None
     return candidate
+
+
+def rescore_candidate(
+    session: Session, *, job: Job, policy_hash: str, accuracy: float, extra: dict[str, Any]
+) -> bool:
+    """Give a stored candidate a new accuracy (fine-tuning after the search) and merge ``extra``
+    into its extra; its feasibility and the job's front flags are recomputed. Commits.
+
+    False when the job has no such candidate.
+    """
+    candidate = session.scalar(
+        select(Candidate).where(Candidate.job_id == job.id, Candidate.policy_hash == policy_hash)
+    )
+    if candidate is None:
+        return False
+    candidate.accuracy = accuracy
+    candidate.extra = {**(candidate.extra or {}), **extra}
+    scores = Scores(
+        accuracy=accuracy,
+        latency_ms=candidate.latency_ms,
+        size_bytes=candidate.size_bytes,
+        macs=candidate.macs,
+    )
+    candidate.feasible = is_feasible(scores, spec=JobSpec.model_validate(job.spec), baseline=job.baseline)
+    session.flush()
+    refresh_front(session, job=job)  # a raised accuracy can dominate others, or leave the front
+    return True
 
 
 # --- the Pareto front ---------------------------------------------------------------

@@ -348,7 +348,24 @@ class Runner:
             should_stop=should_stop,
             make_executor=make,
             latency=lambda ctx: JobLatency(ctx, self.factory, self.timeouts),
+            rescore=lambda h, acc, extra: self._rescore(job_id, watch, h, acc, extra),
+            cancelled=lambda: watch.cancelled.is_set() or watch.lease_lost.is_set(),
         )
+
+    def _rescore(
+        self, job_id: int, watch: _Watch, policy_hash: str, accuracy: float, extra: dict[str, Any]
+    ) -> bool:
+        """A candidate's accuracy after fine-tuning, with its front and feasibility (only while leased)."""
+        if watch.lease_lost.is_set():
+            return False
+        with self.factory() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.lease_owner != self.owner:
+                watch.lease_lost.set()
+                return False
+            return queries.rescore_candidate(
+                session, job=job, policy_hash=policy_hash, accuracy=accuracy, extra=extra
+            )
 
     def _persist(
         self,
@@ -404,8 +421,9 @@ class Runner:
             "elapsed_s": round(elapsed, 2),
             "eta_s": None if eta is None else round(eta, 1),
             "best_accuracy": best,
-            # kept so the seconds budget keeps excluding the calibration and yields (see _search_seconds)
-            **{k: v for k, v in (job.progress or {}).items() if k in ("calibration", "paused_s")},
+            # kept so the seconds budget keeps excluding the calibration and yields (see _search_seconds),
+            # and the space the device resolved (engine.device_space) stays visible
+            **{k: v for k, v in (job.progress or {}).items() if k in ("calibration", "paused_s", "space")},
         }
 
     def _event(self, job_id: int, kind: str, data: dict[str, Any]) -> None:

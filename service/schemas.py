@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from engine.spec import JobSpec
 from service.schema_base import RequestModel
 
-Runtime = Literal["onnxruntime", "torch"]
+Runtime = Literal["onnxruntime", "torch", "executorch", "openvino"]
 BuiltinDataset = Literal["mnist", "digits"]
 
 # --- OpenAPI examples (realistic answers of a small job; each validates against its schema) ---
@@ -164,6 +164,8 @@ EXAMPLE_CANDIDATE: dict[str, Any] = {
     "macs": 23_101_440,
     "eval_seconds": 3.8,
     "feasible": True,
+    "one_shot_accuracy": 0.9034,
+    "finetuned_accuracy": 0.9112,
     "created_at": _T1,
 }
 EXAMPLE_JOB_SPEC: dict[str, Any] = {
@@ -180,7 +182,7 @@ EXAMPLE_JOB_SPEC: dict[str, Any] = {
         "max_sparsity": 0.9,
         "nm_choices": [[1, 4], [2, 4], [4, 8]],
         "block_choices": [4, 8, 16],
-        "round_to": 1,
+        "round_to": None,  # the device's measured channel multiple
     },
     "objectives": [{"metric": "accuracy", "direction": "max"}, {"metric": "latency_ms", "direction": "min"}],
     "constraints": {"accuracy_drop": {"max": 0.01}},
@@ -188,8 +190,10 @@ EXAMPLE_JOB_SPEC: dict[str, Any] = {
     "seed": 0,
     "remeasure_top_k": 3,
     "reconstruct": True,
+    "recovery": "obc",
     "calibrate": "auto",
     "calibration_samples": None,
+    "finetune": {"top_k": 5, "epochs": 2.0, "steps": None},
 }
 EXAMPLE_JOB: dict[str, Any] = {
     "id": 1,
@@ -348,7 +352,8 @@ class DeviceCreate(RequestModel):
         default_factory=dict,
         max_length=32,
         description="runtime options: ONNX Runtime session config entries and graph_optimization_level "
-        "(all | extended | basic | disable); the torch runtime takes none",
+        "(all | extended | basic | disable); OpenVINO CPU properties (INFERENCE_PRECISION_HINT f32 | bf16 | "
+        "f16, default f32); the torch and executorch runtimes take none",
     )
 
     model_config = ConfigDict(
@@ -560,6 +565,15 @@ class CandidatePublic(_Out):
     macs: int | None
     eval_seconds: float | None
     feasible: bool
+    one_shot_accuracy: float | None = Field(
+        default=None,
+        description="a fine-tuned candidate's accuracy as the search scored it (null: not fine-tuned)",
+    )
+    finetuned_accuracy: float | None = Field(
+        default=None,
+        description="its accuracy after the job's distillation fine-tuning; `accuracy` is the better of "
+        "the two (an export replays the fine-tuning when it won)",
+    )
     created_at: dt.datetime
 
 
@@ -613,7 +627,13 @@ class ExportCreate(RequestModel):
 
     format: Literal["onnx"] = "onnx"
     int8: bool = False
-    finetune_epochs: int = Field(default=0, ge=0, le=100)
+    finetune_epochs: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="distillation fine-tuning epochs before export, at least (a candidate the job "
+        "fine-tuned replays its own fine-tuning anyway; more epochs here go further)",
+    )
 
 
 class ExportAccepted(_Out):

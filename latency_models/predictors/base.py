@@ -25,13 +25,14 @@ import numpy as np
 
 from compression.policy import Policy
 from compression.space import SearchSpace
-from latency_models.features import KernelBatch, kernel_features
+from latency_models.features import FEATURE_VERSION, KernelBatch, kernel_features
 
 __all__ = [
     "REGISTRY",
     "STATISTICS",
     "LatencyRecord",
     "Predictor",
+    "StalePredictorError",
     "Target",
     "error_metrics",
     "evaluate",
@@ -43,6 +44,12 @@ __all__ = [
 ]
 
 Target = Literal["ms", "ratio"]
+
+
+class StalePredictorError(ValueError):
+    """A saved predictor was fitted on another latency feature encoding
+    (``latency_models.features.FEATURE_VERSION``): its answers would be wrong, so it must be
+    refitted on measurements taken under the current export rule."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,6 +220,7 @@ class Predictor(ABC):
             "reference_ms": self.reference_ms,
             "metrics": self.metrics,
             "statistic": self.statistic,
+            "feature_version": FEATURE_VERSION,
             "state": self._state(directory),
         }
         (directory / "predictor.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -220,9 +228,22 @@ class Predictor(ABC):
 
     @classmethod
     def load(cls, directory: Path) -> Predictor:
-        """Read a predictor written by ``save`` (any kind when called on ``Predictor``)."""
+        """Read a predictor written by ``save`` (any kind when called on ``Predictor``).
+
+        Raises:
+            StalePredictorError: it was saved under another feature encoding; refit it.
+        """
         directory = Path(directory)
         meta = json.loads((directory / "predictor.json").read_text())
+        saved = int(meta.get("feature_version", 1))  # version 1 predates the field
+        if saved != FEATURE_VERSION:
+            raise StalePredictorError(
+                f"{directory}: this {meta.get('kind', '?')} predictor was fitted on latency features "
+                f"v{saved}, this version computes v{FEATURE_VERSION} (v2: precision per layer, int8 / "
+                "4-bit MatMulNBits, instead of one whole-model int8 flag); refit the device: "
+                "`modeltailor calibrate --device NAME` (measurements of quantized models taken under "
+                "the old export rule are not reused)"
+            )
         impl = REGISTRY.get(meta["kind"]) if cls is Predictor else cls
         if impl is None:
             raise ValueError(

@@ -36,6 +36,14 @@ def compress(
             help="Re-fit layers whose inputs were pruned to the dense outputs (least squares).",
         ),
     ] = True,
+    recovery: Annotated[
+        str,
+        typer.Option(
+            "--recovery",
+            help="obc (masks by OBS saliency and GPTQ rounding with weight updates, from each "
+            "layer's Hessian on the calibration images) or magnitude (magnitude masks, round to nearest).",
+        ),
+    ] = "obc",
 ) -> None:
     """Apply POLICY to MODEL, recalibrate BatchNorm, evaluate on x_val, export ONNX; print one JSON line."""
     from compression import Policy, PolicyError, measure
@@ -44,9 +52,14 @@ def compress(
     from compression.data import DataError, calibration_batches, load_dataset
     from compression.evaluate import accuracy
     from compression.model_io import ModelLoadError, ModelTraceError
+    from compression.obc import RECOVERIES, Recovery
     from compression.onnx_export import export_onnx, onnx_accuracy
     from compression.resolve import resolve_model
 
+    if recovery not in RECOVERIES:
+        err.print(f"[red]error:[/red] --recovery must be one of {', '.join(RECOVERIES)}")
+        raise typer.Exit(2)
+    how: Recovery = "obc" if recovery == "obc" else "magnitude"
     try:
         dataset = load_dataset(data)
         pol = Policy.from_json(policy.read_text())
@@ -65,11 +78,13 @@ def compress(
                     spec["bits"] = spec["bits"] or 8
                 raw["act_bits"] = 8
                 estimate_policy = Policy.from_dict(raw)
-            cm = apply_and_calibrate(cmodel, estimate_policy, calib, reconstruct=reconstruct)
+            cm = apply_and_calibrate(cmodel, estimate_policy, calib, reconstruct=reconstruct, recovery=how)
             acc = accuracy(cm.gm, dataset.x_val, dataset.y_val)
             m = measure(cm)
         with err.status(f"exporting {'int8 QDQ' if int8 else 'fp32'} ONNX"):
-            float_cm = apply_and_calibrate(cmodel, pol, calib, reconstruct=reconstruct) if int8 else cm
+            float_cm = (
+                apply_and_calibrate(cmodel, pol, calib, reconstruct=reconstruct, recovery=how) if int8 else cm
+            )
             example = cmodel.example_input(2)
             if int8:
                 from compression.quantize_onnx import quantize_int8
@@ -123,6 +138,15 @@ def space(
             help="Restrict the space: JSON with the keys of a job's `space` (see the example above).",
         ),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Resolve the space for this device as a latency search would: its measured channel "
+            "multiple as round_to, schemes it runs no faster than dense marked size-only (and left out "
+            "unless --options lists them). Needs `modeltailor calibrate --device NAME` first.",
+        ),
+    ] = None,
 ) -> None:
     """Print MODEL's search space as JSON: layers with features and allowed choices, skippable blocks.
 
@@ -138,10 +162,19 @@ def space(
     from compression.space import SpaceOptions
     from compression.space_builder import space_for
     from compression.zoo import ZOO
-    from engine.spec import parse_space
+    from engine.device_space import resolve_space, stored_capabilities
+    from engine.spec import SpaceSpec, parse_space
 
     try:
-        opts = parse_space(options).space_options() if options else SpaceOptions()
+        spec = parse_space(options) if options else SpaceSpec()
+        opts = spec.space_options() if options else SpaceOptions()
+        on_device: dict[str, object] = {}
+        if device is not None:
+            caps = stored_capabilities(device)
+            resolved = resolve_space(spec, caps, latency_objective=True)
+            opts = resolved.options
+            on_device = {"device": {"name": device, "measured": caps is not None, **resolved.to_dict()}}
+            err.print(f"{device}: {resolved.note()}")
         if model in ZOO or data is not None:
             dataset = load_dataset(data or "mnist")
             with err.status(f"loading {model} (a zoo model trains on first use)"):
@@ -153,5 +186,6 @@ def space(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     sys.stdout.write(
-        json.dumps({"model": cmodel.name, "input_shape": list(cmodel.input_shape), **result}) + "\n"
+        json.dumps({"model": cmodel.name, "input_shape": list(cmodel.input_shape), **result, **on_device})
+        + "\n"
     )

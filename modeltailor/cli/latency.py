@@ -104,6 +104,7 @@ def calibrate_cmd(
 
             plan = focus[1] if focus is not None else None
             calibrate(dev, samples, seed=seed, progress=progress, runs=runs, store=store, plan=plan)
+    capabilities = _capabilities(dev, store, measure=not fit_only)
     records = store.records()
     if len({r.arch_id for r in records}) < 2:
         typer.echo(
@@ -117,8 +118,14 @@ def calibrate_cmd(
         seed=seed,
         store=store,
         statistic=statistic,
+        extra={"capabilities": capabilities} if capabilities else None,
     )
     typer.echo(f"device {dev.name}: predictor version {version}, default {doc['default']}")
+    if capabilities:
+        typer.echo(
+            f"channel multiple its kernels reward: {capabilities['round_to']}; size-only schemes (no "
+            f"faster than dense): {', '.join(capabilities['size_only']) or 'none'}"
+        )
     held = doc["predictors"][doc["default"]]  # type: ignore[index]
     typer.echo(
         f"held-out: {held['n']:.0f} measurements of {held['n_arch']:.0f} architectures never seen in "
@@ -134,6 +141,20 @@ def calibrate_cmd(
                 f"{focus[0]}: {got['within_10pct']:.1f} % of held-out policies within ±10 % "
                 f"(MAPE {got['mape']:.1f} %, {doc['default']})"
             )
+
+
+def _capabilities(dev: Any, store: Any, *, measure: bool) -> dict[str, Any] | None:
+    """What the device accelerates: measured now, or (``--fit-only``) kept from the newest version."""
+    if not measure:
+        return store.metrics().get("capabilities") if store.versions() else None
+    from latency_models.calibration_run import local_capabilities
+
+    typer.echo(f"measuring what {dev.name} accelerates (channel multiples, schemes)", err=True)
+    try:
+        return local_capabilities(dev).to_dict()
+    except Exception as exc:  # the predictor is still worth fitting
+        typer.echo(f"warning: capabilities not measured: {exc}", err=True)
+        return None
 
 
 def _focus_plan(model: str, data: str, samples: int, seed: int) -> tuple[str, Any]:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from modeltailor.cli import app
+
+if TYPE_CHECKING:
+    from compression.data import Dataset
+    from compression.model_io import CompressibleModel
+    from engine.finetune_front import FinetunedPoint
+    from engine.search import SearchResult
 
 err = Console(stderr=True)
 
@@ -55,6 +61,15 @@ def search(
             "(least squares; about twice the scoring time, far better accuracy when pruning channels).",
         ),
     ] = True,
+    recovery: Annotated[
+        str,
+        typer.Option(
+            "--recovery",
+            help="obc (masks by OBS saliency and GPTQ rounding with weight updates, from each "
+            "layer's Hessian on the calibration images) or magnitude (magnitude masks, round to "
+            "nearest; cheaper per candidate).",
+        ),
+    ] = "obc",
     options: Annotated[
         str | None,
         typer.Option(
@@ -62,6 +77,22 @@ def search(
             help="Restrict the space: JSON with the keys of a job's `space` (see the example above).",
         ),
     ] = None,
+    finetune_top_k: Annotated[
+        int,
+        typer.Option(
+            "--finetune-top-k",
+            min=0,
+            max=50,
+            help="After the search, fine-tune this many front points by distillation from the dense model "
+            "(masks and quantizers held) and re-score them; 0 = off.",
+        ),
+    ] = 5,
+    finetune_epochs: Annotated[
+        float,
+        typer.Option(
+            "--finetune-epochs", min=0.001, max=50.0, help="Passes over the train split per fine-tuned point."
+        ),
+    ] = 2.0,
 ) -> None:
     """Search per-layer compression policies of MODEL for DEVICE; write dense, candidates and Pareto front.
 
@@ -74,16 +105,23 @@ def search(
     from agents import AGENTS, Objective
     from compression.data import DataError, load_dataset
     from compression.model_io import ModelLoadError, ModelTraceError
+    from compression.obc import RECOVERIES, Recovery
     from compression.policy import PolicyError
     from compression.resolve import resolve_model
     from engine.device_latency import LATENCY_SOURCES, latency_callback
+    from engine.device_space import resolve_space, stored_capabilities
+    from engine.finetune_front import rescored
     from engine.search import Candidate, Progress, run_search
-    from engine.spec import parse_space
+    from engine.spec import SpaceSpec, parse_space
     from latency_models.devices import DeviceError
 
     if algorithm not in AGENTS:
         err.print(f"[red]error:[/red] unknown algorithm {algorithm!r}; choose one of: {', '.join(AGENTS)}")
         raise typer.Exit(2)
+    if recovery not in RECOVERIES:
+        err.print(f"[red]error:[/red] --recovery must be one of {', '.join(RECOVERIES)}")
+        raise typer.Exit(2)
+    how: Recovery = "obc" if recovery == "obc" else "magnitude"
     if latency not in LATENCY_SOURCES:
         err.print(f"[red]error:[/red] --latency must be one of {', '.join(LATENCY_SOURCES)}")
         raise typer.Exit(2)
@@ -91,10 +129,15 @@ def search(
     from rich.progress import Progress as Bar
 
     try:
-        space_options = parse_space(options).space_options() if options else None
+        space = parse_space(options) if options else SpaceSpec()
     except ValueError as exc:
         err.print(f"[red]error:[/red] --options: {exc}")
         raise typer.Exit(2) from exc
+    # Unset round_to / schemes / bits follow what `modeltailor calibrate` measured on the device;
+    # the search always minimises latency, so size-only choices are left out unless listed.
+    resolved = resolve_space(space, stored_capabilities(device), latency_objective=True)
+    space_options = resolved.options
+    err.print(f"space: {resolved.note()}")
     try:
         dataset = load_dataset(data)
         with err.status(f"loading {model} (a zoo model trains on first use)"):
@@ -136,9 +179,15 @@ def search(
                 objective=objective,
                 space_options=space_options,
                 reconstruct=reconstruct,
+                recovery=how,
                 on_candidate=candidate,
                 on_progress=progress,
             )
+            finetuned = _finetune(
+                bar, cmodel, dataset, result, finetune_top_k, finetune_epochs, seed, reconstruct
+            )
+            if finetuned:
+                result = rescored(result, {p.policy_hash: p.accuracy for p in finetuned})
     # RuntimeError: torch's answer to a graph that fails on real data; a message, not a traceback.
     except (
         DataError,
@@ -157,15 +206,57 @@ def search(
         "algorithm": algorithm,
         "seed": seed,
         "latency_source": label,
+        "space": resolved.to_dict(),
         "objective": result.objective.to_dict(),
         **result.to_dict(),
     }
+    if finetuned:
+        doc["finetune"] = {"top_k": finetune_top_k, "epochs": finetune_epochs}
+        by_hash = {p.policy_hash: p.extra() for p in finetuned}
+        for entry in (*doc["candidates"], *doc["pareto"]):  # both accuracies beside the better one
+            entry.update(by_hash.get(entry["policy_hash"], {}))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     feasible = sum(c.feasible for c in result.candidates)
+    for p in finetuned:
+        tuned = "failed" if p.finetuned_accuracy is None else f"{p.finetuned_accuracy:.4f}"
+        err.print(f"fine-tuned {p.policy_hash}: one-shot {p.one_shot_accuracy:.4f} -> {tuned}")
     err.print(
         f"{len(result.candidates)} candidates ({feasible} feasible), "
         f"{len(result.pareto)} on the Pareto front -> {out}  "
         f"(dense: accuracy {result.dense.score.accuracy:.4f}, "
         f"latency {result.dense.score.latency_ms:.4f} ms; {label})"
     )
+
+
+def _finetune(
+    bar: Any,
+    model: CompressibleModel,
+    dataset: Dataset,
+    result: SearchResult,
+    top_k: int,
+    epochs: float,
+    seed: int,
+    reconstruct: bool,
+) -> list[FinetunedPoint]:
+    """The search's top-k front points fine-tuned by distillation, with a progress bar per point."""
+    from engine.finetune_front import FrontFinetuner, select
+    from engine.spec import FinetuneSpec
+
+    chosen = select(result.pareto, top_k)
+    if not chosen:
+        return []
+    tuner = FrontFinetuner(
+        model, dataset, FinetuneSpec(top_k=top_k, epochs=epochs), seed=seed, reconstruct=reconstruct
+    )
+    points = []
+    for i, cand in enumerate(chosen, start=1):
+        task = bar.add_task(f"fine-tuning {i}/{len(chosen)}", total=tuner.steps, best="")
+
+        def progress(step: int, steps: int, loss: float, task: Any = task) -> None:
+            bar.update(task, completed=step, best=f"loss {loss:.3f}")
+
+        point = tuner.run(cand.policy, progress=progress)
+        if point is not None:
+            points.append(point)
+    return points

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 
 from db.models import Artifact
+from latency_models.runtimes_edge import model_suffix
 from service import queries
 from service.deps import CurrentTenant, ReadSessionDep, SessionDep
 from service.routers.models import ERRORS
@@ -59,7 +60,8 @@ def get_artifact(artifact_id: int, session: ReadSessionDep, tenant: CurrentTenan
         200: {
             "description": (
                 "The exported model: an ONNX file (binary protobuf, opset as exported; int8 QDQ nodes "
-                "when the artifact is int8), named `candidate-<id>.onnx` in Content-Disposition. "
+                "when the artifact is int8), named `candidate-<id>.onnx` in Content-Disposition; for an "
+                "ExecuTorch or OpenVINO device its `.pte` program or OpenVINO IR zip (`.zip`). "
                 "Its sha256 and size are the artifact's `sha256` and `size_bytes`."
             ),
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -76,6 +78,8 @@ def download_artifact(artifact_id: int, session: ReadSessionDep, tenant: Current
     path = Path(artifact.path)
     if not path.is_file():
         raise HTTPException(status.HTTP_410_GONE, f"the file of artifact {artifact_id} is gone")
+    with path.open("rb") as fh:  # ExecuTorch / OpenVINO devices' exports are .pte / IR zip files
+        suffix = model_suffix(fh.read(8))
     return FileResponse(
-        path, media_type="application/octet-stream", filename=f"candidate-{artifact.candidate_id}.onnx"
+        path, media_type="application/octet-stream", filename=f"candidate-{artifact.candidate_id}{suffix}"
     )

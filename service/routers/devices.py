@@ -185,11 +185,11 @@ def calibrate_device(
     (header ``X-Admin-Key``); a job on it calibrates a predictor of your own when it needs one.
     """
     device = _device_or_404(session, tenant.id, device_id)
-    if device.kind == "remote" and device.runtime != "onnxruntime":
+    if device.kind == "remote" and device.runtime == "torch":
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"device {device.name} is remote with runtime {device.runtime}: device agents time ONNX models "
-            "with onnxruntime only",
+            f"device {device.name} is remote with runtime {device.runtime}: device agents time ONNX Runtime, "
+            "ExecuTorch and OpenVINO files only",
         )
     if body.samples > settings.max_calibration_samples:
         raise HTTPException(

@@ -50,7 +50,16 @@ SSE_EXAMPLE = (
 
 
 def to_candidate(candidate: Candidate) -> CandidatePublic:
-    return CandidatePublic.model_validate(candidate, from_attributes=True)
+    out = CandidatePublic.model_validate(candidate, from_attributes=True)
+    extra = candidate.extra or {}
+    if "one_shot_accuracy" not in extra:
+        return out
+    return out.model_copy(  # both accuracies of a candidate the job fine-tuned (engine.finetune_front)
+        update={
+            "one_shot_accuracy": extra.get("one_shot_accuracy"),
+            "finetuned_accuracy": extra.get("finetuned_accuracy"),
+        }
+    )
 
 
 def to_public(session: Session, job: Job, *, with_best: bool = True) -> JobPublic:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agents import AGENTS, Agent, Objective, make
-from agents.ddpg import DDPGConfig
+from agents.ddpg.dyna import DynaConfig
 from agents.objective import hypervolume_2d
 from agents.testing import (
     RESTRICTED_OPTIONS,
@@ -23,14 +23,15 @@ from agents.testing import (
 )
 from compression import CompressibleModel, SearchSpace, space_for
 
+SMALL_DYNA = DynaConfig(batch_size=16, hidden=32, candidates=16, imagined_episodes=8, latency_samples=48)
 # Small settings so learning starts within a test's budget; the algorithms are unchanged.
 SMALL: dict[str, dict[str, Any]] = {
     "random": {},
     "rule": {},
     "optuna-tpe": {"n_startup_trials": 4},
     "optuna-nsga2": {"population_size": 6},
-    "ddpg": {"config": DDPGConfig(warmup_episodes=4, batch_size=16, hidden=32)},
-    "agmc": {"config": DDPGConfig(warmup_episodes=4, batch_size=16, hidden=32)},
+    "ddpg": {"config": SMALL_DYNA},
+    "agmc": {"config": SMALL_DYNA},
 }
 
 

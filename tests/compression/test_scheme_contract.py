@@ -312,4 +312,4 @@ def test_the_job_spec_accepts_exactly_the_registered_schemes() -> None:
     from engine.spec import SchemeName, SpaceSpec
 
     assert typing.get_args(SchemeName) == (*NAMES, schemes.CHANNEL), "add the scheme to engine.spec"
-    assert tuple(SpaceSpec().schemes) == NAMES
+    assert SpaceSpec().space_options().schemes == NAMES  # unset: every registered scheme

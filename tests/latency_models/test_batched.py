@@ -86,7 +86,8 @@ def test_rows_channels_match_the_legacy_features(resnet20) -> None:
     assert np.array_equal(pa.present, kb.present)
     assert np.allclose(pa.cout * pa.present, kb.x[:, :, k["out_channels"]])
     assert np.allclose(pa.cin * pa.present, kb.x[:, :, k["in_channels"]])
-    assert np.array_equal(pa.int8, kb.int8)
+    assert np.array_equal(pa.int8, kb.x[:, :, k["int8"]] > 0.5)
+    assert np.array_equal(pa.int4, kb.x[:, :, k["int4"]] > 0.5)
 
 
 def test_resnet20_prediction_speed(gbdt, resnet20) -> None:

@@ -46,3 +46,9 @@ def test_bits_in_the_policy_decide_the_exported_precision(tmp_path: Path) -> Non
 
     forced, forced_ops = _export(tmp_path, {"default": {"width": 0.75}}, int8=True)
     assert forced["int8"] is True and "QuantizeLinear" in forced_ops
+
+
+def test_mixed_bits_export_int8_only_on_the_quantized_layers(tmp_path: Path) -> None:
+    metrics, ops = _export(tmp_path, {"layers": {"conv2": {"bits": 8}, "fc1": {"bits": 8}}, "act_bits": 8})
+    assert metrics["int8"] is True and "QuantizeLinear" in ops
+    assert metrics["layer_precision"] == {"conv2": "int8", "fc1": "int8"}

@@ -332,7 +332,8 @@ function jobStats(scatter, deviceName) {
       <div class="value">${best ? fmt.pct(best.accuracy) : "—"}</div>
       <div class="sub">${best ? `${fmt.ms(best.latency_ms)}${speedup ? ` · ${speedup.toFixed(2)}× faster than dense` : ""}` : "no feasible candidate yet"}</div></div>
     <div class="card stat"><div class="label">Dense model</div><div class="value">${fmt.pct(base.accuracy)}</div>
-      <div class="sub">${fmt.ms(base.latency_ms)} on ${esc(deviceName)}</div></div>`;
+      <div class="sub">${fmt.ms(base.latency_ms)} on ${esc(deviceName)}</div>
+      ${p.space && p.space.note ? `<div class="sub" title="what the device's calibration measured">Space: ${esc(p.space.note)}</div>` : ""}</div>`;
 }
 
 function frontTable(scatter, baseline) {
@@ -577,6 +578,10 @@ async function pageCandidate(token, candidateId) {
   const onFront = (job.best || []).some((c) => c.id === candidate.id);
   const speed = base.latency_ms && candidate.latency_ms ? base.latency_ms / candidate.latency_ms : null;
   const rows = layerRows(candidate, model);
+  // A front point the job fine-tuned (distillation after the search) shows both accuracies.
+  const tuned = candidate.one_shot_accuracy != null
+    ? `<div class="sub" id="finetune-accuracy">one-shot ${fmt.pct(candidate.one_shot_accuracy)} · fine-tuned ${candidate.finetuned_accuracy != null ? fmt.pct(candidate.finetuned_accuracy) : "failed"}</div>`
+    : "";
   app().innerHTML = `
     <div class="crumbs"><a href="#/jobs">Jobs</a> / <a href="#/jobs/${job.id}">job ${job.id}</a> / candidate ${candidate.id}</div>
     <div class="page-head"><h1>Candidate #${candidate.id}</h1>
@@ -585,7 +590,7 @@ async function pageCandidate(token, candidateId) {
       <span class="muted">evaluation #${candidate.index + 1} of job ${job.id}${model ? ` · ${esc(model.name)}` : ""}</span></div>
     <div class="grid stats">
       <div class="card stat"><div class="label">Accuracy</div><div class="value">${fmt.pct(candidate.accuracy)}</div>
-        <div class="sub ${drop != null && drop < -0.01 ? "bad" : ""}">${drop != null ? `${drop >= 0 ? "+" : ""}${(100 * drop).toFixed(2)} pts vs dense` : ""}</div></div>
+        <div class="sub ${drop != null && drop < -0.01 ? "bad" : ""}">${drop != null ? `${drop >= 0 ? "+" : ""}${(100 * drop).toFixed(2)} pts vs dense` : ""}</div>${tuned}</div>
       <div class="card stat"><div class="label">Predicted latency</div><div class="value">${fmt.ms(candidate.latency_ms)}</div>
         <div class="sub">${speed ? `${speed.toFixed(2)}× vs dense · ` : ""}predictor v${candidate.predictor_version ?? "—"}</div></div>
       <div class="card stat"><div class="label">Measured latency</div><div class="value">${fmt.ms(candidate.measured_latency_ms)}</div>
