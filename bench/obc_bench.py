@@ -2,7 +2,8 @@
 
 For ResNet-20 and the ViT trained on MNIST (zoo cache, trained on first use): the dense
 accuracy, then uniform policies on every conv layer (ResNet-20; N:M where the layer offers
-it) or every linear layer (ViT): 2:4, 4-bit, 3-bit, 50 % unstructured, 2:4 + 4-bit. Each
+it) or every linear layer (ViT): 2:4, 4-bit, 50 % unstructured (``--policies`` adds 3-bit
+and 2:4 + 4-bit). Each
 policy is scored like a search candidate (``engine.search.Evaluator``: 4 x 64 calibration
 images, re-fit on, here on all 1,500 validation images) with
 
@@ -14,10 +15,10 @@ images, re-fit on, here on all 1,500 validation images) with
 
 "s/cand" is the wall time of one candidate (apply, recover, recalibrate, evaluate, count),
 "compress s" the part before evaluation. The cache rows time a run of sensitivity-style
-probes (the 2:4 policy with one layer changed at a time, back to front) with a fresh
-evaluator, with and without the job's ``ObcCache``.
+probes (the 2:4 policy with one layer changed to 4:8 at a time, last layer first) from a
+fresh cache, with and without the job's ``ObcCache``.
 
-    PYTHONPATH=. python -m bench.obc_bench [--models resnet20,vit] [--threads 1]
+    PYTHONPATH=. python -m bench.obc_bench [--models resnet20,vit] [--threads 1] [--probes 6]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from engine.device_latency import macs_proxy
 from engine.search import Evaluator
 
 OP = {"resnet20": "conv", "vit": "linear"}
+POLICIES = ("2:4", "4-bit", "3-bit", "50 % unstructured", "2:4 + 4-bit")
 
 
 def policies(model: CompressibleModel, op: str) -> dict[str, Policy]:
@@ -100,7 +102,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--models", default="resnet20,vit")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--probes", type=int, default=8)
+    parser.add_argument("--probes", type=int, default=6)
+    parser.add_argument(
+        "--policies",
+        default="2:4,4-bit,50 % unstructured",
+        help=f"comma-separated, of: {', '.join(POLICIES)}",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("| model | policy | recovery | accuracy | s/cand | compress s |")
@@ -111,7 +118,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         acc, t, tc = score(ev, Policy.dense(), "magnitude")
         print(f"| {arch} | dense | – | {acc:.4f} | {t:.2f} | {tc:.2f} |", flush=True)
         dense_cache = ObcCache()  # one per job: the dense Hessians are computed once
+        wanted = args.policies.split(",")
         for label, policy in policies(model, OP[arch]).items():
+            if label not in wanted:
+                continue
             for how in ("magnitude", "obc", "obc dense-H"):
                 acc, t, tc = score(ev, policy, how, dense_cache if how == "obc dense-H" else None)
                 print(f"| {arch} | {label} | {how} | {acc:.4f} | {t:.2f} | {tc:.2f} |", flush=True)

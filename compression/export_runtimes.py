@@ -408,7 +408,6 @@ def compressed_int8_layers(gm: torch.nn.Module, bits: dict[str, int]) -> list[st
     return [t.removesuffix(".weight") for t in bits if t.removesuffix(".weight") in present]
 
 
-
 def int8_layer_names(space: SearchSpace, policy: Policy) -> list[str]:
     """The layers ``policy`` runs as int8 on these runtimes: present layers with ``bits`` (2-8;
     narrower widths live in int8 containers, neither runtime has a faster kernel for them)."""
@@ -418,7 +417,6 @@ def int8_layer_names(space: SearchSpace, policy: Policy) -> list[str]:
         for layer in space.layers
         if layer.name not in skipped and policy.for_layer(layer.name).bits is not None
     ]
-
 
 
 def export_for_runtime(

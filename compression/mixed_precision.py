@@ -233,20 +233,12 @@ def _nbits_nodes(
     )
     inputs = [a, b_name, s_name]
     out = y if bias is None else f"{name}_q4_out"
-    nodes = [
-        helper.make_node(
-            "MatMulNBits",
-            inputs,
-            [out],
-            name=f"{name}_q4",
-            domain="com.microsoft",
-            K=k,
-            N=n,
-            bits=4,
-            block_size=INT4_BLOCK,
-            **({"accuracy_level": accuracy_level} if accuracy_level else {}),
-        )
-    ]
+    attrs: dict[str, int] = {"K": k, "N": n, "bits": 4, "block_size": INT4_BLOCK}
+    if accuracy_level:
+        attrs["accuracy_level"] = accuracy_level
+    node = helper.make_node("MatMulNBits", inputs, [out], name=f"{name}_q4", domain="com.microsoft")
+    node.attribute.extend(helper.make_attribute(key, value) for key, value in attrs.items())
+    nodes = [node]
     if bias is not None:
         nodes.append(helper.make_node("Add", [out, bias], [y], name=f"{name}_q4_bias"))
     return nodes

@@ -141,8 +141,13 @@ def parse_space(text: str) -> SpaceSpec:
         lines = []
         for err in e.errors(include_url=False):
             where = ".".join(str(p) for p in err["loc"]) or "space"
-            lines.append(f"{where}: {err['msg']}")
-        raise ValueError("invalid space options: " + "; ".join(lines)) from None
+            if err["type"] == "json_invalid":
+                lines.append(f"not valid JSON ({err['msg']})")
+            elif err["type"] == "extra_forbidden":
+                lines.append(f"unknown option {where!r}; allowed: {', '.join(SpaceSpec.model_fields)}")
+            else:
+                lines.append(f"{where}: {err['msg']}")
+        raise ValueError("; ".join(lines)) from None
 
 
 class GoalSpec(_Spec):

@@ -265,7 +265,8 @@ class TorchEagerCPU:
         return _TorchPrepared(module, tuple(int(d) for d in input_shape), self.threads)
 
 
-# ExecuTorch (XNNPACK) and OpenVINO live in their own module (it uses the helpers above).
+# ExecuTorch (XNNPACK) and OpenVINO live in their own module (it looks the helpers above up
+# when it runs, so importing it here makes no import cycle).
 from latency_models.runtimes_edge import ExecuTorchXnnpackCPU, OpenVinoCPU  # noqa: E402
 
 RUNTIMES: dict[

@@ -55,6 +55,27 @@ _PTE_MAGIC = b"ET"  # flatbuffer file identifier at bytes 4..8: "ET12", ...
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
+# ``latency_models.runtimes`` imports this module to register the runtimes, so its helpers are
+# looked up when a runtime runs, not at import (no import cycle).
+def RuntimeSetupError(message: str) -> Exception:  # stands in for the class
+    """``latency_models.runtimes.RuntimeSetupError(message)``."""
+    from latency_models import runtimes
+
+    return runtimes.RuntimeSetupError(message)
+
+
+def _check_threads(threads: int) -> int:
+    from latency_models import runtimes
+
+    return runtimes._check_threads(threads)
+
+
+def _input_array(shape: Sequence[int]) -> np.ndarray:
+    from latency_models import runtimes
+
+    return runtimes._input_array(shape)
+
+
 def model_suffix(data: bytes) -> str:
     """The file suffix a model's bytes need: ``.pte``, ``.zip`` (OpenVINO IR) or ``.onnx``."""
     if data[4:6] == _PTE_MAGIC:
@@ -316,9 +337,9 @@ class OpenVinoCPU:
             else:
                 shape = _check_shape(path.name, tuple(int(d) for d in pshape.to_shape()), input_shape)
             compiled = core.compile_model(ov_model, "CPU", self.config())
-        except RuntimeSetupError:
-            raise
         except Exception as exc:
+            if type(exc).__name__ == "RuntimeSetupError":
+                raise
             raise RuntimeSetupError(f"OpenVINO cannot compile {path.name}: {exc}") from exc
         return _OvPrepared(compiled.create_infer_request(), shape, keep=(compiled, tmp))
 
@@ -363,8 +384,3 @@ def reference_pte_path(cache_dir: Path | None = None) -> Path:
             built = to_executorch(ref_module(), torch.zeros(REFERENCE_INPUT_SHAPE), Path(tmp) / "ref.pte")
             os.replace(built, path)  # atomic: concurrent processes never read half a file
     return path
-
-
-# At the end: ``latency_models.runtimes`` imports this module to register the runtimes, and
-# these names are only looked up when a runtime runs (either module may be imported first).
-from latency_models.runtimes import RuntimeSetupError, _check_threads, _input_array  # noqa: E402

@@ -24,7 +24,7 @@ from typing import Any
 from compression.policy import Policy
 from compression.space import SearchSpace
 from latency_models.features import FEATURE_VERSION, space_from_dict
-from latency_models.predictors.base import LatencyRecord, Predictor, load_predictor
+from latency_models.predictors.base import LatencyRecord, Predictor, StalePredictorError, load_predictor
 
 __all__ = ["DeviceStore", "data_dir", "record_from_json", "record_is_current", "record_to_json"]
 
@@ -166,13 +166,24 @@ class DeviceStore:
         return dict(json.loads((self._folder(version) / "metrics.json").read_text()))
 
     def load(self, version: int | None = None, kind: str | None = None) -> tuple[Predictor, int, str]:
-        """(predictor, version, kind): ``kind`` defaults to the version's default kind."""
+        """(predictor, version, kind): ``kind`` defaults to the version's default kind.
+
+        Raises:
+            StalePredictorError: the version was fitted on an older feature encoding; the
+                message names the command that refits this device.
+        """
         folder = self._folder(version)
         meta = json.loads((folder / "metrics.json").read_text())
         kind = kind or meta["default"]
         if not (folder / kind).is_dir():
             raise FileNotFoundError(f"{folder}: no predictor {kind!r}")
-        return load_predictor(folder / kind), int(meta["version"]), kind
+        try:
+            return load_predictor(folder / kind), int(meta["version"]), kind
+        except StalePredictorError as exc:
+            raise StalePredictorError(
+                str(exc).replace("--device NAME", f"--device {self.device}")
+                + f" (a newer fit becomes version {self.versions()[-1] + 1})"
+            ) from exc
 
     def _folder(self, version: int | None) -> Path:
         versions = self.versions()

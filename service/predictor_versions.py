@@ -224,7 +224,13 @@ def current_predictor(
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
     if cached is None:
-        cached = store.load(stored, row.kind or None)
+        from latency_models.predictors.base import StalePredictorError
+
+        try:
+            cached = store.load(stored, row.kind or None)
+        except StalePredictorError as exc:  # an older feature encoding: the job calibrates anew
+            log.warning("device %s: %s", device.name, exc)
+            return None
         with _CACHE_LOCK:
             _CACHE[key] = cached
     predictor, _stored, kind = cached
