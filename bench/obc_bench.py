@@ -14,7 +14,8 @@ images, re-fit on, here on all 1,500 validation images) with
   choice repeats, whatever happens upstream).
 
 "s/cand" is the wall time of one candidate (apply, recover, recalibrate, evaluate, count),
-"compress s" the part before evaluation. The cache rows time a run of sensitivity-style
+"cpu s" its CPU time (this process, one thread: what a shared machine's load does not
+inflate), "compress s" the wall time before evaluation. The cache rows time a run of sensitivity-style
 probes (the 2:4 policy with one layer changed to 4:8 at a time, last layer first) from a
 fresh cache, with and without the job's ``ObcCache``.
 
@@ -63,9 +64,9 @@ def policies(model: CompressibleModel, op: str) -> dict[str, Policy]:
 
 def score(
     ev: Evaluator, policy: Policy, how: str, cache: ObcCache | None = None
-) -> tuple[float, float, float]:
-    """(accuracy, seconds for the candidate, seconds compressing)."""
-    start = time.perf_counter()
+) -> tuple[float, float, float, float]:
+    """(accuracy, wall seconds for the candidate, wall seconds compressing, CPU seconds)."""
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         if how == "obc dense-H":
             cm = apply_policy(ev.model, policy, fine_grained=False)
@@ -82,7 +83,7 @@ def score(
         t_compress = time.perf_counter() - start
         acc = accuracy(cm.gm, ev.x_val, ev.y_val)
         ev.device_latency(cm)
-    return acc, time.perf_counter() - start, t_compress
+    return acc, time.perf_counter() - start, t_compress, time.process_time() - cpu
 
 
 def probes(model: CompressibleModel, op: str, count: int) -> list[Policy]:
@@ -110,33 +111,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print("| model | policy | recovery | accuracy | s/cand | compress s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | policy | recovery | accuracy | s/cand | cpu s | compress s |")
+    print("|---|---|---|---|---|---|---|")
     for arch in args.models.split(","):
         model, data = load_model(arch)
         ev = Evaluator(model, data, macs_proxy, val_images=1500, seed=0)
-        acc, t, tc = score(ev, Policy.dense(), "magnitude")
-        print(f"| {arch} | dense | – | {acc:.4f} | {t:.2f} | {tc:.2f} |", flush=True)
+        acc, t, tc, cpu = score(ev, Policy.dense(), "magnitude")
+        print(f"| {arch} | dense | – | {acc:.4f} | {t:.2f} | {cpu:.2f} | {tc:.2f} |", flush=True)
         dense_cache = ObcCache()  # one per job: the dense Hessians are computed once
         wanted = args.policies.split(",")
         for label, policy in policies(model, OP[arch]).items():
             if label not in wanted:
                 continue
             for how in ("magnitude", "obc", "obc dense-H"):
-                acc, t, tc = score(ev, policy, how, dense_cache if how == "obc dense-H" else None)
-                print(f"| {arch} | {label} | {how} | {acc:.4f} | {t:.2f} | {tc:.2f} |", flush=True)
+                acc, t, tc, cpu = score(ev, policy, how, dense_cache if how == "obc dense-H" else None)
+                print(
+                    f"| {arch} | {label} | {how} | {acc:.4f} | {t:.2f} | {cpu:.2f} | {tc:.2f} |", flush=True
+                )
         runs = probes(model, OP[arch], args.probes)
         for how, cached in (("magnitude", False), ("obc", False), ("obc", True), ("obc dense-H", True)):
             cache = ObcCache() if cached else None
             if how == "obc dense-H":
                 score(ev, Policy.dense(), how, cache)  # the job's one dense pass, not timed
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.process_time()
             accs = [score(ev, p, how, cache)[0] for p in runs]
             per = (time.perf_counter() - start) / len(runs)
+            cpu = (time.process_time() - cpu0) / len(runs)
             label = f"{len(runs)} probes, {'cache' if cached else 'no cache'}"
             hits = f" ({cache.hits} layer hits)" if cache is not None else ""
             print(
-                f"| {arch} | {label}{hits} | {how} | mean {sum(accs) / len(accs):.4f} | {per:.2f} | – |",
+                f"| {arch} | {label}{hits} | {how} | mean {sum(accs) / len(accs):.4f} "
+                f"| {per:.2f} | {cpu:.2f} | – |",
                 flush=True,
             )
 

@@ -364,11 +364,11 @@ def layer_runtime(space: SearchSpace, policy: Policy) -> dict[str, str]:
     layers with bits), as the features encode them and the export writes them."""
     kb = kernel_features(space, [policy])
     out: dict[str, str] = {}
-    for i, name in enumerate(space.layers):
+    for i, ls in enumerate(space.layers):
         if kb.x[0, i, _K["int4"]] > 0.5:
-            out[name.name] = "int4"
+            out[ls.name] = "int4"
         elif kb.x[0, i, _K["int8"]] > 0.5:
-            out[name.name] = "int8"
+            out[ls.name] = "int8"
     return out
 
 
