@@ -26,7 +26,10 @@ compensate for it. Compression of a column is:
   weights are exactly zero, and zeros stay zero.
 
 A layer with a bias gets the bias as one more column of the problem (never pruned or
-rounded, last): the error of every other column flows into it.
+rounded, last): the error of every other column flows into it. Masked layers take their
+columns in GPTQ's order (decreasing Hessian diagonal), and small ones then get their kept
+weights solved exactly for the chosen mask before rounding (:class:`ObcOptions`, measured in
+``bench/obc_bench.py`` and ``bench/RESULTS.md``).
 
 Layers are done in graph order on the *compressed* model (sequential, as GPTQ and
 ``compression.reconstruct``): all calibration batches go through one node before the

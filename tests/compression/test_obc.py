@@ -72,6 +72,7 @@ def _both(
     return mag, obc
 
 
+@pytest.mark.slow  # the module's ViT trains on digits first (about a minute on 2 idle cores)
 @pytest.mark.parametrize(
     "spec", [{"scheme": "nm", "nm": [2, 4]}, {"bits": 4}], ids=["2:4 sparsity", "4-bit weights"]
 )
@@ -92,6 +93,7 @@ def test_obc_stays_closer_to_the_dense_vit_than_magnitude(
     assert obc.bits == mag.bits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec",
     [
@@ -116,11 +118,9 @@ def test_masks_satisfy_their_scheme_exactly_and_quantization_keeps_the_zeros(
         scheme = schemes.get(lp.scheme)
         mask, w = cm.masks[target], get_tensor(cm.gm, target)
         # A mask the scheme itself would produce: its own mask of the mask is the mask (N per
-        # M-run, whole blocks, exactly round(s * numel) zeros), as many kept as by magnitude.
-        again, by_magnitude = scheme.mask(mask.float(), lp), scheme.mask(get_tensor(vit.gm, target), lp)
-        assert again is not None and by_magnitude is not None
-        assert torch.equal(again, mask), name
-        assert int(mask.sum()) == int(by_magnitude.sum())
+        # M-run, whole blocks, exactly round(s * numel) zeros or round(s * blocks) blocks).
+        again = scheme.mask(mask.float(), lp)
+        assert again is not None and torch.equal(again, mask), name
         assert torch.all(w[~mask] == 0), f"{name}: a pruned weight is not zero"
         if lp.bits is not None:
             # On fake_quantize's grid: quantizing again changes nothing (up to float rounding).
@@ -130,6 +130,7 @@ def test_masks_satisfy_their_scheme_exactly_and_quantization_keeps_the_zeros(
             assert torch.allclose(levels, levels.round(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_the_same_policy_gives_the_same_model_with_and_without_the_cache(
     vit: CompressibleModel, calib: list[torch.Tensor]
 ) -> None:
@@ -163,7 +164,9 @@ def test_the_same_policy_gives_the_same_model_with_and_without_the_cache(
 
 def test_obs_on_a_layer_compensates_with_the_remaining_weights_and_the_bias() -> None:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2048, 32, generator=gen) @ torch.randn(32, 32, generator=gen)  # correlated inputs
+    # Correlated inputs, as a layer's are: 8 underlying directions and a little noise.
+    x = torch.randn(2048, 8, generator=gen) @ torch.randn(8, 32, generator=gen)
+    x = x + 0.1 * torch.randn(2048, 32, generator=gen)
     w, b = torch.randn(16, 32, generator=gen), torch.randn(16, generator=gen)
     xb = torch.cat([x, torch.ones(len(x), 1)], dim=1)
     hessian = 2 * xb.T.double() @ xb.double()
@@ -183,7 +186,7 @@ def test_obs_on_a_layer_compensates_with_the_remaining_weights_and_the_bias() ->
     assert magnitude is not None
     err_obs = float(((x @ new_w.T + new_b) - ref).pow(2).mean())
     err_mag = float(((x @ (w * magnitude).T + b) - ref).pow(2).mean())
-    assert err_obs < 0.5 * err_mag
+    assert err_obs < 0.2 * err_mag
     # Nothing to do: the weights come back unchanged.
     same = obs_compress(w, hessian, bias=b)
     assert same is not None and same[1] is not None
@@ -229,7 +232,7 @@ def test_a_job_with_obc_recovery_runs_and_exports_the_model_it_scored(tmp_path: 
             "dataset_id": 1,
             "device_id": 1,
             "algorithm": "random",
-            "space": {"schemes": ["nm", "unstructured"], "bits": [4, 8], "width": False, "depth": False},
+            "space": {"schemes": ["nm", "unstructured"], "bits": [None], "width": False, "depth": False},
             "budget": {"candidates": 3},
             "remeasure_top_k": 0,
         }

@@ -76,7 +76,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_builtin_and_custom_devices() -> None:
-    assert set(BUILTIN_DEVICES) == {"cpu-ort-1t", "cpu-ort-2t", "cpu-torch-1t"}
+    assert set(BUILTIN_DEVICES) == {
+        "cpu-ort-1t", "cpu-ort-2t", "cpu-torch-1t", "cpu-executorch-1t", "cpu-openvino-1t",
+    }  # fmt: skip
     assert get_device("cpu-ort-2t").threads == 2 and get_device("cpu-torch-1t").runtime == "torch"
     with pytest.raises(DeviceError, match="cpu-ort-1t, cpu-ort-2t, cpu-torch-1t"):
         get_device("gpu-42")
