@@ -28,8 +28,8 @@ from compression.data import Dataset
 from compression.distill import DistillConfig, KDBatches, distill, steps_for_epochs
 from compression.evaluate import accuracy
 from compression.model_io import CompressibleModel
+from compression.obc import Recovery
 from compression.policy import Policy
-from compression.scoring import compress
 from engine.job import JobContext
 from engine.search import Candidate, Evaluator, SearchResult
 from engine.spec import FinetuneSpec
@@ -128,11 +128,15 @@ class FrontFinetuner:
         *,
         seed: int = 0,
         reconstruct: bool = True,
+        recovery: Recovery = "magnitude",
     ) -> None:
         self.model = model
         self.reconstruct = reconstruct
-        # The search's evaluator (same seed): same calibration batches and validation subset.
-        self.evaluator = Evaluator(model, dataset, lambda _cm: 0.0, seed=seed, reconstruct=reconstruct)
+        # The search's evaluator (same seed, reconstruct and recovery): same calibration
+        # batches and validation subset, so a point starts from the weights it was scored with.
+        self.evaluator = Evaluator(
+            model, dataset, lambda _cm: 0.0, seed=seed, reconstruct=reconstruct, recovery=recovery
+        )
         self.config = config_for(dataset, seed)
         self.steps = steps_of(spec, dataset, self.config)
         self.batches = KDBatches(
@@ -144,7 +148,7 @@ class FrontFinetuner:
         )
 
     def build(self, policy: Policy) -> CompressedModel:
-        return compress(self.model, policy, self.evaluator.calibration, reconstruct=self.reconstruct)
+        return self.evaluator.build(policy)
 
     def run(
         self,
@@ -211,6 +215,7 @@ def replay(
     *,
     seed: int,
     reconstruct: bool,
+    recovery: Recovery = "magnitude",
     min_steps: int = 0,
     progress: Progress | None = None,
 ) -> CompressedModel | None:
@@ -227,8 +232,10 @@ def replay(
         DistillConfig.from_dict(dict(recipe["config"])) if applied and recipe else config_for(dataset, seed)
     )
     steps = max(int(recipe["steps"]) if applied and recipe else 0, min_steps)
-    evaluator = Evaluator(model, dataset, lambda _cm: 0.0, seed=seed, reconstruct=reconstruct)
-    cm = compress(model, policy, evaluator.calibration, reconstruct=reconstruct)
+    evaluator = Evaluator(
+        model, dataset, lambda _cm: 0.0, seed=seed, reconstruct=reconstruct, recovery=recovery
+    )
+    cm = evaluator.build(policy)
     batches = KDBatches(
         model.gm, dataset, batch_size=config.batch_size, seed=config.seed, augment=config.augment
     )
@@ -257,7 +264,9 @@ def finetune_job_front(
     if not todo or cancelled():
         return result
     ctx.progress("phase", {"phase": "finetune: preparing", "finetune": {"points": len(chosen)}})
-    tuner = FrontFinetuner(model, dataset, spec, seed=ctx.spec.seed, reconstruct=ctx.spec.reconstruct)
+    tuner = FrontFinetuner(
+        model, dataset, spec, seed=ctx.spec.seed, reconstruct=ctx.spec.reconstruct, recovery=ctx.spec.recovery
+    )
     accuracies: dict[str, float] = {}
     last = [0.0]
     for i, cand in enumerate(todo, start=1):

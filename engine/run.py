@@ -293,6 +293,7 @@ def _export_model(
         ctx.scores.extra or {},
         seed=ctx.job_spec.seed,
         reconstruct=ctx.job_spec.reconstruct,
+        recovery=ctx.job_spec.recovery,
         min_steps=more,
         progress=progress,
     )

@@ -68,10 +68,11 @@ KERNEL_COLUMNS = (
     *("bits", "int8", "in_numel", "out_numel", "position"),
 )
 #: sha256 (first 16 hex digits) of the float64 kernel features (``KERNEL_COLUMNS``) and rows
-#: (with policy fields) of all pinned policies at once.
+#: (with policy fields) of all pinned policies at once. Re-pinned for FEATURE_VERSION 2
+#: (per-layer precision: ``int8`` is each layer's own, rows carry int8 / int4 / qdq_edges).
 DIGESTS = {
-    "lenet5": ("350b83a8620512ff", "b35ad6520766ceb9"),
-    "resnet20": ("42b7996f0db9d1d7", "1aee269e1819ed66"),
+    "lenet5": ("cdc623f05ca85fa7", "b2255067ab11f29e"),
+    "resnet20": ("00a0b2cbb6d8fc63", "2e5099f89e9a7406"),
 }
 
 

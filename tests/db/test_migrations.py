@@ -90,3 +90,40 @@ def test_old_job_specs_are_rewritten_to_the_typed_form_and_nothing_is_lost(db_ur
     assert spec.space.bits == [None, 8] and [tuple(p) for p in spec.space.nm_choices] == [(2, 4)]
     assert legacy["constraints"] == {"accuracy": {"min": 0.9, "max": None}}
     assert legacy["space"]["bits"] == [None, 8, 16] and job.progress["done"] == 20
+
+
+def test_jobs_stored_before_0007_keep_their_recovery_finetune_and_space(db_url: str) -> None:
+    """Old jobs resume and export with the models they were scored with, not today's defaults."""
+    from sqlalchemy import select
+
+    from db.engine import make_session_factory
+    from db.models import Dataset, Device, Job, Model, Tenant
+    from engine.spec import JobSpec
+
+    upgrade(db_url, "0006")
+    engine = make_engine(db_url)
+    try:
+        with make_session_factory(engine)() as s:
+            tenant = Tenant(name="t")
+            s.add(tenant)
+            s.flush()
+            data = Dataset(tenant_id=tenant.id, name="d", builtin="digits")
+            device = Device(name="cpu", runtime="onnxruntime")
+            model = Model(tenant_id=tenant.id, name="m", source="zoo", zoo="lenet5")
+            s.add_all([data, device, model])
+            s.flush()
+            ids = {"model_id": model.id, "dataset_id": data.id, "device_id": device.id}
+            old = {**ids, "algorithm": "rule", "space": {"schemes": ["dense", "nm"]}, "seed": 2}
+            s.add(Job(tenant_id=tenant.id, algorithm="rule", spec=old, **ids))
+            s.commit()
+        upgrade(db_url)
+        with make_session_factory(engine)() as s:
+            spec = JobSpec.model_validate(s.scalars(select(Job)).one().spec)
+    finally:
+        engine.dispose()
+    assert spec.recovery == "magnitude" and spec.finetune.top_k == 0
+    assert spec.space.schemes == ["dense", "nm"] and spec.space.bits == [None, 8]
+    assert spec.space.round_to == 1 and spec.seed == 2
+    # A job submitted today gets today's defaults.
+    fresh = JobSpec.model_validate({**ids, "algorithm": "rule"})
+    assert fresh.recovery == "obc" and fresh.finetune.top_k == 5 and fresh.space.round_to is None
