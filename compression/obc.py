@@ -269,7 +269,8 @@ def obs_compress(
     W = W[:, torch.cat([inv, torch.arange(d, width)])]
     out_mask = mask[:, inv] if mask is not None else None
     if exact and out_mask is not None:
-        W = _solve_kept(wide.detach().double(), hessian.double(), lam, out_mask)
+        solved = _solve_kept(wide.detach().double(), hessian.double(), lam, out_mask)
+        W = solved if solved is not None else W  # not factorable: keep the OBS result
     new_w = W[:, :d].to(w.dtype)
     if out_mask is not None:
         new_w = torch.where(out_mask, new_w, torch.zeros_like(new_w))
@@ -279,7 +280,7 @@ def obs_compress(
     return new_w, new_b, out_mask
 
 
-def _solve_kept(w0: torch.Tensor, h: torch.Tensor, lam: float, mask: torch.Tensor) -> torch.Tensor:
+def _solve_kept(w0: torch.Tensor, h: torch.Tensor, lam: float, mask: torch.Tensor) -> torch.Tensor | None:
     """Per output channel, the kept weights that best make up for the pruned ones:
     ``w_K = w0_K + H_KK⁻¹ H_KP w0_P`` (pruned ``w_P = 0``; a bias column, if any, is kept),
     as one batched solve with the pruned rows and columns of H replaced by the identity."""
@@ -289,7 +290,15 @@ def _solve_kept(w0: torch.Tensor, h: torch.Tensor, lam: float, mask: torch.Tenso
     hd = h + lam * torch.eye(width, dtype=h.dtype)
     a = hd[None] * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(1.0 - keep)
     rhs = keep * ((w0 * (1.0 - keep)) @ hd)  # H is symmetric: row r of (w0 ⊙ p) H = H (w0_r ⊙ p_r)
-    return w0 * keep + torch.linalg.solve(a, rhs[:, :, None])[:, :, 0]
+    # ``a`` is symmetric positive definite (damped H on the kept block, identity elsewhere), so a
+    # Cholesky solve: LAPACK's pivoted LU (torch.linalg.solve) was seen to hang, printing
+    # "DLASWP parameter 6", in a runner thread of the server. None when it does not factor.
+    if not (torch.isfinite(a).all() and torch.isfinite(rhs).all()):
+        return None
+    chol, info = torch.linalg.cholesky_ex(a)
+    if bool((info != 0).any()):
+        return None
+    return w0 * keep + torch.cholesky_solve(rhs[:, :, None], chol)[:, :, 0]
 
 
 def _selector(lp: LayerPolicy, shape: torch.Size) -> Select | None:

@@ -187,7 +187,9 @@ def test_devices_page_shows_measurements_and_the_predictor(live: Live, open_page
     metrics = seed_device_data(live.factory, live.tenant_id, refs[2])
     page = open_page(live)
     goto(page, live, "#/devices")
-    assert page.locator("#devices-table tbody tr").count() == 3
+    from latency_models.devices import BUILTIN_DEVICES
+
+    assert page.locator("#devices-table tbody tr").count() == len(BUILTIN_DEVICES)
     page.locator("#devices-table tr", has_text="cpu-ort-1t").click()
     page.wait_for_selector("#predictor-chart[data-points]")
     pairs = metrics["holdout"]

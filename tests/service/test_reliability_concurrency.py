@@ -132,7 +132,8 @@ def test_100_concurrent_submissions_on_postgresql_are_stored_and_all_complete(tm
         body = {"model_id": model["id"], "dataset_id": data["id"], "device_id": device["id"],
                 "algorithm": "random", "budget": {"candidates": BUDGET},
                 "space": {"schemes": ["unstructured", "nm"], "bits": [None], "depth": False},
-                "calibration_samples": 16, "remeasure_top_k": 0}  # fmt: skip
+                "calibration_samples": 16, "remeasure_top_k": 0,
+                "finetune": {"top_k": 0}}  # fmt: skip  (this test is about submissions, not fine-tuning)
         barrier = threading.Barrier(JOBS)
 
         def submit(i: int) -> tuple[int, int]:
