@@ -21,6 +21,7 @@ with ``Settings.max_job_candidates`` as its limit.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -29,7 +30,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import select
@@ -356,16 +357,28 @@ class Runner:
         self, job_id: int, watch: _Watch, policy_hash: str, accuracy: float, extra: dict[str, Any]
     ) -> bool:
         """A candidate's accuracy after fine-tuning, with its front and feasibility (only while leased)."""
+        with self._leased(job_id, watch) as held:
+            if held is None:
+                return False
+            session, job = held
+            return queries.rescore_candidate(
+                session, job=job, policy_hash=policy_hash, accuracy=accuracy, extra=extra
+            )
+
+    @contextlib.contextmanager
+    def _leased(self, job_id: int, watch: _Watch) -> Iterator[tuple[Session, Job] | None]:
+        """A write session and the job while this runner still holds its lease, else None
+        (and the lease is marked lost, so the search stops)."""
         if watch.lease_lost.is_set():
-            return False
+            yield None
+            return
         with self.factory() as session:
             job = session.get(Job, job_id)
             if job is None or job.lease_owner != self.owner:
                 watch.lease_lost.set()
-                return False
-            return queries.rescore_candidate(
-                session, job=job, policy_hash=policy_hash, accuracy=accuracy, extra=extra
-            )
+                yield None
+                return
+            yield session, job
 
     def _persist(
         self,
@@ -377,13 +390,10 @@ class Runner:
         agent_state: bytes | None = None,
     ) -> bool:
         """Store a candidate + agent state + progress in one transaction (only while leased)."""
-        if watch.lease_lost.is_set():
-            return False
-        with self.factory() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.lease_owner != self.owner:
-                watch.lease_lost.set()
+        with self._leased(job_id, watch) as held:
+            if held is None:
                 return False
+            session, job = held
             done = queries.count_candidates(session, job_id=job_id)
             elapsed = _search_seconds(job)
             progress = self._progress(session, job, done + 1, elapsed)

@@ -164,8 +164,11 @@ def test_upload_of_a_static_model_is_ready_and_its_job_succeeds_and_a_hopeless_o
     data = client.builtin_dataset("digits")
     model = client.upload_model(static_pt2, name="static")
     assert model["status"] == "ready" and model["layers"], model
+    # Choices named: a calibrated device's channel multiple (16) and size-only verdicts would
+    # otherwise leave this small model a dense-only space.
+    space = {"bits": [None], "depth": False, "schemes": ["unstructured"], "round_to": 1}
     job = client.submit_job(
-        model["id"], data["id"], "cpu-ort-1t", algorithm="random", space={"bits": [None], "depth": False, "schemes": ["unstructured"], "round_to": 1},
+        model["id"], data["id"], "cpu-ort-1t", algorithm="random", space=space,
         budget={"candidates": 3}, seed=0, calibration_samples=8, remeasure_top_k=1,
     )  # fmt: skip
     info = job.wait(timeout=300, poll_s=0.5, progress=False)

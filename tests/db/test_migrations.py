@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -9,7 +11,7 @@ from sqlalchemy import inspect
 
 from db.engine import make_engine
 from db.migrate import alembic_config, current, upgrade
-from db.models import Base
+from db.models import Base, Job
 
 
 def _head(url: str) -> str | None:
@@ -50,10 +52,6 @@ def test_sqlite_runs_in_wal_mode(tmp_path: object) -> None:
 
 
 def test_old_job_specs_are_rewritten_to_the_typed_form_and_nothing_is_lost(db_url: str) -> None:
-    from sqlalchemy import select
-
-    from db.engine import make_session_factory
-    from db.models import Dataset, Device, Job, Model, Tenant
     from engine.spec import JobSpec
 
     old = {
@@ -63,29 +61,9 @@ def test_old_job_specs_are_rewritten_to_the_typed_form_and_nothing_is_lost(db_ur
         "constraints": {"accuracy_drop": {"min": None, "max": 0.01}, "accuracy": {"min": 0.9, "max": None}},
         "budget": {"candidates": 20, "seconds": 900}, "seed": 3,
     }  # fmt: skip
-    upgrade(db_url, "0004")
-    engine = make_engine(db_url)
-    try:
-        with make_session_factory(engine)() as s:
-            tenant = Tenant(name="t")
-            s.add(tenant)
-            s.flush()
-            data = Dataset(tenant_id=tenant.id, name="d", builtin="digits")
-            device = Device(name="cpu", runtime="onnxruntime")
-            model = Model(tenant_id=tenant.id, name="m", source="zoo", zoo="lenet5")
-            s.add_all([data, device, model])
-            s.flush()
-            ids = {"model_id": model.id, "dataset_id": data.id, "device_id": device.id}
-            spec = {**old, **ids}
-            s.add(Job(tenant_id=tenant.id, algorithm="rule", spec=spec, progress={"done": 20}, **ids))
-            s.commit()
-        upgrade(db_url)
-        with make_session_factory(engine)() as s:
-            job = s.scalars(select(Job)).one()
-            spec = JobSpec.model_validate(job.spec)
-            legacy = job.progress["legacy_spec"]
-    finally:
-        engine.dispose()
+    job = _job_after_upgrade(db_url, "0004", old, {"done": 20})
+    spec = JobSpec.model_validate(job.spec)
+    legacy = job.progress["legacy_spec"]
     assert spec.bound("accuracy_drop") == 0.01 and spec.seed == 3
     assert spec.space.bits == [None, 8] and [tuple(p) for p in spec.space.nm_choices] == [(2, 4)]
     assert legacy["constraints"] == {"accuracy": {"min": 0.9, "max": None}}
@@ -94,13 +72,30 @@ def test_old_job_specs_are_rewritten_to_the_typed_form_and_nothing_is_lost(db_ur
 
 def test_jobs_stored_before_0007_keep_their_recovery_finetune_and_space(db_url: str) -> None:
     """Old jobs resume and export with the models they were scored with, not today's defaults."""
+    from engine.spec import JobSpec
+
+    old = {"algorithm": "rule", "space": {"schemes": ["dense", "nm"]}, "seed": 2}
+    job = _job_after_upgrade(db_url, "0006", old, {})
+    spec = JobSpec.model_validate(job.spec)
+    assert spec.recovery == "magnitude" and spec.finetune.top_k == 0
+    assert spec.space.schemes == ["dense", "nm"] and spec.space.bits == [None, 8]
+    assert spec.space.round_to == 1 and spec.seed == 2
+    # A job submitted today gets today's defaults.
+    ids = {"model_id": job.model_id, "dataset_id": job.dataset_id, "device_id": job.device_id}
+    fresh = JobSpec.model_validate({**ids, "algorithm": "rule"})
+    assert fresh.recovery == "obc" and fresh.finetune.top_k == 5 and fresh.space.round_to is None
+
+
+def _job_after_upgrade(
+    db_url: str, from_revision: str, spec: dict[str, Any], progress: dict[str, Any]
+) -> Job:
+    """Store one job with ``spec`` at ``from_revision``, upgrade to head, return the stored job."""
     from sqlalchemy import select
 
     from db.engine import make_session_factory
-    from db.models import Dataset, Device, Job, Model, Tenant
-    from engine.spec import JobSpec
+    from db.models import Dataset, Device, Model, Tenant
 
-    upgrade(db_url, "0006")
+    upgrade(db_url, from_revision)
     engine = make_engine(db_url)
     try:
         with make_session_factory(engine)() as s:
@@ -113,17 +108,10 @@ def test_jobs_stored_before_0007_keep_their_recovery_finetune_and_space(db_url: 
             s.add_all([data, device, model])
             s.flush()
             ids = {"model_id": model.id, "dataset_id": data.id, "device_id": device.id}
-            old = {**ids, "algorithm": "rule", "space": {"schemes": ["dense", "nm"]}, "seed": 2}
-            s.add(Job(tenant_id=tenant.id, algorithm="rule", spec=old, **ids))
+            s.add(Job(tenant_id=tenant.id, algorithm="rule", spec={**spec, **ids}, progress=progress, **ids))
             s.commit()
         upgrade(db_url)
         with make_session_factory(engine)() as s:
-            spec = JobSpec.model_validate(s.scalars(select(Job)).one().spec)
+            return s.scalars(select(Job)).one()
     finally:
         engine.dispose()
-    assert spec.recovery == "magnitude" and spec.finetune.top_k == 0
-    assert spec.space.schemes == ["dense", "nm"] and spec.space.bits == [None, 8]
-    assert spec.space.round_to == 1 and spec.seed == 2
-    # A job submitted today gets today's defaults.
-    fresh = JobSpec.model_validate({**ids, "algorithm": "rule"})
-    assert fresh.recovery == "obc" and fresh.finetune.top_k == 5 and fresh.space.round_to is None
