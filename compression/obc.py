@@ -72,6 +72,7 @@ from compression.reconstruct import (
     _layers_to_refit,
     _pair,
     _solve,
+    compressed_passes,
     conv_patches,
 )
 
@@ -577,14 +578,7 @@ def recover(
     dense_h = cache.dense_hessians.get(digest, {}) if cache is not None and hessians == "dense" else {}
 
     gm = cm.gm
-    nodes = list(gm.graph.nodes)
-    last_use: dict[fx.Node, fx.Node] = {}
-    for node in nodes:
-        for inp in node.all_input_nodes:
-            last_use[inp] = node
-    passes = [_CompressedPass(gm) for _ in batches]
-    for p, x in zip(passes, batches, strict=True):
-        p.args_iter = iter(gm.graph.process_inputs(x))
+    nodes, last_use, passes = compressed_passes(gm, batches)
     upstream = hashlib.sha1(digest.encode())
     for node in nodes:
         target, layer = targets.get(node.name), refits.get(node.name)

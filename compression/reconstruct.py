@@ -267,6 +267,22 @@ class _CompressedPass(_BNRecalibrator):
 
 
 @torch.no_grad()
+def compressed_passes(
+    gm: fx.GraphModule, batches: Sequence[torch.Tensor]
+) -> tuple[list[fx.Node], dict[fx.Node, fx.Node], list[_CompressedPass]]:
+    """The graph's nodes, each value's last user (to free it after), and one node-by-node
+    pass of the compressed graph per batch, ready to run: what a layer-by-layer refit walks."""
+    nodes = list(gm.graph.nodes)
+    last_use: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        for inp in node.all_input_nodes:
+            last_use[inp] = node
+    passes = [_CompressedPass(gm) for _ in batches]
+    for p, x in zip(passes, batches, strict=True):
+        p.args_iter = iter(gm.graph.process_inputs(x))
+    return nodes, last_use, passes
+
+
 def reconstruct(
     cm: CompressedModel,
     batches: Sequence[torch.Tensor],
@@ -302,14 +318,7 @@ def reconstruct(
         samples.append(rec.seen)
 
     gm = cm.gm
-    nodes = list(gm.graph.nodes)
-    last_use: dict[fx.Node, fx.Node] = {}
-    for node in nodes:
-        for inp in node.all_input_nodes:
-            last_use[inp] = node
-    passes = [_CompressedPass(gm) for _ in batches]
-    for p, x in zip(passes, batches, strict=True):
-        p.args_iter = iter(gm.graph.process_inputs(x))
+    nodes, last_use, passes = compressed_passes(gm, batches)
     refitted = 0
     for node in nodes:
         layer = layers.get(node.name)
