@@ -14,6 +14,7 @@ from modeltailor.cli import app
 if TYPE_CHECKING:
     from compression.data import Dataset
     from compression.model_io import CompressibleModel
+    from compression.obc import Recovery
     from engine.finetune_front import FinetunedPoint
     from engine.search import SearchResult
 
@@ -105,7 +106,7 @@ def search(
     from agents import AGENTS, Objective
     from compression.data import DataError, load_dataset
     from compression.model_io import ModelLoadError, ModelTraceError
-    from compression.obc import RECOVERIES, Recovery
+    from compression.obc import RECOVERIES
     from compression.policy import PolicyError
     from compression.resolve import resolve_model
     from engine.device_latency import LATENCY_SOURCES, latency_callback
@@ -184,7 +185,7 @@ def search(
                 on_progress=progress,
             )
             finetuned = _finetune(
-                bar, cmodel, dataset, result, finetune_top_k, finetune_epochs, seed, reconstruct
+                bar, cmodel, dataset, result, finetune_top_k, finetune_epochs, seed, reconstruct, how
             )
             if finetuned:
                 result = rescored(result, {p.policy_hash: p.accuracy for p in finetuned})
@@ -238,6 +239,7 @@ def _finetune(
     epochs: float,
     seed: int,
     reconstruct: bool,
+    recovery: Recovery,
 ) -> list[FinetunedPoint]:
     """The search's top-k front points fine-tuned by distillation, with a progress bar per point."""
     from engine.finetune_front import FrontFinetuner, select
@@ -247,7 +249,10 @@ def _finetune(
     if not chosen:
         return []
     tuner = FrontFinetuner(
-        model, dataset, FinetuneSpec(top_k=top_k, epochs=epochs), seed=seed, reconstruct=reconstruct
+        model, dataset, FinetuneSpec(top_k=top_k, epochs=epochs),
+        seed=seed,
+        reconstruct=reconstruct,
+        recovery=recovery,  # built as the search scored it (OBC masks), then fine-tuned
     )
     points = []
     for i, cand in enumerate(chosen, start=1):
