@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,14 @@ def compress(
         str, typer.Option("--data", help="An .npz (x_train, y_train, x_val, y_val) or mnist / digits.")
     ],
     out: Annotated[Path, typer.Option("--out", help="Where to write the ONNX model.")],
-    int8: Annotated[bool, typer.Option("--int8", help="Export int8 QDQ ONNX (static, calibrated).")] = False,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Export every layer int8 QDQ (static, calibrated). Without it, layers whose policy "
+            "sets bits run int8 (4-bit MatMulNBits for linear layers with bits <= 4) and the rest float.",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for zoo training and calibration batches.")] = 0,
     calib_batches: Annotated[int, typer.Option(help="BatchNorm recalibration batches of 64.")] = 8,
     reconstruct: Annotated[
@@ -60,6 +68,7 @@ def compress(
         err.print(f"[red]error:[/red] --recovery must be one of {', '.join(RECOVERIES)}")
         raise typer.Exit(2)
     how: Recovery = "obc" if recovery == "obc" else "magnitude"
+    layer_precision: Mapping[str, str] = {}
     try:
         dataset = load_dataset(data)
         pol = Policy.from_json(policy.read_text())
@@ -92,6 +101,12 @@ def compress(
                 with tempfile.TemporaryDirectory() as tmp:
                     fp32 = export_onnx(float_cm.gm, example, Path(tmp) / "fp32.onnx")
                     quantize_int8(fp32, (b.numpy() for b in calib), out)
+            elif cm.bits:  # each layer at its policy's precision, as the service's export
+                from compression.mixed_precision import export_policy_onnx, float_graph
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    fp32 = export_onnx(float_graph(cm.gm), example, Path(tmp) / "fp32.onnx")
+                    _, layer_precision = export_policy_onnx(cm, fp32, [b.numpy() for b in calib], out)
             else:
                 export_onnx(float_cm.gm, example, out)
             onnx_acc = onnx_accuracy(out, dataset.x_val, dataset.y_val)
@@ -113,6 +128,7 @@ def compress(
         "dense_size_bytes": dense_m.size_bytes,
         "params": m.params,
         "int8": int8,
+        "layer_precision": dict(layer_precision),  # layers run quantized: "int8" / "int4"
         "onnx": str(out),
     }
     sys.stdout.write(json.dumps(result) + "\n")

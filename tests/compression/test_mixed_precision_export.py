@@ -251,3 +251,31 @@ def test_whole_graph_int8_still_available(tmp_path: Path) -> None:
     out = quantize_int8(fp32, [b.numpy() for b in _calib()], tmp_path / "q.onnx")
     ops = _optimized_ops(out, tmp_path)
     assert ops["QLinearConv"] == 4
+
+
+def test_cli_compress_exports_each_layer_at_its_policy_precision(tmp_path: Path) -> None:
+    """`modeltailor compress` without --int8 writes the service's file: int8 only where bits are set."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from modeltailor.cli import _register, app
+
+    _register()
+    policy = tmp_path / "conv2-int8.json"
+    policy.write_text(json.dumps({"layers": {"conv2": {"bits": 8}}}))
+    out = tmp_path / "mixed.onnx"
+    done = CliRunner().invoke(
+        app, ["compress", "lenet5", "--data", "digits", "--policy", str(policy), "--out", str(out)]
+    )
+    assert done.exit_code == 0, done.output
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["layer_precision"] == {"conv2": "int8"}
+    graph = onnx.load(str(out)).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    assert ops["DequantizeLinear"] >= 1, ops  # conv2's weight (and input) quantized ...
+    assert ops["Conv"] == 2 and ops["Gemm"] + ops["MatMul"] >= 3, ops  # ... every layer still there
+    dequantized = {i for n in graph.node if n.op_type == "DequantizeLinear" for i in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert sum(any(i in dequantized for i in n.input) for n in convs) == 1, "only conv2 reads int8"
+    assert line["onnx_accuracy"] == pytest.approx(line["accuracy"], abs=0.02)
