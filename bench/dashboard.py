@@ -69,7 +69,8 @@ def main() -> int:
             body = httpx.get(f"{live.url}/v1/jobs/{big.job_id}/scatter", headers=headers, timeout=60).json()
             api_s.append(time.perf_counter() - t)
         shown = body["shown"]
-        ready = f"#scatter[data-total='{args.candidates}'][data-front-count='{len(big.front)}']"
+        # the page draws the front with points equal within resolution folded, as /scatter sends it
+        ready = f"#scatter[data-total='{args.candidates}'][data-front-count='{len(body['front']['id'])}']"
         cold_s, warm_s, draw_ms = [], [], []
         with sync_playwright() as playwright:
             browser = launch_browser(playwright)

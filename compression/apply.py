@@ -18,7 +18,7 @@ import torch.fx as fx
 from compression import schemes
 from compression.channels import ChanSpace
 from compression.graph import ModelGraph
-from compression.masks import fake_quantize, layer_mask
+from compression.masks import layer_mask, quantize_weight
 from compression.model_io import CompressibleModel
 from compression.policy import Policy, PolicyError
 
@@ -35,7 +35,10 @@ class CompressedModel:
         policy: the policy applied.
         keep: kept channel indices per pruned group root.
         masks: weight target -> bool mask, for layers with fine-grained sparsity.
-        bits: weight target -> bit-width, for quantized layers.
+        bits: weight target -> bit-width, for layers on the uniform grid (the int8-container
+            layers of an export).
+        pow2: weight target -> code width, for layers on the power-of-two grid (``LayerPolicy.pow2``;
+            exported as float, so kept apart from ``bits``).
         layer_weights: layer name -> weight target, for layers still in the graph.
     """
 
@@ -46,6 +49,7 @@ class CompressedModel:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     bits: dict[str, int] = field(default_factory=dict)
     layer_weights: dict[str, str] = field(default_factory=dict)
+    pow2: dict[str, int] = field(default_factory=dict)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return self.source.example_input(batch)
@@ -254,8 +258,8 @@ def apply_policy(
             w = w * mask
             result.masks[layer.weight] = mask
         if lp.bits is not None:
-            w = fake_quantize(w, lp.bits)
-            result.bits[layer.weight] = lp.bits
+            w = quantize_weight(w, lp.bits, pow2=lp.pow2)
+            (result.pow2 if lp.pow2 else result.bits)[layer.weight] = lp.bits
         if mask is not None or lp.bits is not None:
             set_tensor(gm, layer.weight, w)
     _drop_unused_attrs(gm)

@@ -9,8 +9,9 @@ mixed with the labels' cross-entropy. What the policy fixed stays fixed:
   re-applied after every step;
 * quantized layers train as QAT: a float master copy of the weight takes the optimizer's
   steps, and the graph runs its fake-quantized value on the same symmetric
-  per-output-channel grid as :func:`compression.masks.fake_quantize` (the straight-through
-  estimator: the gradient of the quantized weight is the master's gradient);
+  per-output-channel grid as :func:`compression.masks.fake_quantize` (the power-of-two grid
+  of ``compression.pow2`` for ``pow2`` layers, its scale re-chosen at every step) (the
+  straight-through estimator: the gradient of the quantized weight is the master's gradient);
 * BatchNorm stays in eval form (running statistics as recalibrated), which is how the
   exported graph runs it (folded); its affine scale and shift do train.
 
@@ -40,7 +41,7 @@ from torch import nn
 
 from compression.apply import CompressedModel, get_tensor
 from compression.data import Dataset
-from compression.masks import fake_quantize
+from compression.masks import quantize_weight
 from compression.train import random_shift, shift_px_for
 
 __all__ = ["DistillConfig", "DistillResult", "KDBatches", "distill", "kd_loss", "steps_for_epochs"]
@@ -229,19 +230,22 @@ class _Held:
         self.params = [p for p in cm.gm.parameters() if p.is_floating_point()]
         ids = {id(p) for p in self.params}
         self.masked: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, mask), float layers
-        self.quantized: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = []
-        for target in sorted(set(cm.masks) | set(cm.bits)):
+        # (param, master, mask, (bits, pow2)) per quantized layer
+        self.quantized: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, bool]]] = []
+        for target in sorted(set(cm.masks) | set(cm.bits) | set(cm.pow2)):
             w = get_tensor(cm.gm, target)
             if id(w) not in ids:
                 continue  # a constant the graph holds, not a parameter: it cannot train
             mask = cm.masks.get(target)
-            bits = cm.bits.get(target)
+            pow2 = target in cm.pow2
+            bits = cm.pow2[target] if pow2 else cm.bits.get(target)
             if bits is None:
                 assert mask is not None
                 self.masked.append((w, mask.to(w.dtype)))
             else:
                 master = w.detach().clone().requires_grad_(True)
-                self.quantized.append((w, master, None if mask is None else mask.to(w.dtype), bits))
+                grid = (bits, pow2)
+                self.quantized.append((w, master, None if mask is None else mask.to(w.dtype), grid))
         quantized = {id(q[0]) for q in self.quantized}
         # The optimizer steps the masters in place of the quantized weights they stand for.
         self.trained = [p for p in self.params if id(p) not in quantized] + [q[1] for q in self.quantized]
@@ -271,10 +275,10 @@ class _Held:
         with torch.no_grad():
             for w, mask in self.masked:
                 w.mul_(mask)
-            for w, master, qmask, bits in self.quantized:
+            for w, master, qmask, (bits, pow2) in self.quantized:
                 if qmask is not None:
                     master.mul_(qmask)
-                w.copy_(fake_quantize(master, bits))
+                w.copy_(quantize_weight(master, bits, pow2=pow2))
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.trained)

@@ -410,12 +410,14 @@ def compressed_int8_layers(gm: torch.nn.Module, bits: dict[str, int]) -> list[st
 
 def int8_layer_names(space: SearchSpace, policy: Policy) -> list[str]:
     """The layers ``policy`` runs as int8 on these runtimes: present layers with ``bits`` (2-8;
-    narrower widths live in int8 containers, neither runtime has a faster kernel for them)."""
+    narrower widths live in int8 containers, neither runtime has a faster kernel for them),
+    except power-of-two ones (``pow2``), which run in float as the ONNX export does."""
     skipped = {name for block in space.blocks if block.name in policy.skip for name in block.layers}
+    quantized = [ls.name for ls in space.layers if ls.name not in skipped]
     return [
-        layer.name
-        for layer in space.layers
-        if layer.name not in skipped and policy.for_layer(layer.name).bits is not None
+        name
+        for name in quantized
+        if policy.for_layer(name).bits is not None and not policy.for_layer(name).pow2
     ]
 
 

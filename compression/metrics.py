@@ -6,8 +6,10 @@ Size is what the weights take as stored:
 * a masked layer: its scheme's sparse form (``Scheme.sparse_bytes``), or dense if smaller:
   unstructured: the non-zeros plus a 1-bit-per-weight mask; N:M: the non-zeros plus
   ``ceil(log2 M)`` bits of position per non-zero; 1×N block: the kept weights plus a
-  1-bit-per-block mask;
-* quantized layers add one float32 scale per output channel;
+  1-bit-per-block mask; pattern: the kept weights, ``ceil(log2 K)`` bits of pattern per kept
+  kernel, a connectivity bit per kernel and the K patterns (9 bits each);
+* quantized layers (uniform or power-of-two codes of ``bits`` each) add one float32 scale
+  per output channel;
 * every other tensor (biases, norms, embeddings, BN statistics) at 4 bytes.
 
 MACs count Conv2d, Linear and attention matrix products for one sample.
@@ -116,7 +118,7 @@ def measure(cm: CompressedModel) -> ModelMetrics:
         if name in weight_of:
             lp = cm.policy.for_layer(weight_of[name])
             mask = cm.masks.get(name)
-            size += _weight_bytes(tensor, mask, cm.bits.get(name), lp)
+            size += _weight_bytes(tensor, mask, cm.bits.get(name) or cm.pow2.get(name), lp)
             m = per_layer.get(name, 0)
             macs += m
             density = float(mask.float().mean()) if mask is not None else 1.0

@@ -12,6 +12,10 @@ describe it, so a predictor is trained on the files the search later exports.
   (``compression.masks.fake_quantize``), so the file computes what the torch model does.
 * any other layer with bits (2-8): static int8 QDQ (per-channel symmetric int8 weights,
   uint8 activations calibrated on real data); bit-widths under 8 live in int8 containers.
+* a layer with ``pow2`` bits (power-of-two levels, ``compression.pow2``): float32 holding
+  the de-quantized values. ORT's int8 QDQ would choose its own scale (``amax / 127``) and
+  re-round the levels, so int8 is not exact for them; the file computes what the torch model
+  does, and the latency features see a float layer.
 
 ONNX node names (``/Conv_3``) say nothing about the model's layer names, and ORT's
 pre-processing renames and reorders nodes, so layers are found by their weights: each
@@ -415,7 +419,8 @@ def policy_precision(cm: object, *, int4: bool | None = None) -> tuple[dict[str,
     precision: dict[str, Precision] = {}
     bits: dict[str, int] = {}
     for name in cm.layer_weights:
-        b = cm.policy.for_layer(name).bits
+        lp = cm.policy.for_layer(name)
+        b = None if lp.pow2 else lp.bits  # power-of-two layers stay float (module docstring)
         if b is not None:
             precision[name] = layer_precision(ops[name], b, int4=int4)
             bits[name] = b

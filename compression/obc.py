@@ -23,7 +23,10 @@ compensate for it. Compression of a column is:
   the channel's largest kept weight / ``2^(b−1) − 1``); that weight is put on the top level
   so the grid stays the one ``fake_quantize`` would find again, and the result is passed
   through ``fake_quantize`` at the end (idempotent on it, up to float rounding). Pruned
-  weights are exactly zero, and zeros stay zero.
+  weights are exactly zero, and zeros stay zero. A ``pow2`` layer rounds onto its
+  power-of-two grid instead (``compression.pow2``: the per-channel scale chosen on the masked
+  starting weights, the largest weight locked on the top level the same way, and
+  ``pow2_quantize`` at the end finding that grid again).
 
 A layer with a bias gets the bias as one more column of the problem (never pruned or
 rounded, last): the error of every other column flows into it. Masked layers take their
@@ -63,8 +66,9 @@ from compression import schemes
 from compression.apply import CompressedModel, get_tensor, set_tensor
 from compression.evaluate import install_bn_stats, recalibrate_bn
 from compression.graph import CONV, LINEAR, attr_target
-from compression.masks import fake_quantize, layer_mask
+from compression.masks import layer_mask, quantize_weight
 from compression.policy import LayerPolicy
+from compression.pow2 import pow2_round, pow2_scale
 from compression.reconstruct import (
     _call_args,
     _CompressedPass,
@@ -169,6 +173,7 @@ def obs_compress(
     blocksize: int = 128,
     act_order: bool = False,
     exact_flops: float = 0.0,
+    pow2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """Prune (``select``) and/or quantize (``bits``) ``w`` ``[O, d]`` against ``hessian``.
 
@@ -176,7 +181,8 @@ def obs_compress(
     last). ``act_order`` processes columns by decreasing Hessian diagonal (GPTQ's order)
     instead of left to right. Returns ``(weight, bias, mask)`` (bias None without one, mask
     None without ``select``), weights exactly zero where the mask is False and on
-    ``fake_quantize``'s grid with ``bits``; None if the Hessian cannot be factored even
+    ``fake_quantize``'s grid with ``bits`` (the power-of-two grid with ``pow2``); None if
+    the Hessian cannot be factored even
     with heavy damping.
 
     When the layer is small enough (``O·(d+1)³ <= exact_flops``), the kept weights of every
@@ -201,7 +207,7 @@ def obs_compress(
         assert fixed is not None
         return obs_compress(
             pruned[0], hessian, select=lambda _sal: fixed, bits=bits, bias=pruned[1], damp=damp,
-            blocksize=blocksize, act_order=act_order,
+            blocksize=blocksize, act_order=act_order, pow2=pow2,
         )  # fmt: skip
     h = hessian.double()
     perm = torch.arange(width)
@@ -231,7 +237,7 @@ def obs_compress(
     if bits is not None:
         kept = W[:, :d].abs() * (mask if mask is not None else 1.0)
         amax, top = kept.max(dim=1)
-        scale = amax.clamp(min=1e-12) / qmax
+        scale = pow2_scale(kept, bits) if pow2 else amax.clamp(min=1e-12) / qmax
         rows = torch.nonzero(amax > 0).flatten()
         locked[rows, top[rows]] = 1  # the channel's largest weight stays: it sets the grid
         for r, c in zip(rows.tolist(), top[rows].tolist(), strict=True):
@@ -250,7 +256,12 @@ def obs_compress(
             wc = W1[:, i]
             if col < d:
                 q = wc * M1[:, i] if M1 is not None else wc
-                if bits is not None:
+                if bits is not None and pow2:
+                    rows_top = at_top.get(col)
+                    q = pow2_round(q, scale, bits)
+                    if rows_top is not None:
+                        q = torch.where(rows_top, torch.where(wc >= 0, scale, -scale), q)
+                elif bits is not None:
                     level = torch.clamp(torch.round(q / scale), -qmax, qmax)
                     rows_top = at_top.get(col)
                     if rows_top is not None:
@@ -276,7 +287,7 @@ def obs_compress(
     if out_mask is not None:
         new_w = torch.where(out_mask, new_w, torch.zeros_like(new_w))
     if bits is not None:
-        new_w = fake_quantize(new_w, bits)
+        new_w = quantize_weight(new_w, bits, pow2=pow2)
     new_b = W[:, d].to(bias.dtype) if bias is not None else None
     return new_w, new_b, out_mask
 
@@ -486,8 +497,8 @@ def _magnitude(cm: CompressedModel, target: _Target) -> None:
         w = w * mask
         cm.masks[target.weight] = mask
     if target.lp.bits is not None:
-        w = fake_quantize(w, target.lp.bits)
-        cm.bits[target.weight] = target.lp.bits
+        w = quantize_weight(w, target.lp.bits, pow2=target.lp.pow2)
+        (cm.pow2 if target.lp.pow2 else cm.bits)[target.weight] = target.lp.bits
     if mask is not None or target.lp.bits is not None:
         set_tensor(cm.gm, target.weight, w)
 
@@ -537,7 +548,7 @@ def recover(
     """Mask and quantize ``cm``'s layers by OBS / GPTQ, in graph order; recalibrate BatchNorm.
 
     ``cm`` must come from ``apply_policy(..., fine_grained=False)`` (channels removed, weights
-    still dense); this fills ``cm.masks`` and ``cm.bits`` as ``apply_policy`` would. With
+    still dense); this fills ``cm.masks``, ``cm.bits`` and ``cm.pow2`` as ``apply_policy`` would. With
     ``refit`` the layers ``compression.reconstruct`` re-fits are fitted to the dense outputs
     first. ``hessians="dense"`` takes each layer's Hessian from the dense model's inputs
     (cached in ``cache`` once per job) where the layer's inputs are not pruned and it is not
@@ -672,6 +683,7 @@ def _layer(
             2.0 * gram,
             select=_selector(target.lp, w.shape),
             bits=target.lp.bits,
+            pow2=target.lp.pow2,
             bias=new_b,
             damp=opts.damp,
             blocksize=opts.blocksize,
@@ -743,7 +755,7 @@ def _install(
         if mask is not None:
             cm.masks[weight_t] = mask
         if target.lp.bits is not None:
-            cm.bits[weight_t] = target.lp.bits
+            (cm.pow2 if target.lp.pow2 else cm.bits)[weight_t] = target.lp.bits
         stats.compressed += int(count)
     if layer is not None:
         stats.refitted += 1

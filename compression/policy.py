@@ -49,7 +49,10 @@ class LayerPolicy:
         sparsity: fraction of weights zeroed for ``unstructured`` and ``block``.
         nm: ``(N, M)``: at most N non-zeros in every M consecutive input weights.
         block: N of a 1×N block: N consecutive output channels at one input index.
+        patterns: K of scheme ``pattern``: the 4-of-9 kernel patterns a layer may use (1–8).
         bits: weight bit-width (2–8, symmetric per output channel), None = float32.
+        pow2: the ``bits`` code is a sign and a power of two: levels ± 2^-j · scale per output
+            channel and 0 (``compression.pow2``) instead of the uniform grid; needs ``bits``.
     """
 
     width: float = 1.0
@@ -57,7 +60,9 @@ class LayerPolicy:
     sparsity: float = 0.0
     nm: tuple[int, int] | None = None
     block: int | None = None
+    patterns: int | None = None
     bits: int | None = None
+    pow2: bool = False
 
     def validate(self, where: str = "default") -> LayerPolicy:
         """Raise PolicyError naming ``where`` if any value is impossible."""
@@ -74,6 +79,11 @@ class LayerPolicy:
             raise PolicyError(
                 f"{where}: bits must be in [{MIN_BITS}, {MAX_BITS}] or null (float), got {self.bits}"
             )
+        if self.pow2 and self.bits is None:
+            raise PolicyError(
+                f"{where}: pow2 needs bits (the code width, sign included, {MIN_BITS}-{MAX_BITS}); "
+                'e.g. {"bits": 4, "pow2": true}, or drop pow2 for a float layer'
+            )
         return self
 
     @property
@@ -84,8 +94,10 @@ class LayerPolicy:
         return _schemes.get(self.scheme).target_sparsity(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """Full JSON form (every field, canonical types)."""
-        return {
+        """Full JSON form (canonical types): every field, except ``patterns`` and ``pow2`` at
+        their defaults (null, false), so policies written before those fields existed keep
+        their JSON form and hash."""
+        out: dict[str, Any] = {
             "width": self.width,
             "scheme": self.scheme,
             "sparsity": self.sparsity,
@@ -93,6 +105,11 @@ class LayerPolicy:
             "block": self.block,
             "bits": self.bits,
         }
+        if self.patterns is not None:
+            out["patterns"] = self.patterns
+        if self.pow2:
+            out["pow2"] = True
+        return out
 
     def merged(self, overrides: Mapping[str, Any], where: str) -> LayerPolicy:
         """This policy with the fields named in ``overrides`` (JSON form) replaced."""
@@ -142,11 +159,20 @@ def _parse_layer(raw: Mapping[str, Any], where: str, base: LayerPolicy) -> Layer
             kw["nm"] = (_num(nm[0], where, "nm[0]", int), _num(nm[1], where, "nm[1]", int))
     if "block" in raw:
         kw["block"] = None if raw["block"] is None else _num(raw["block"], where, "block", int)
+    if "patterns" in raw:
+        patterns = raw["patterns"]
+        kw["patterns"] = None if patterns is None else _num(patterns, where, "patterns", int)
     if "bits" in raw:
         bits = raw["bits"]
         if bits is not None and _num(bits, where, "bits", int) in (16, 32):
             bits = None  # float
         kw["bits"] = None if bits is None else _num(bits, where, "bits", int)
+        if kw["bits"] is None and "pow2" not in raw:
+            kw["pow2"] = False  # a layer made float has no code to round (the default's pow2 lapses)
+    if "pow2" in raw:
+        if not isinstance(raw["pow2"], bool):
+            raise PolicyError(f"{where}: pow2 must be true or false, got {raw['pow2']!r}")
+        kw["pow2"] = raw["pow2"]
     policy = replace(base, **kw)
     # Fields the scheme does not use are irrelevant; reset them so equal policies hash equal.
     used = _schemes.get(policy.scheme).fields

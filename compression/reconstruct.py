@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from compression.apply import CompressedModel, _positions, get_tensor, set_tensor
 from compression.evaluate import _BNRecalibrator, install_bn_stats, recalibrate_bn
 from compression.graph import CONV, LINEAR, attr_target
-from compression.masks import fake_quantize
+from compression.masks import fake_quantize, quantize_weight
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -368,9 +368,10 @@ def _refit(
     if sol is None:
         return False
     new_w = sol[:, : w0.shape[1] - int(has_bias)].reshape(w.shape).to(w.dtype)
-    bits = cm.bits.get(layer.weight)
-    if bits is not None:
-        new_w = fake_quantize(new_w, bits)
+    if layer.weight in cm.bits:
+        new_w = fake_quantize(new_w, cm.bits[layer.weight])
+    elif layer.weight in cm.pow2:
+        new_w = quantize_weight(new_w, cm.pow2[layer.weight], pow2=True)
     set_tensor(cm.gm, layer.weight, new_w)
     updated = {layer.weight: get_tensor(cm.gm, layer.weight)}
     if layer.bias is not None:

@@ -45,6 +45,7 @@ from engine.spec import JobSpec
 if TYPE_CHECKING:
     from compression.model_io import CompressibleModel
     from compression.policy import Policy
+    from latency_models.incremental import Measured
     from latency_models.predictors import Predictor
 
 
@@ -142,9 +143,24 @@ class RemeasuredPoint(Protocol):
     def error(self) -> str | None: ...
 
 
+@dataclass(frozen=True)
+class Relabelled:
+    """A stored candidate's latency re-predicted after a refit (``engine.active_measurement``):
+    the new prediction, its measured latency when the job timed it, and keys merged into its extra."""
+
+    policy_hash: str
+    latency_ms: float
+    measured_latency_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class JobLatency(Protocol):
     """The device side of one job, kept by the service: predictor versions, calibrations,
-    device-agent tasks and the re-measured candidates live in its database."""
+    device-agent tasks and the re-measured candidates live in its database.
+
+    It is also the job's ``engine.active_measurement.MeasuringDevice`` (``measure_policies``,
+    ``refit``): the top-up before the search and the active measurement during it.
+    """
 
     @property
     def remote(self) -> bool:
@@ -167,6 +183,31 @@ class JobLatency(Protocol):
 
     def cancelled(self) -> bool:
         """The job was cancelled or taken over (not: its budget is spent)."""
+        ...
+
+    def model_seen(self, ids: tuple[str, str]) -> bool:
+        """Whether the measurements the job's predictor learns from include model ``ids[1]``."""
+        ...
+
+    def measure_policies(
+        self,
+        model: CompressibleModel,
+        ids: tuple[str, str],
+        policies: Sequence[Policy],
+        *,
+        purpose: str,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Measured]:
+        """Time policies of the job's model on the device and keep them with its measurements."""
+        ...
+
+    def refit(self, base: LoadedPredictor, note: Mapping[str, Any]) -> LoadedPredictor:
+        """``base``'s kind refitted on the device's measurements, stored as a new version."""
+        ...
+
+    def relabel(self, points: Sequence[Relabelled], version: int) -> None:
+        """Store re-predicted latencies (and predictor ``version``) on the job's candidates; their
+        feasibility and the job's front follow."""
         ...
 
     def remeasure(

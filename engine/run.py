@@ -32,7 +32,8 @@ from compression.onnx_export import export_onnx, onnx_accuracy
 from compression.resolve import resolve_model
 from compression.space import SpaceOptions
 from compression.space_builder import space_for
-from engine.device_latency import measured_latency, predicted_latency
+from engine.active_measurement import JobPredictor
+from engine.device_latency import measured_latency
 from engine.device_space import latency_matters, resolve_space
 from engine.job import (
     DatasetRef,
@@ -44,6 +45,7 @@ from engine.job import (
     ModelRef,
     Scores,
 )
+from engine.job_measuring import JobLabels, topup_job
 from engine.search import Candidate, Evaluator, Progress, SearchResult, run_search
 from engine.spec import JobSpec
 from latency_models.capabilities import Capabilities
@@ -92,9 +94,10 @@ def _score_fields(c: Candidate, version: int | None = None, kind: str | None = N
 
 
 def _pinned_version(ctx: JobContext) -> int | None:
-    """The predictor version a resumed job's first candidates were scored with."""
+    """The predictor version a resumed job's candidates were last scored with (the newest: a
+    refit re-predicts every candidate, and version numbers grow on a device)."""
     versions = [d.scores.predictor_version for d in ctx.done if d.scores.predictor_version is not None]
-    return versions[0] if versions else None
+    return max(versions) if versions else None
 
 
 def execute(ctx: JobContext) -> None:
@@ -111,14 +114,21 @@ def execute(ctx: JobContext) -> None:
     job_latency = ctx.latency(ctx) if ctx.latency is not None else None
     version: int | None = None
     kind: str | None = None
+    jp: JobPredictor | None = None
+    ids: tuple[str, str] = ("", "")
+    latency: Callable[[CompressedModel], float]
     try:
         if job_latency is not None:
             ids = model_ids(model, ctx.model.sha256, ctx.model.zoo)
             loaded = job_latency.ensure_predictor(model, ids, pinned=_pinned_version(ctx))
-            version, kind = loaded.version, loaded.kind
             caps = Capabilities.from_stored(loaded.capabilities)
             resolved = resolve_space(spec.space, caps, latency_objective=latency_matters(spec))
-            latency = predicted_latency(loaded.predictor, space_for(model, resolved.options))
+            space = space_for(model, resolved.options)
+            if spec.calibrate == "model" and not ctx.done and not job_latency.model_seen(ids):
+                loaded = topup_job(ctx, job_latency, model, ids, space, loaded)
+            version, kind = loaded.version, loaded.kind
+            jp = JobPredictor(loaded, space)
+            latency = jp.live
             source = f"predictor v{version} ({kind}) of {device.name}"
         else:
             latency = measured_latency(device, runs=SEARCH_RUNS, warmup=10)
@@ -148,7 +158,14 @@ def execute(ctx: JobContext) -> None:
                 "space": resolved.to_dict(),
             },
         )
-        result = _search(ctx, model, dataset, latency, objective, options, version, kind)
+        labels = None
+        if job_latency is not None and jp is not None:
+            labels = JobLabels(ctx, job_latency, jp, baseline, model=model, ids=ids)
+        result = _search(ctx, model, dataset, latency, objective, options, version, kind, labels)
+        if labels is not None and labels.version != version:  # refitted: dense on the same predictor
+            baseline = labels.baseline
+            dense_score = dataclasses.replace(result.dense.score, latency_ms=baseline.latency_ms or 0.0)
+            result = dataclasses.replace(result, dense=dataclasses.replace(result.dense, score=dense_score))
         if spec.finetune.top_k > 0 and result.pareto:
             from engine.finetune_front import finetune_job_front
 
@@ -172,6 +189,7 @@ def _search(
     options: SpaceOptions,
     version: int | None,
     kind: str | None,
+    labels: JobLabels | None = None,
 ) -> SearchResult:
     previous = [
         Candidate(
@@ -189,14 +207,19 @@ def _search(
         )
         for d in sorted(ctx.done, key=lambda d: d.index)
     ]
+    if labels is not None:
+        versions = [d.scores.predictor_version for d in sorted(ctx.done, key=lambda d: d.index)]
+        previous = labels.previous(previous, versions)
     state: dict[str, Any] | None = json.loads(ctx.agent_state) if ctx.agent_state else None
     last_state: list[bytes | None] = [ctx.agent_state]
     budget = ctx.spec.budget
 
     def on_candidate(c: Candidate) -> None:
-        ctx.persist_candidate(
-            c.policy.to_dict(), c.policy.hash, _score_fields(c, version, kind), agent_state=last_state[0]
-        )
+        scores = _score_fields(c, version, kind)
+        if labels is not None:  # the job's current predictor version, the candidate's std
+            extra = {**scores.extra, **labels.extra_of(c.policy.hash)}
+            scores = dataclasses.replace(scores, predictor_version=labels.version, extra=extra)
+        ctx.persist_candidate(c.policy.to_dict(), c.policy.hash, scores, agent_state=last_state[0])
 
     def on_progress(p: Progress) -> None:
         last_state[0] = json.dumps(p.agent_state()).encode()
@@ -220,6 +243,8 @@ def _search(
             executor=ctx.make_executor,  # local pool or Ray workers, from the settings
             reconstruct=ctx.spec.reconstruct,
             recovery=ctx.spec.recovery,
+            rescore=labels.jp.rescore if labels is not None else None,
+            between_rounds=labels.between_rounds if labels is not None else None,
         )
 
 

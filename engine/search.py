@@ -3,8 +3,9 @@
 Every candidate is scored for real: the policy is applied, BatchNorm is recalibrated on a few
 training batches, accuracy is measured on a validation subset, and latency comes from the
 caller's ``device_latency`` (a predictor or a measurement). A policy is never scored twice:
-candidates are cached by policy hash, and a resumed search is handed the candidates it
-already has.
+candidates are cached by the model a policy builds (``compression.policy_identity``: widths
+as kept channel counts, nothing inside skipped blocks), so policies that round to one already
+scored cost no candidate, and a resumed search is handed the candidates it already has.
 
 Where the scoring runs is the caller's choice: in this process (the default), or in the
 workers of an executor (a local process pool or a Ray cluster, see ``engine.executors``).
@@ -35,6 +36,7 @@ from compression.metrics import measure
 from compression.model_io import CompressibleModel, from_exported
 from compression.obc import ObcCache, Recovery
 from compression.policy import Policy, PolicyError
+from compression.policy_identity import resolved_key
 from compression.scoring import compress
 from compression.space import SpaceOptions
 from compression.space_builder import space_for
@@ -338,6 +340,8 @@ def run_search(
     executor: ExecutorFactory | None = None,
     reconstruct: bool = True,
     recovery: Recovery = "magnitude",
+    rescore: Callable[[Sequence[Policy], Sequence[Score]], Sequence[Score]] | None = None,
+    between_rounds: Callable[[Sequence[Candidate], Objective], Sequence[Score] | None] | None = None,
 ) -> SearchResult:
     """Search compression policies of ``model`` until ``budget_candidates`` new policies are scored.
 
@@ -357,6 +361,13 @@ def run_search(
     ``executor`` builds the workers that score candidates (None: this process scores them).
     The agent is asked for ``max(batch_size, workers)`` policies a round and the new ones
     are scored in parallel; a policy scores the same wherever it is scored.
+
+    A latency source that changes during the search (``engine.active_measurement``: the job's
+    predictor refitted on new measurements) hooks in twice: ``rescore(policies, scores)`` gives
+    each new batch its scores before ``on_candidate`` sees them (here, where the current
+    predictor lives, not in the workers), and ``between_rounds(candidates, objective)``, after
+    each round, may return every candidate's new score (in order); feasibility and the front
+    follow them, and agents keep the scores they were told.
 
     Raises:
         ValueError: unknown ``algorithm``, a budget below 1, or neither budget set.
@@ -387,7 +398,14 @@ def run_search(
         agent.load_state_dict(agent_state)
     # Feasibility depends on the dense score measured just now, not on how it was stored.
     candidates = [dataclasses.replace(c, feasible=objective.feasible(c.score)) for c in previous]
-    cache = {c.policy.hash: c for c in candidates}
+    # Cached by the model a policy builds, not its JSON: policies that round to the same kept
+    # channels (or differ only inside skipped blocks) are scored once (compression.policy_identity).
+    graph = model.graph
+
+    def key(policy: Policy) -> str:
+        return resolved_key(graph, policy)
+
+    cache = {key(c.policy): c for c in candidates}
     stopped = "budget"
     idle = 0
     scorer = _Scorer(evaluator, executor) if len(candidates) < limit else None
@@ -401,15 +419,30 @@ def run_search(
                 break
             ask = max(batch_size, scorer.workers)
             policies = agent.ask(int(min(ask, limit - len(candidates))))
-            fresh = list({p.hash: p for p in policies if p.hash not in cache}.values())
-            for policy, score in zip(fresh, scorer.score(fresh), strict=True):
+            keys = [key(p) for p in policies]
+            fresh_by_key: dict[str, Policy] = {}
+            for k, p in zip(keys, policies, strict=True):
+                if k not in cache:
+                    fresh_by_key.setdefault(k, p)
+            fresh = list(fresh_by_key.values())
+            scored = scorer.score(fresh)
+            if rescore is not None and fresh:
+                scored = list(rescore(fresh, scored))
+            for (k, policy), score in zip(fresh_by_key.items(), scored, strict=True):
                 cand = Candidate(len(candidates), policy, score, objective.feasible(score))
-                cache[policy.hash] = cand
+                cache[k] = cand
                 candidates.append(cand)
                 if on_candidate is not None:
                     on_candidate(cand)
-            agent.tell(policies, [cache[p.hash].score for p in policies])
+            agent.tell(policies, [cache[k].score for k in keys])
             idle = 0 if fresh else idle + 1
+            updated = between_rounds(candidates, objective) if between_rounds is not None else None
+            if updated is not None:
+                candidates = [
+                    dataclasses.replace(c, score=u, feasible=objective.feasible(u))
+                    for c, u in zip(candidates, updated, strict=True)
+                ]
+                cache = {key(c.policy): c for c in candidates}
             if on_progress is not None:
                 feasible = [c.score.accuracy for c in candidates if c.feasible]
                 on_progress(

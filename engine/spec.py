@@ -11,6 +11,7 @@ Imports only pydantic at module level (no torch), so the CLI and the API load it
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,7 +25,7 @@ Algorithm = Literal["ddpg", "agmc", "optuna-tpe", "optuna-nsga2", "random", "rul
 Metric = Literal["accuracy", "latency_ms", "size_bytes", "macs"]
 # The bounds agents.Objective enforces; an accuracy floor or a MACs cap would be ignored.
 ConstraintMetric = Literal["latency_ms", "size_bytes", "accuracy_drop"]
-SchemeName = Literal["dense", "unstructured", "nm", "block", "channel"]
+SchemeName = Literal["dense", "unstructured", "nm", "block", "pattern", "channel"]
 MAX_BUDGET_CANDIDATES = 1_000_000
 MAX_BUDGET_SECONDS = 7 * 24 * 3600
 MAX_CHOICES = 16  # entries of any list of choices in a space
@@ -40,7 +41,7 @@ def _unique(values: list[Any]) -> list[Any]:
 
 
 def _default_schemes() -> list[SchemeName]:
-    return ["dense", "unstructured", "nm", "block"]
+    return ["dense", "unstructured", "nm", "block", "pattern"]
 
 
 class _Spec(BaseModel):
@@ -225,6 +226,50 @@ class FinetuneSpec(_Spec):
     )
 
 
+class ActiveMeasurementSpec(_Spec):
+    """Measuring the job's own candidates on the device during the search (``engine.active_measurement``).
+
+    At most ``min(max, ceil(share x the candidate budget))`` candidates are timed on the device,
+    at most ``per_round`` at a time (the total split evenly) in rounds spread evenly over the
+    budget (candidates or seconds, whichever is further along): the front points not yet
+    measured first, then the candidates the predictor is least sure about. After each round
+    the job's predictor is refitted on the device's measurements, stored as a new version, and
+    every candidate of the job is re-predicted with it. ``share`` 0 (or ``max`` 0) turns it off.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"share": 0.15, "max": 30}, {"share": 0.0}, {"max": 8, "per_round": 4}]
+        }
+    )
+
+    share: float = Field(
+        default=0.15,
+        ge=0.0,
+        le=0.5,
+        description="largest share of the candidate budget measured on the device in the search (0 = off)",
+    )
+    max: int = Field(default=30, ge=0, le=500, description="at most this many measurements per job (0 = off)")
+    per_round: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        description="most measurements per round; one predictor refit follows each round",
+    )
+
+    @property
+    def on(self) -> bool:
+        return self.share > 0.0 and self.max > 0
+
+    def limit(self, candidates: int | None) -> int:
+        """Measurements a job with a budget of ``candidates`` may make (None: no candidate limit)."""
+        if not self.on:
+            return 0
+        if candidates is None:
+            return self.max
+        return min(self.max, math.ceil(self.share * candidates - 1e-9))
+
+
 class JobSpec(_Spec):
     """A search job: which model on which data for which device, how, and for how long."""
 
@@ -291,14 +336,31 @@ class JobSpec(_Spec):
         "cheaper per candidate)",
     )
     calibrate: Literal["auto", "model", "never"] = Field(
-        default="auto",
+        default="model",
         description=(
-            "auto: calibrate the device first if it has no predictor; model: also if its "
-            "measurements never included this model; never: fail instead"
+            "model (default): calibrate the device first if it has no predictor, and measure "
+            "topup_samples policies of this model first (then refit) when the device's "
+            "measurements have none of it; auto: only the calibration when there is no predictor; "
+            "never: fail when there is no predictor"
         ),
     )
     calibration_samples: int | None = Field(
-        default=None, ge=8, le=2000, description="size of the job's own calibration (default 48)"
+        default=None,
+        ge=8,
+        le=2000,
+        description="size of the job's own calibration of a device without a predictor (default 48)",
+    )
+    topup_samples: int = Field(
+        default=16,
+        ge=4,
+        le=2000,
+        description="policies of the job's own model measured before the search when the device's "
+        "measurements have none of it (calibrate 'model'); a predictor refit follows",
+    )
+    active_measurement: ActiveMeasurementSpec = Field(
+        default_factory=ActiveMeasurementSpec,
+        description="measure front points and the least certain candidates on the device during the "
+        "search and refit the predictor; share 0 turns it off",
     )
     finetune: FinetuneSpec = Field(
         default_factory=FinetuneSpec,

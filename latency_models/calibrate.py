@@ -9,12 +9,15 @@ from one quiet stretch of the machine. The first time a model is seen its dense 
 also stored as a record of its own. On ONNX Runtime devices each measured model is also run
 once under the runtime's profiler (``latency_models.profiling``): the per-node times, stored
 with the measurement, teach the kernel predictor how the model's time splits over kernels.
+A sample whose run says the machine was loaded (its reference slower than the calibration's
+recent median) is re-timed, and refused if it stays so (``latency_models.load_guard``).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +34,8 @@ from compression.onnx_export import export_onnx
 from compression.policy import Policy
 from compression.space import SearchSpace
 from latency_models.devices import Device, get_device
-from latency_models.harness import Measurement, measure_pair
+from latency_models.harness import Measurement, PairMeasurement, measure_pair
+from latency_models.load_guard import LoadGuard, SampleRefused
 from latency_models.predictors import KINDS, REGISTRY, LatencyRecord, Predictor, holdout_metrics
 from latency_models.predictors.base import Target, supports_statistic, with_statistic
 from latency_models.profiling import profile_onnx
@@ -39,6 +43,8 @@ from latency_models.sampling import CalibrationSample, sample_plan
 from latency_models.store import DeviceStore
 
 __all__ = ["Progress", "calibrate", "export_for_device", "fit_predictors", "measure_sample"]
+
+log = logging.getLogger("modeltailor.latency")
 
 #: ``progress(done, total, what)`` after each measured sample.
 Progress = Callable[[int, int, str], None]
@@ -109,18 +115,35 @@ def measure_sample(
     warmup: int = 10,
     dense_cache: dict[str, Any] | None = None,
     profile: bool = True,
+    guard: LoadGuard | None = None,
 ) -> list[LatencyRecord]:
     """Measure one sample (and its dense model, the first time) on ``device``.
 
     With ``profile`` (ONNX Runtime devices) each model is also run under the runtime's
     profiler and its per-node times stored (``measurement["profile"]``): they teach the
-    kernel predictor how the model's time splits over its kernels.
+    kernel predictor how the model's time splits over its kernels. With ``guard`` a run
+    taken under load is re-timed, and the sample refused (``SampleRefused``) if every
+    timing was (``latency_models.load_guard``).
     """
     dense_cache = {} if dense_cache is None else dense_cache
     model_a, model_b, shape, int8, first = export_sample(sample, device, workdir, dense_cache)
-    pair = measure_pair(
-        model_a, model_b, device, runs=runs, warmup=warmup, input_shape=shape, with_reference=True
-    )
+
+    def timing() -> PairMeasurement:
+        return measure_pair(
+            model_a, model_b, device, runs=runs, warmup=warmup, input_shape=shape, with_reference=True
+        )
+
+    if guard is None:
+        pair = timing()
+    else:
+        try:
+            pair = guard.timed(
+                timing, lambda m: m.b.reference_median_ms, f"{sample.space_id} {sample.policy.hash}"
+            )
+        except SampleRefused:
+            if first:  # the model's dense record is still to take: with its next sample
+                dense_cache.pop(sample.space_id, None)
+            raise
     a, b = pair.a, pair.b
     profiles = {}
     if profile and device.runtime == "onnxruntime":
@@ -202,6 +225,7 @@ def calibrate(
     store: DeviceStore | None = None,
     zoo_fraction: float = 0.3,
     plan: Iterable[CalibrationSample] | None = None,
+    guard: LoadGuard | None = None,
 ) -> list[LatencyRecord]:
     """Measure ``samples`` compressed models on ``device``; returns the records.
 
@@ -210,8 +234,10 @@ def calibrate(
 
     With ``store`` each sample's records are appended as soon as measured, so an
     interrupted calibration keeps what it timed. A sample whose export or quantization
-    fails is skipped (and reported through ``progress``), never fatal.
+    fails is skipped (and reported through ``progress``), never fatal; so is one timed under
+    load (``guard``, a fresh ``LoadGuard()`` by default: pass one to read its counts).
     """
+    guard = LoadGuard() if guard is None else guard
     dev = device if isinstance(device, Device) else get_device(device)
     if not dev.is_local:
         raise ValueError(f"device {dev.name} is remote: its device agent measures, not this process")
@@ -223,7 +249,7 @@ def calibrate(
         for i, sample in enumerate(itertools.islice(todo, samples)):
             try:
                 new = measure_sample(
-                    sample, dev, Path(tmp), runs=runs, warmup=warmup, dense_cache=dense_cache
+                    sample, dev, Path(tmp), runs=runs, warmup=warmup, dense_cache=dense_cache, guard=guard
                 )
             except Exception as exc:  # one bad model must not end a long calibration
                 if progress:
@@ -234,6 +260,14 @@ def calibrate(
                 store.append(new)
             if progress:
                 progress(i + 1, samples, f"{sample.space_id} {new[0].latency_ms:.3f} ms")
+    if guard.retried:
+        log.info(
+            "calibration of %s: %d of %d samples re-timed under load, %d refused",
+            dev.name,
+            guard.retried,
+            guard.samples,
+            guard.refused,
+        )
     return records
 
 
@@ -254,8 +288,11 @@ def fit_predictors(
     (``with_statistic``): ``min`` (default) is the steadiest on a shared machine, ``median``
     the usual choice on a quiet device; records from older harness versions that lack the
     reference's fast tail make the fit fall back to ``median`` (``doc["statistic"]`` says).
-    The default kind is the one with the best mean of its held-out ±10 % figures for absolute
-    latency and for speedup over the dense model.
+    The default kind is the one with the best mean of its held-out ±10 % figures for the ratio
+    to the reference and for the speedup over the dense model: both are ratios taken in one run,
+    so the machine's drift between runs does not pick the kind (the absolute-latency figures,
+    which carry that drift, are reported beside them and used only when records lack a
+    reference).
     ``extra`` is stored in the metrics document as given (the device's capabilities).
     Returns (predictors, metrics document, stored version or None).
     """
@@ -275,11 +312,15 @@ def fit_predictors(
         p.metrics = m
         p.statistic = statistic
         fitted[kind] = p
+
+    def in_one_run(m: dict[str, float], what: str) -> float:
+        return m.get(f"ratio_{what}", m.get(what, 0.0))
+
     default = max(
         per_kind,
         key=lambda k: (
-            per_kind[k].get("within_10pct", 0.0) + per_kind[k].get("speedup_within_10pct", 0.0),
-            -per_kind[k].get("mape", 0.0),
+            in_one_run(per_kind[k], "within_10pct") + per_kind[k].get("speedup_within_10pct", 0.0),
+            -in_one_run(per_kind[k], "mape"),
         ),
     )
     doc = {

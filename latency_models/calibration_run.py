@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from latency_models.focus import FOCUSED_RANDOM_FRACTION, focus_metrics, focused_plan
+from latency_models.load_guard import LoadGuard
 
 if TYPE_CHECKING:
     from compression.model_io import CompressibleModel
@@ -171,10 +172,12 @@ def _trial_file(workdir: Path, trial: Trial | None, probe: str) -> Path:
 
 @dataclass
 class HarnessTransport:
-    """Time each sample in this process with the built-in harness."""
+    """Time each sample in this process with the built-in harness; ``guard`` re-times or
+    refuses samples taken under load (``latency_models.load_guard``) and counts them."""
 
     device: Device
     records_itself: bool = False
+    guard: LoadGuard = field(default_factory=LoadGuard)
 
     def measure(self, samples: Iterator[CalibrationSample], *, runs: int, workdir: Path, sink: Sink) -> None:
         from latency_models.calibrate import measure_sample
@@ -184,7 +187,13 @@ class HarnessTransport:
             sink.check_stop()
             try:
                 new = measure_sample(
-                    sample, self.device, workdir, runs=runs, warmup=10, dense_cache=dense_cache
+                    sample,
+                    self.device,
+                    workdir,
+                    runs=runs,
+                    warmup=10,
+                    dense_cache=dense_cache,
+                    guard=self.guard,
                 )
             except Exception as exc:  # one bad model must not end a calibration
                 sink.skipped(i + 1, sample, exc)
@@ -229,8 +238,23 @@ class HarnessTransport:
 
 
 @dataclass
+class _Task:
+    """A sample queued for an agent: its exported files, and which timing of it this is."""
+
+    sample: CalibrationSample
+    int8: bool
+    first: bool
+    model: Path
+    baseline: Path
+    attempt: int = 0
+
+
+@dataclass
 class AgentTransport:
     """Queue each sample as a task for the device's agents; collect their answers.
+
+    An answer timed under load (its reference slower than the calibration's recent median,
+    ``latency_models.load_guard``) is queued again, and refused if it stays so; ``guard`` counts.
 
     Args:
         device: the device as the exports must target it.
@@ -248,12 +272,13 @@ class AgentTransport:
     poll_s: float = POLL_S
     device_name: str = ""
     records_itself: bool = True
+    guard: LoadGuard = field(default_factory=LoadGuard)
 
     def measure(self, samples: Iterator[CalibrationSample], *, runs: int, workdir: Path, sink: Sink) -> None:
         from latency_models.calibrate import export_sample
 
         dense_files: dict[str, Any] = {}
-        outstanding: dict[int, tuple[CalibrationSample, bool, bool]] = {}  # id -> sample, int8, first
+        outstanding: dict[int, _Task] = {}
         finished = 0
         last_claim = time.monotonic()
         exhausted = False
@@ -272,29 +297,34 @@ class AgentTransport:
                     finished += 1
                     sink.skipped(finished, sample, exc)
                     continue
-                task = self.tasks.add(
-                    model=Path(path),
-                    baseline=Path(dense),
-                    runs=runs,
-                    warmup=10,
-                    info=sample_info(sample, sample.policy, int8),
-                    features=sample_features(sample.space, sample.policy, sample),
-                )
-                outstanding[task] = (sample, int8, first)
+                task = _Task(sample, int8, first, Path(path), Path(dense))
+                outstanding[self._queue(task, runs)] = task
             if not outstanding:
                 continue
             claimed_any, ended = self.tasks.poll(list(outstanding))
             if claimed_any:
                 last_claim = time.monotonic()
             for outcome in ended:
-                sample, int8, first = outstanding.pop(outcome.task)
-                finished += 1
+                task = outstanding.pop(outcome.task)
+                sample = task.sample
                 if not outcome.ok:
+                    finished += 1
                     sink.skipped(finished, sample, outcome.error)
                     continue
-                sink.measured(
-                    finished, sample, records_from_result(sample, int8, outcome.stats, with_dense=first)
-                )
+                records = records_from_result(sample, task.int8, outcome.stats, with_dense=task.first)
+                what = f"{sample.space_id} {sample.policy.hash}"
+                decision = self.guard.verdict(records[0].reference_ms, task.attempt, what)
+                if decision == "retry":  # timed under load: the same files, timed again
+                    task.attempt += 1
+                    outstanding[self._queue(task, runs)] = task
+                    continue
+                finished += 1
+                if decision == "refuse":
+                    if task.first:  # the model's dense record is still to take: with its next sample
+                        dense_files.pop(sample.space_id, None)
+                    sink.skipped(finished, sample, self.guard.last_refusal)
+                    continue
+                sink.measured(finished, sample, records)
             if not ended:
                 waited = time.monotonic() - last_claim
                 if waited > self.agent_wait_s:
@@ -306,6 +336,16 @@ class AgentTransport:
                     )
                 sink.waiting(finished, not claimed_any)
                 time.sleep(self.poll_s)
+
+    def _queue(self, task: _Task, runs: int) -> int:
+        return self.tasks.add(
+            model=task.model,
+            baseline=task.baseline,
+            runs=runs,
+            warmup=10,
+            info=sample_info(task.sample, task.sample.policy, task.int8),
+            features=sample_features(task.sample.space, task.sample.policy, task.sample),
+        )
 
     def time_trials(
         self, trials: Sequence[Trial], *, runs: int, workdir: Path, sink: Sink
@@ -517,6 +557,16 @@ class CalibrationRun:
             focus = focus_metrics(records, self.model_ids[1], str(doc["default"]), seed=seed)
             if focus is not None:
                 metrics["focus"] = focus
+        guard = getattr(self.transport, "guard", None)  # samples re-timed / refused under load
+        if isinstance(guard, LoadGuard):
+            metrics["noise"] = guard.summary()
+            log.info(
+                "calibration of %s: %d of %d samples re-timed under load, %d refused",
+                self.device_name,
+                guard.retried,
+                guard.samples,
+                guard.refused,
+            )
         return self.store.publish(stored, metrics), metrics
 
 
@@ -597,6 +647,8 @@ HEADLINE_METRICS = (
     "within_5pct",
     "mape",
     "rmse_ms",
+    "ratio_within_10pct",
+    "ratio_mape",
     "speedup_within_10pct",
     "speedup_mape",
     "n_train",

@@ -16,6 +16,7 @@ group per kept channel. Layers inside a skipped block are not kernels at all.
 How ``bits`` map to this runtime: per layer, by ``compression.mixed_precision.layer_precision``
 (the rule the export follows). A layer with ``bits`` runs as a static int8 QDQ kernel, a linear
 layer with ``bits <= 4`` as a 4-bit ``MatMulNBits`` when ORT has that kernel, every other layer
+(and a power-of-two ``pow2`` layer, exported with its de-quantized float values: bits 0 here)
 in fp32. Each kernel carries its own ``bits``, ``int8`` and ``int4`` flags and its
 ``qdq_edges`` (graph neighbours at another precision: a quantize / dequantize pair each), and
 the model its MAC share in int8; the sampler exports models by this very rule, so the
@@ -66,9 +67,10 @@ SCHEME_CODES: dict[str, int] = {s.name: s.code for s in schemes.schemes()}
 #: The per-layer policy fields every predictor sees, in this order: the scheme's encoding
 #: (``Scheme.encode``: code, sparsity, N, M, block) and the weight bits (0 = float).
 POLICY_FIELDS: tuple[str, ...] = (*schemes.ENCODING_FIELDS, "bits")
-#: Version of the feature encoding (1: one whole-model int8 flag; 2: precision per layer).
+#: Version of the feature encoding (1: one whole-model int8 flag; 2: precision per layer;
+#: 3: a scheme column for "pattern", pow2 layers as float).
 #: Bump it whenever a feature's meaning changes: stored predictors of another version refuse to load.
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3
 
 KERNEL_FEATURES: tuple[str, ...] = (
     "op_conv",
@@ -127,7 +129,7 @@ def encode_layer_policies(lps: Sequence[LayerPolicy]) -> np.ndarray:
     out[:, 1] = [lp.sparsity for lp in lps]
     out[:, 2:4] = np.array([lp.nm or (0, 0) for lp in lps], dtype=np.float64)
     out[:, 4] = [lp.block or 0 for lp in lps]
-    out[:, 5] = [lp.bits or 0 for lp in lps]
+    out[:, 5] = [0 if lp.pow2 else lp.bits or 0 for lp in lps]  # pow2 layers run in float
     for scheme in schemes.schemes():
         sel = codes == scheme.code
         if sel.any():

@@ -170,8 +170,9 @@ def check_predictor(
 
     Asserts: predict before fit raises; fit returns self; predictions are finite, positive,
     float64, one per policy, in input order, and deterministic; empty input gives an empty
-    array; save writes only safe formats (no pickle) and load gives the same predictions;
-    ``evaluate`` reports RMSE, MAPE and ±5/±10 % figures.
+    array; ``predict_uncertainty`` gives ``predict``'s latencies and a finite, positive std
+    each; save writes only safe formats (no pickle) and load gives the same predictions and
+    stds; ``evaluate`` reports RMSE, MAPE and ±5/±10 % figures.
     """
     records = records if records is not None else synthetic_records()
     arches = sorted({r.arch_id for r in records})
@@ -195,12 +196,21 @@ def check_predictor(
     assert np.allclose(model.predict(space, pols[::-1])[::-1], pred), "order must not matter"
     assert np.allclose(model.predict(space, pols), pred), "predictions must be deterministic"
     assert model.predict(space, []).shape == (0,)
+    ms, std = model.predict_uncertainty(space, pols)
+    assert np.allclose(ms, pred, rtol=1e-12), "predict_uncertainty must return predict's latencies"
+    assert std.dtype == np.float64 and std.shape == pred.shape, (std.dtype, std.shape)
+    assert np.all(np.isfinite(std)) and np.all(std > 0), std
+    assert [a.shape for a in model.predict_uncertainty(space, [])] == [(0,), (0,)]
     with tempfile.TemporaryDirectory() as tmp:
         folder = model.save(Path(tmp) / "p")
         bad = [p.name for p in folder.rglob("*") if p.is_file() and p.suffix not in _SAFE_SUFFIXES]
         assert not bad, f"unsafe artifact formats: {bad}"
         loaded = type(model).load(folder)
         assert np.allclose(loaded.predict(space, pols), pred, rtol=1e-6), "save/load changed predictions"
+        assert loaded.uncertainty_source == model.uncertainty_source
+        assert np.allclose(loaded.predict_uncertainty(space, pols)[1], std, rtol=1e-5), (
+            "save/load changed stds"
+        )
         generic = Predictor.load(folder)
         assert type(generic) is type(model)
     metrics = evaluate(model, test)

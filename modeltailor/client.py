@@ -318,6 +318,27 @@ class Client:
     def jobs(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/jobs")["data"])
 
+    def compare(
+        self,
+        jobs: list[int],
+        *,
+        max_latency_ms: float | None = None,
+        min_accuracy: float | None = None,
+        max_accuracy_drop: float | None = None,
+    ) -> dict[str, Any]:
+        """Jobs side by side (``GET /v1/compare``): each one's accuracy / latency front, its
+        hypervolume as candidates arrived, and its best point under the one bound given."""
+        bounds = {
+            "max_latency_ms": max_latency_ms,
+            "min_accuracy": min_accuracy,
+            "max_accuracy_drop": max_accuracy_drop,
+        }
+        params = {
+            "jobs": ",".join(str(int(j)) for j in jobs),
+            **{k: v for k, v in bounds.items() if v is not None},
+        }
+        return dict(self.request("GET", "/compare", params=params))
+
     def candidate(self, candidate_id: int) -> Candidate:
         return Candidate(self, self.request("GET", f"/candidates/{candidate_id}"))
 
@@ -406,9 +427,10 @@ class Job:
                 break
         return out
 
-    def pareto(self) -> list[Candidate]:
-        """The non-dominated feasible candidates."""
-        rows = self.client.request("GET", f"/jobs/{self.id}/pareto")
+    def pareto(self, *, fold: bool = False) -> list[Candidate]:
+        """The non-dominated feasible candidates, best first. Points equal within measurement
+        resolution carry ``duplicates`` / ``duplicate_of``; ``fold=True`` keeps one of each."""
+        rows = self.client.request("GET", f"/jobs/{self.id}/pareto", params={"fold": str(fold).lower()})
         return [Candidate(self.client, r) for r in rows["data"]]
 
     def events(self) -> Iterator[tuple[str, dict[str, Any]]]:

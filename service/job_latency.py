@@ -1,5 +1,6 @@
 """The latency side of one job: its predictor (calibrating one first if needed), the dense
-baseline's measured latency, and the re-measurement of top Pareto points on the device.
+baseline's measured latency, the job's own measurements before and during its search with the
+predictor refitted on them, and the re-measurement of top Pareto points on the device.
 
 Used by ``engine.run.execute`` through ``JobContext.latency`` (the runner passes this class).
 A calibration the job needs runs through ``service.calibrations`` (the calibration loop of
@@ -8,11 +9,23 @@ remote ones through device-agent tasks (``service.device_tasks``).
 
 Choices (documented here because the issue leaves them open):
 
-* **When a job calibrates.** ``spec["calibrate"]``: ``"auto"`` (default) calibrates only when
-  the device has no predictor yet; ``"model"`` also when the device's measurements never
-  included this job's model (a top-up, then a refit); ``"never"`` fails the job instead.
-  A calibration another job or the REST API is already running on the device is waited
-  for, not duplicated.
+* **When a job calibrates.** A device without a predictor is calibrated first (below) unless
+  ``spec.calibrate`` is ``"never"`` (the job fails instead). A calibration another job or the
+  REST API is already running on the device is waited for, not duplicated. With ``"model"``
+  (the default) a device whose measurements have none of the job's model gets a short top-up
+  of the model's own policies before the search instead (``spec.topup_samples``, 16), and with
+  ``active_measurement`` the job measures more during the search; both are the engine's
+  (``engine.active_measurement``) through :meth:`JobLatency.measure_policies` and
+  :meth:`JobLatency.refit`. ``"auto"`` (what jobs stored before revision 0008 keep) skips the
+  top-up.
+* **Where a job's own measurements go, and what a refit learns from.** Into the store the
+  job's tenant calibrates (``predictor_versions.scope_of``: the tenant's own on a shared
+  built-in device), as measurement rows of purpose ``topup`` / ``active`` (the tasks
+  themselves on a remote device, timed by its agent). A refit fits the job's predictor kind on
+  that store's measurements plus, on a shared device, the device's own (the admin's, which
+  every tenant's jobs already use), and is stored as a new version of the tenant's own: later
+  jobs of the tenant start from it. Measuring waits for a device agent at most
+  ``Timeouts.remeasure_wait_s``.
 * **What a job's calibration measures.** A *focused* plan
   (``latency_models.focus.focused_plan``): :data:`JOB_CALIBRATION_SAMPLES` samples, three quarters
   random policies of the job's own model and one quarter random architectures; each is timed
@@ -40,7 +53,7 @@ import functools
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,16 +62,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Candidate, Device, Job, Measurement, utcnow
-from engine.job import JobContext
+from engine.job import JobContext, LoadedPredictor, Relabelled
 from latency_models.calibration_run import CalibrationError
 from service import calibrations
 from service import predictor_versions as versions
-from service.device_tasks import add_task, harness_device, measurement_stats, wait_tasks
+from service.device_tasks import DbTaskQueue, add_task, harness_device, measurement_stats, wait_tasks
 from service.settings import Timeouts
 
 if TYPE_CHECKING:
     from compression.model_io import CompressibleModel
     from compression.policy import Policy
+    from latency_models.incremental import Measured
+    from latency_models.store import DeviceStore
 
 log = logging.getLogger("modeltailor.job_latency")
 
@@ -163,10 +178,8 @@ class JobLatency:
                     tenant_id=self.tenant_id,
                 )
                 loaded = (find(version=pinned) if pinned is not None else None) or find()
-            if loaded is not None:
-                seen = versions.model_seen(self.data_dir, self.device, ids[1], loaded.tenant_id)
-                if mode != "model" or ran_own or seen:
-                    return loaded
+            if loaded is not None:  # a model it never measured is the engine's top-up (see above)
+                return loaded
             if mode == "never":
                 raise CalibrationError(
                     f"device {self.device.name} has no latency predictor and the job says calibrate='never'; "
@@ -444,3 +457,188 @@ class JobLatency:
                     extra["measured"] = {"error": p.error}
                 c.extra = extra
             session.commit()
+
+    # -- the job's own measurements and refits (engine.active_measurement) ---------
+
+    def _scope(self) -> int | None:
+        return versions.scope_of(self.device, self.tenant_id)
+
+    def _stores(self) -> list[DeviceStore]:
+        """The stores a refit learns from: the job's own scope first, then (on a shared device)
+        the device's own measurements."""
+        scope = self._scope()
+        out = [versions.device_store(self.data_dir, self.device, scope)]
+        if scope is not None:
+            out.append(versions.device_store(self.data_dir, self.device, None))
+        return out
+
+    def model_seen(self, ids: tuple[str, str]) -> bool:
+        """Whether the measurements a refit learns from include the job's model."""
+        scope = self._scope()
+        scopes = [scope] if scope is None else [scope, None]
+        return any(versions.model_seen(self.data_dir, self.device, ids[1], s) for s in scopes)
+
+    def measure_policies(
+        self,
+        model: CompressibleModel,
+        ids: tuple[str, str],
+        policies: Sequence[Policy],
+        *,
+        purpose: str,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Measured]:
+        """Time policies of the job's model as calibration samples: in this process, or as tasks
+        (of ``purpose``) for the device's agent; appended to the job's store and kept as
+        measurement rows.
+
+        Raises:
+            CalibrationStopped: the job was cancelled meanwhile.
+            CalibrationError: no device agent answered within ``Timeouts.remeasure_wait_s``.
+        """
+        from latency_models.calibration_run import AgentTransport, HarnessTransport, Transport
+        from latency_models.incremental import measure_policies
+
+        transport: Transport
+        if self.remote:
+            tasks = DbTaskQueue(
+                self.factory,
+                self.data_dir,
+                self.device,
+                self.tenant_id,
+                purpose=purpose,
+                job_id=self.ctx.job_id,
+            )
+            transport = AgentTransport(
+                harness_device(self.device),
+                self.device.id,
+                tasks,
+                self.timeouts.remeasure_wait_s,
+                device_name=self.device.name,
+            )
+        else:
+            transport = HarnessTransport(harness_device(self.device))
+        measured = measure_policies(
+            transport,
+            model,
+            ids,
+            policies,
+            should_stop=self.cancelled,
+            progress=progress,
+            workdir=self.workdir,
+        )
+        records = [r for m in measured for r in m.records]
+        if records:
+            self._stores()[0].append(records)
+        if records and not transport.records_itself:
+            self._add_records(purpose, measured)
+        return measured
+
+    def _add_records(self, purpose: str, measured: Sequence[Measured]) -> None:
+        from latency_models.calibration_run import sample_features, sample_info
+        from latency_models.harness import Measurement as HM
+
+        now = utcnow()
+        with self.factory() as session:
+            for m in measured:
+                for r in m.records:
+                    raw = r.measurement.get("compressed") or r.measurement.get("dense") or {}
+                    stats = measurement_stats(HM.from_dict(raw)) if raw else {}
+                    sample = _RecordSample(r.arch_id, r.space_id, r.space)
+                    session.add(
+                        Measurement(
+                            device_id=self.device.id,
+                            tenant_id=self.tenant_id,
+                            status="done",
+                            purpose=purpose,
+                            spec=sample_info(sample, r.policy, r.int8),  # type: ignore[arg-type]
+                            features=sample_features(r.space, r.policy),
+                            latency_ms=r.latency_ms,
+                            latency_stats={
+                                **stats,
+                                "dense_latency_ms": r.dense_latency_ms,
+                                "speedup": r.speedup,
+                            },
+                            job_id=self.ctx.job_id,
+                            measured_at=now,
+                        )
+                    )
+            session.commit()
+
+    def refit(self, base: LoadedPredictor, note: Mapping[str, Any]) -> LoadedPredictor:
+        """``base``'s kind fitted on the measurements of :meth:`_stores`, stored as a new version of
+        the job's scope (capabilities carried over) and mirrored; the loaded new version."""
+        from latency_models import incremental
+
+        stores = self._stores()
+        records = [r for store in stores for r in store.records()]
+        predictor = incremental.refit(records, base.predictor, seed=self.ctx.spec.seed)
+        doc = incremental.refit_document(
+            records,
+            predictor,
+            base_version=base.version,
+            capabilities=base.capabilities,
+            note={"job_id": self.ctx.job_id, **dict(note)},
+        )
+        stored = incremental.save_version(stores[0], predictor, doc)
+        folder = f"v{stored:04d}"
+        scope = self._scope()
+        with self.factory() as session:
+            dev = session.get(Device, self.device.id)
+            if dev is None:
+                raise CalibrationError("the device was deleted")
+            rows = versions.sync_predictors(session, device=dev, data_dir=self.data_dir, tenant_id=scope)
+            row = next(
+                (
+                    p
+                    for p in rows
+                    if p.tenant_id == scope and p.artifact_path and Path(p.artifact_path).name == folder
+                ),
+                None,
+            )
+            if row is None:
+                raise CalibrationError(
+                    f"device {self.device.name}: refitted predictor {folder} was not recorded"
+                )
+            number = row.version
+        caps = dict(base.capabilities) if base.capabilities else None
+        return versions.LoadedPredictor(predictor, number, predictor.kind, self.device.name, scope, caps)
+
+    def relabel(self, points: Sequence[Relabelled], version: int) -> None:
+        """Re-predicted latencies onto the job's candidates (while it holds the lease); their
+        feasibility against the job's bounds and the front follow. Commits."""
+        from engine.job import Scores
+        from engine.spec import JobSpec
+        from service import queries
+
+        by_hash = {p.policy_hash: p for p in points}
+        with self.factory() as session:
+            job = session.get(Job, self.ctx.job_id)
+            if job is None or job.lease_owner != self.owner:
+                return
+            spec = JobSpec.model_validate(job.spec)
+            rows = session.scalars(select(Candidate).where(Candidate.job_id == self.ctx.job_id)).all()
+            for c in rows:
+                p = by_hash.get(c.policy_hash)
+                if p is None:
+                    continue
+                c.latency_ms = p.latency_ms
+                c.predictor_version = version
+                if p.measured_latency_ms is not None:
+                    c.measured_latency_ms = p.measured_latency_ms
+                if p.extra:
+                    c.extra = {**(c.extra or {}), **p.extra}
+                scores = Scores(
+                    accuracy=c.accuracy, latency_ms=c.latency_ms, size_bytes=c.size_bytes, macs=c.macs
+                )
+                c.feasible = queries.is_feasible(scores, spec=spec, baseline=job.baseline)
+            session.flush()
+            queries.refresh_front(session, job=job)
+
+
+@dataclass(frozen=True)
+class _RecordSample:
+    """What ``sample_info`` reads of a calibration sample, from a record."""
+
+    arch_id: str
+    space_id: str
+    space: Any

@@ -32,6 +32,7 @@ from db.models import (
 from engine.job import Scores
 from engine.spec import JobSpec
 from service.front import dominance, front_objectives, front_order, signed_points
+from service.front_fold import Resolution, fold, resolution_for
 
 # Ids are INTEGER columns (32-bit on PostgreSQL, which refuses a larger parameter; SQLite's
 # driver cannot bind past 64 bits): a number outside that range names no row, so getters
@@ -502,9 +503,34 @@ def pareto(session: Session, *, job: Job) -> list[Candidate]:
     return [rows[int(i)] for i in order]
 
 
+def job_resolution(session: Session, *, job: Job) -> Resolution:
+    """How close two of the job's scores must be to count as equal (``service.front_fold``)."""
+    shapes = session.scalar(select(Dataset.shapes).where(Dataset.id == job.dataset_id))
+    return resolution_for(shapes)
+
+
+def front_groups(
+    session: Session, *, job: Job, front: Sequence[Candidate], resolution: Resolution | None = None
+) -> list[list[int]]:
+    """``front`` (the job's, in front order) folded: one list of indices into it per
+    representative, its own index first (``service.front_fold`` says which point represents)."""
+    metrics = [o["metric"] for o in front_objectives(spec_objectives(job))]
+    if not front or not metrics:
+        return [[i] for i in range(len(front))]
+    values = np.asarray([[getattr(c, m) for m in metrics] for c in front], dtype=float)
+    return fold(values, metrics, resolution or job_resolution(session, job=job))
+
+
+def folded_pareto(session: Session, *, job: Job) -> list[tuple[Candidate, list[Candidate]]]:
+    """The front with points equal within resolution folded: (representative, its duplicates),
+    in front order."""
+    front = pareto(session, job=job)
+    return [(front[g[0]], [front[i] for i in g[1:]]) for g in front_groups(session, job=job, front=front)]
+
+
 def best_candidates(session: Session, *, job: Job, limit: int = 5) -> list[Candidate]:
-    """A few front points for the job summary."""
-    return pareto(session, job=job)[:limit]
+    """A few front points for the job summary: distinct ones (duplicates folded)."""
+    return [rep for rep, _ in folded_pareto(session, job=job)[:limit]]
 
 
 # --- artifacts ----------------------------------------------------------------------

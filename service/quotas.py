@@ -39,13 +39,16 @@ def admit_job(session: Session, settings: Settings, *, tenant_id: int, spec: Job
     serialises them).
     """
     budget = spec.budget
-    samples = spec.calibration_samples
-    if samples is not None and samples > settings.max_calibration_samples:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"calibration_samples {samples} is over this server's limit of "
-            f"{settings.max_calibration_samples} (MODELTAILOR_MAX_CALIBRATION_SAMPLES)",
-        )
+    for name, samples in (
+        ("calibration_samples", spec.calibration_samples),
+        ("topup_samples", spec.topup_samples),
+    ):
+        if samples is not None and samples > settings.max_calibration_samples:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"{name} {samples} is over this server's limit of "
+                f"{settings.max_calibration_samples} (MODELTAILOR_MAX_CALIBRATION_SAMPLES)",
+            )
     if budget.candidates is not None and budget.candidates > settings.max_job_candidates:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,

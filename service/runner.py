@@ -57,6 +57,8 @@ from service.settings import Settings, Timeouts
 log = logging.getLogger("modeltailor.runner")
 SearchFn = Callable[[JobContext], None]
 CANCEL_POLL_S = 1.0
+# Progress entries a candidate's progress update keeps (the rest is the runner's own).
+KEPT_PROGRESS = ("calibration", "paused_s", "space", "topup", "active_measurement")
 
 
 def job_refs(session: Session, job: Job) -> tuple[ModelRef, DatasetRef, DeviceRef]:
@@ -431,9 +433,10 @@ class Runner:
             "elapsed_s": round(elapsed, 2),
             "eta_s": None if eta is None else round(eta, 1),
             "best_accuracy": best,
-            # kept so the seconds budget keeps excluding the calibration and yields (see _search_seconds),
-            # and the space the device resolved (engine.device_space) stays visible
-            **{k: v for k, v in (job.progress or {}).items() if k in ("calibration", "paused_s", "space")},
+            # kept so the seconds budget keeps excluding the calibration, top-up and yields (see
+            # _search_seconds), and the space the device resolved (engine.device_space) and the job's
+            # own measurements (engine.active_measurement) stay visible
+            **{k: v for k, v in (job.progress or {}).items() if k in KEPT_PROGRESS},
         }
 
     def _event(self, job_id: int, kind: str, data: dict[str, Any]) -> None:
@@ -454,7 +457,8 @@ class Runner:
 
 
 def _search_seconds(job: Job) -> float:
-    """Seconds the job has spent searching: a device calibration it ran first does not count.
+    """Seconds the job has spent searching: a device calibration (or its model's top-up, see
+    ``engine.active_measurement``) it ran first does not count; measuring during the search does.
 
     The seconds budget is the user's search budget; calibrating a device is a one-off cost
     shared by later jobs (it shows in the job's progress as its own phase). Nor does the
@@ -462,11 +466,14 @@ def _search_seconds(job: Job) -> float:
     """
     progress = job.progress or {}
     phase = str(progress.get("phase") or "")
-    if phase.startswith(("calibrating", "waiting for calibration")):
+    if phase.startswith(("calibrating", "waiting for calibration", "topping up")):
         return 0.0
-    calibration = progress.get("calibration") or {}
-    spent = calibration.get("seconds") if isinstance(calibration, dict) else None
+    spent = 0.0
+    for key in ("calibration", "topup"):  # the job's calibration and its model's top-up
+        entry = progress.get(key) or {}
+        value = entry.get("seconds") if isinstance(entry, dict) else None
+        spent += float(value) if isinstance(value, (int, float)) else 0.0
     paused = float(progress.get("paused_s") or 0.0)
     if "yielded_at" in progress:  # waiting now
         paused += queries.seconds_since(dt.datetime.fromisoformat(progress["yielded_at"]))
-    return max(0.0, queries.seconds_since(job.started_at) - float(spent or 0.0) - paused)
+    return max(0.0, queries.seconds_since(job.started_at) - spent - paused)

@@ -559,6 +559,10 @@ class CandidatePublic(_Out):
     policy_hash: str
     accuracy: float | None
     latency_ms: float | None = Field(description="predicted latency on the job's device")
+    latency_std_ms: float | None = Field(
+        default=None,
+        description="the predictor's standard deviation of latency_ms (null: the predictor does not say)",
+    )
     predictor_version: int | None
     measured_latency_ms: float | None
     size_bytes: int | None
@@ -582,6 +586,49 @@ class CandidatesPublic(_Out):
 
     data: list[CandidatePublic]
     count: int
+
+
+_RESOLUTION = {
+    "accuracy": 0.001,
+    "accuracy_images": 1,
+    "n_val": 1000,
+    "latency_ms_relative": 0.01,
+    "size_bytes_relative": 0.01,
+    "macs_relative": 0.01,
+}
+
+
+class FrontPoint(CandidatePublic):
+    """A front point with what the fold says about it (``service.front_fold``)."""
+
+    model_config = examples({**EXAMPLE_CANDIDATE, "duplicates": [41, 52], "duplicate_of": None})
+
+    duplicates: list[int] = Field(
+        default_factory=list,
+        description="ids of front points equal to this one within resolution, folded under it",
+    )
+    duplicate_of: int | None = Field(
+        default=None, description="the representative this point is folded under (null: it is one)"
+    )
+
+
+class FrontPublic(_Out):
+    model_config = examples(
+        {
+            "data": [{**EXAMPLE_CANDIDATE, "duplicates": [41, 52], "duplicate_of": None}],
+            "count": 1,
+            "folded": 2,
+            "resolution": _RESOLUTION,
+        }
+    )
+
+    data: list[FrontPoint]
+    count: int = Field(description="points in `data`")
+    folded: int = Field(description="front points folded under a representative (left out when `fold`)")
+    resolution: dict[str, Any] = Field(
+        description="how close scores must be to count as equal: accuracy within one validation "
+        "image (absolute), latency, size and MACs within 1 % (relative)"
+    )
 
 
 class JobPublic(_Out):

@@ -5,7 +5,7 @@ Importing this package registers the built-in schemes (one module each). Look on
 scheme provides and the README ("Adding a compression scheme") for how to add one.
 """
 
-from compression.schemes import block, dense, nm, unstructured  # noqa: F401  (register the built-ins)
+from compression.schemes import block, dense, nm, pattern, unstructured  # noqa: F401  (register the built-ins)
 from compression.schemes.base import (
     CHANNEL,
     DENSE,

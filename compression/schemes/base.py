@@ -60,7 +60,7 @@ DENSE = "dense"
 #: and ``"channel"`` in a space's ``schemes`` turns width search on.
 CHANNEL = "channel"
 #: ``LayerPolicy`` fields that parameterise a scheme (``Scheme.fields`` names a subset).
-PARAM_FIELDS: tuple[str, ...] = ("sparsity", "nm", "block")
+PARAM_FIELDS: tuple[str, ...] = ("sparsity", "nm", "block", "patterns")
 #: What a latency predictor sees of a layer's scheme (``Scheme.encode_batch``), in this order.
 ENCODING_FIELDS: tuple[str, ...] = ("scheme", "sparsity", "nm_n", "nm_m", "block")
 

@@ -9,12 +9,18 @@ predictor answers in ms by multiplying with the reference latency seen during ca
 Accuracy is reported on architectures the predictor never saw (a group split by
 ``arch_id``), never on other policies of a training architecture: that is the question a new
 user's model asks.
+
+Every predictor also says how sure it is (``predict_uncertainty``: a standard deviation per
+prediction, in ms). Kinds with an ensemble (``KernelGBDT``, ``GraphGNN``) take it from the
+spread of their members; the others from their held-out relative error (see
+``Predictor.predict_uncertainty`` for the rule and ``uncertainty_source`` for which applies).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +34,7 @@ from compression.space import SearchSpace
 from latency_models.features import FEATURE_VERSION, KernelBatch, kernel_features
 
 __all__ = [
+    "MIN_RELATIVE_STD",
     "REGISTRY",
     "STATISTICS",
     "LatencyRecord",
@@ -44,6 +51,16 @@ __all__ = [
 ]
 
 Target = Literal["ms", "ratio"]
+
+#: Smallest relative standard deviation a prediction is given: two timings of one model on an
+#: idle machine rarely agree better than this, so no predictor can be surer.
+MIN_RELATIVE_STD = 0.01
+#: Relative standard deviation of a predictor that has no ensemble, no held-out figures and no
+#: training error to go by (a fit from before those were kept): about the held-out error of the
+#: learned predictors on unseen architectures (MAPE 15-25 %, bench/RESULTS.md).
+UNKNOWN_RELATIVE_STD = 0.25
+#: Mean absolute error / standard deviation of a normal error: turns a MAPE into a std.
+_MAE_TO_STD = math.sqrt(math.pi / 2)
 
 
 class StalePredictorError(ValueError):
@@ -177,6 +194,9 @@ class Predictor(ABC):
         self.metrics: dict[str, Any] = {}
         #: which statistic of the timed runs the training records carried (``with_statistic``)
         self.statistic = "median"
+        #: RMS of the log error on its own training records (None: fitted before it was kept);
+        #: the noise an ensemble's spread does not show (``predict_uncertainty``)
+        self.fit_log_rmse: float | None = None
 
     # -- public API
     def fit(self, records: Sequence[LatencyRecord]) -> Predictor:
@@ -196,7 +216,18 @@ class Predictor(ABC):
             raise ValueError("latencies must be finite and positive")
         self._fit(records, y)
         self.fitted = True
+        self.fit_log_rmse = self._training_error(records, y)
         return self
+
+    def _training_error(self, records: Sequence[LatencyRecord], y: np.ndarray) -> float:
+        """RMS log error of the fitted predictor on its training targets (target units)."""
+        pred = np.zeros(len(records))
+        for space, ix in by_space(records):
+            pred[ix] = self._predict(space, [records[i].policy for i in ix])
+        ok = np.isfinite(pred) & (pred > 0)
+        if not ok.any():
+            return UNKNOWN_RELATIVE_STD
+        return float(np.sqrt(np.mean((np.log(pred[ok]) - np.log(y[ok])) ** 2)))
 
     def predict(self, space: SearchSpace, policies: Sequence[Policy]) -> np.ndarray:
         """Predicted latency in ms of each policy (float64 array, one per policy)."""
@@ -206,6 +237,63 @@ class Predictor(ABC):
             return np.zeros(0, dtype=np.float64)
         out = np.asarray(self._predict(space, policies), dtype=np.float64) * self.reference_ms
         return np.maximum(out, 1e-6)
+
+    def predict_uncertainty(
+        self, space: SearchSpace, policies: Sequence[Policy]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(latency ms, standard deviation ms) of each policy: ``predict``'s value, and how sure
+        the predictor is of it (float64 arrays, finite, the std > 0).
+
+        The std is relative to the latency (``latency · s``), in the units the predictor
+        learns (a ratio-target predictor's own error, not the 7-20 % a machine's absolute speed
+        drifts between processes on top of it). ``s`` is, by ``uncertainty_source``:
+
+        * ``ensemble`` (kinds that keep members, ``_predict_members``): the standard deviation of
+          the log predictions of the members and the main model, combined in quadrature with
+          the noise no member can learn (``fit_log_rmse``, the log error on the training
+          records): large where the members disagree (architectures unlike the training ones),
+          small on policies of an architecture the predictor was trained on;
+        * ``held-out``: the predictor's held-out MAPE of what it learns (``ratio_mape`` for a
+          ratio target, else ``mape``; ``metrics`` of a calibration's fit) as the std of a normal
+          error (MAPE · sqrt(pi/2)): the same relative std everywhere;
+        * ``training``: no held-out figures (a predictor fitted outside a calibration): its
+          training error, which understates the error on unseen models;
+        * ``unknown``: none of those (a fit saved before they were kept): ``UNKNOWN_RELATIVE_STD``.
+
+        Never below ``MIN_RELATIVE_STD``.
+        """
+        ms = self.predict(space, policies)
+        if len(policies) == 0:
+            return ms, np.zeros(0, dtype=np.float64)
+        members = self._predict_members(space, policies)
+        if members is not None and len(members):
+            logs = np.log(np.maximum(np.vstack([members, ms / self.reference_ms]), 1e-12))
+            floor = self.fit_log_rmse if self.fit_log_rmse is not None else 0.0
+            rel = np.sqrt(logs.var(axis=0) + floor**2)
+        else:
+            rel = np.full(len(policies), self._fallback_relative_std())
+        rel = np.where(np.isfinite(rel), np.maximum(rel, MIN_RELATIVE_STD), UNKNOWN_RELATIVE_STD)
+        return ms, ms * rel
+
+    @property
+    def uncertainty_source(self) -> str:
+        """Where ``predict_uncertainty``'s std comes from: ``ensemble``, ``held-out``,
+        ``training`` or ``unknown`` (see there)."""
+        if self._has_members():
+            return "ensemble"
+        return self._fallback()[0]
+
+    def _fallback(self) -> tuple[str, float]:
+        key = "ratio_mape" if self.target == "ratio" and "ratio_mape" in self.metrics else "mape"
+        mape = self.metrics.get(key)
+        if isinstance(mape, (int, float)) and math.isfinite(mape) and mape >= 0:
+            return "held-out", float(mape) / 100.0 * _MAE_TO_STD
+        if self.fit_log_rmse is not None and math.isfinite(self.fit_log_rmse):
+            return "training", self.fit_log_rmse
+        return "unknown", UNKNOWN_RELATIVE_STD
+
+    def _fallback_relative_std(self) -> float:
+        return self._fallback()[1]
 
     def save(self, directory: Path) -> Path:
         """Write the predictor under ``directory`` (JSON + the subclass's safe-format files)."""
@@ -220,6 +308,7 @@ class Predictor(ABC):
             "reference_ms": self.reference_ms,
             "metrics": self.metrics,
             "statistic": self.statistic,
+            "fit_log_rmse": self.fit_log_rmse,
             "feature_version": FEATURE_VERSION,
             "state": self._state(directory),
         }
@@ -239,8 +328,9 @@ class Predictor(ABC):
         if saved != FEATURE_VERSION:
             raise StalePredictorError(
                 f"{directory}: this {meta.get('kind', '?')} predictor was fitted on latency features "
-                f"v{saved}, this version computes v{FEATURE_VERSION} (v2: precision per layer, int8 / "
-                "4-bit MatMulNBits, instead of one whole-model int8 flag); refit the device: "
+                f"v{saved}, this version computes v{FEATURE_VERSION} (v3: a column for the pattern scheme; "
+                "v2: precision per layer, int8 / 4-bit MatMulNBits, instead of one whole-model int8 "
+                "flag); refit the device: "
                 "`modeltailor calibrate --device NAME` (measurements of quantized models taken under "
                 "the old export rule are not reused)"
             )
@@ -253,6 +343,8 @@ class Predictor(ABC):
         obj.reference_ms = float(meta["reference_ms"])
         obj.metrics = dict(meta.get("metrics") or {})
         obj.statistic = str(meta.get("statistic", "median"))
+        rmse = meta.get("fit_log_rmse")  # absent in predictors saved before it was kept
+        obj.fit_log_rmse = float(rmse) if isinstance(rmse, (int, float)) else None
         obj._restore(meta["state"], directory)
         obj.fitted = True
         return obj
@@ -269,6 +361,15 @@ class Predictor(ABC):
 
     @abstractmethod
     def _restore(self, state: dict[str, Any], directory: Path) -> None: ...
+
+    def _predict_members(self, space: SearchSpace, policies: Sequence[Policy]) -> np.ndarray | None:
+        """Predictions of the ensemble members (members × policies, target units), or None for
+        a kind without members (``predict_uncertainty`` then uses the held-out error)."""
+        return None
+
+    def _has_members(self) -> bool:
+        """Whether ``_predict_members`` answers (a loaded predictor saved without members does not)."""
+        return False
 
 
 REGISTRY: dict[str, type[Predictor]] = {}

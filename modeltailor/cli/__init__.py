@@ -16,7 +16,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each command family lives in its own module and registers itself on ``app``.
-    from modeltailor.cli import compress, demo, device_agent, latency, search, service_cmds  # noqa: F401
+    from modeltailor.cli import compress, demo, device_agent, family, latency, search, service_cmds  # noqa: F401
 
 
 def main() -> None:

@@ -94,6 +94,9 @@ def calibrate_cmd(
         raise typer.Exit(code=2) from exc
     store = DeviceStore(dev.name)
     focus = _focus_plan(model, data, samples, seed) if model is not None and not fit_only else None
+    from latency_models.load_guard import LoadGuard
+
+    guard = LoadGuard()  # re-times or refuses samples timed under load; its counts go in the metrics
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     if not fit_only:
         with Progress(*columns, transient=False) as bar:
@@ -103,7 +106,16 @@ def calibrate_cmd(
                 bar.update(task, completed=done, description=f"{dev.name}: {what[:48]}")
 
             plan = focus[1] if focus is not None else None
-            calibrate(dev, samples, seed=seed, progress=progress, runs=runs, store=store, plan=plan)
+            calibrate(
+                dev, samples, seed=seed, progress=progress, runs=runs, store=store, plan=plan, guard=guard
+            )
+        if guard.retried:
+            typer.echo(
+                f"timed under load: {guard.retried} of {guard.samples} samples re-timed, "
+                f"{guard.refused} refused (reference > {100 * guard.max_drift:.0f} % slower than the "
+                "calibration's recent median)",
+                err=True,
+            )
     capabilities = _capabilities(dev, store, measure=not fit_only)
     records = store.records()
     if len({r.arch_id for r in records}) < 2:
@@ -118,7 +130,10 @@ def calibrate_cmd(
         seed=seed,
         store=store,
         statistic=statistic,
-        extra={"capabilities": capabilities} if capabilities else None,
+        extra={
+            **({"capabilities": capabilities} if capabilities else {}),
+            **({"noise": guard.summary()} if not fit_only else {}),
+        },
     )
     typer.echo(f"device {dev.name}: predictor version {version}, default {doc['default']}")
     if capabilities:

@@ -15,7 +15,10 @@ if TYPE_CHECKING:
     from compression.data import Dataset
     from compression.model_io import CompressibleModel
     from compression.obc import Recovery
+    from compression.space import SpaceOptions
+    from engine.active_measurement import ActiveMeasurer, JobPredictor
     from engine.finetune_front import FinetunedPoint
+    from engine.job import LoadedPredictor
     from engine.search import SearchResult
 
 err = Console(stderr=True)
@@ -94,6 +97,29 @@ def search(
             "--finetune-epochs", min=0.001, max=50.0, help="Passes over the train split per fine-tuned point."
         ),
     ] = 2.0,
+    active_measurement: Annotated[
+        bool,
+        typer.Option(
+            "--active-measurement/--no-active-measurement",
+            help="With the device's stored predictor: time --topup policies of MODEL first when the "
+            "device never measured it, and during the search time the front points and the candidates "
+            "the predictor is least sure about (at most --active-max, 15 %% of --budget), refitting the "
+            "predictor after each round (each refit is a new version in the device's store). "
+            "--no-active-measurement searches on the stored predictor as it is.",
+        ),
+    ] = True,
+    active_max: Annotated[
+        int, typer.Option("--active-max", min=0, max=500, help="Most candidates timed during the search.")
+    ] = 30,
+    topup: Annotated[
+        int,
+        typer.Option(
+            "--topup",
+            min=0,
+            max=2000,
+            help="Policies of MODEL timed before the search when the device never measured it (0 = none).",
+        ),
+    ] = 16,
 ) -> None:
     """Search per-layer compression policies of MODEL for DEVICE; write dense, candidates and Pareto front.
 
@@ -144,6 +170,13 @@ def search(
         with err.status(f"loading {model} (a zoo model trains on first use)"):
             cmodel = resolve_model(model, dataset, seed=seed)
         callback, label = latency_callback(latency, device, cmodel)  # type: ignore[arg-type]
+        loop = None
+        if active_measurement and label.startswith("predicted"):
+            loop = _calibration_in_loop(
+                cmodel, model, device, space_options, seed, budget, budget_seconds, topup, active_max
+            )
+            callback = loop.jp.live
+            label = loop.label(label)
         err.print(f"latency: {label}")
         if latency == "macs-proxy":
             err.print(f"[yellow]warning:[/yellow] latency is a proxy, not measured: {label}")
@@ -183,7 +216,12 @@ def search(
                 recovery=how,
                 on_candidate=candidate,
                 on_progress=progress,
+                rescore=loop.jp.rescore if loop is not None else None,
+                between_rounds=loop.active.between_rounds if loop is not None and loop.active else None,
             )
+            if loop is not None:
+                result = loop.finish(result)
+                label = loop.label(label)
             finetuned = _finetune(
                 bar, cmodel, dataset, result, finetune_top_k, finetune_epochs, seed, reconstruct, how
             )
@@ -211,6 +249,8 @@ def search(
         "objective": result.objective.to_dict(),
         **result.to_dict(),
     }
+    if loop is not None:
+        loop.annotate(doc)
     if finetuned:
         doc["finetune"] = {"top_k": finetune_top_k, "epochs": finetune_epochs}
         by_hash = {p.policy_hash: p.extra() for p in finetuned}
@@ -249,7 +289,9 @@ def _finetune(
     if not chosen:
         return []
     tuner = FrontFinetuner(
-        model, dataset, FinetuneSpec(top_k=top_k, epochs=epochs),
+        model,
+        dataset,
+        FinetuneSpec(top_k=top_k, epochs=epochs),
         seed=seed,
         reconstruct=reconstruct,
         recovery=recovery,  # built as the search scored it (OBC masks), then fine-tuned
@@ -265,3 +307,133 @@ def _finetune(
         if point is not None:
             points.append(point)
     return points
+
+
+class _Loop:
+    """Calibration in the loop on a local device (``engine.active_measurement``): the predictor
+    the search scores with, its measuring rounds, and what they add to the front JSON."""
+
+    def __init__(
+        self, jp: JobPredictor, active: ActiveMeasurer | None, topup: dict[str, Any] | None, stored: int
+    ) -> None:
+        self.jp = jp
+        self.active = active
+        self.topup = topup
+        self.stored_version = stored
+
+    def finish(self, result: SearchResult) -> SearchResult:
+        """The dense reference on the search's last predictor."""
+        import dataclasses
+
+        from compression.policy import Policy
+
+        ms, _std = self.jp.predict([Policy.dense()])
+        dense = dataclasses.replace(result.dense.score, latency_ms=float(ms[0]))
+        return dataclasses.replace(result, dense=dataclasses.replace(result.dense, score=dense))
+
+    def label(self, label: str) -> str:
+        """The stored predictor's label, and the version the search ended on when it refitted."""
+        if self.jp.version == self.stored_version:
+            return label
+        return f"{label.split('; refitted')[0]}; refitted to v{self.jp.version} on this model's measurements"
+
+    def annotate(self, doc: dict[str, Any]) -> None:
+        """Each entry's predicted std and measurement; the top-up and the rounds' report."""
+        doc["predictor_version"] = self.jp.version
+        if self.topup is not None:
+            doc["topup"] = self.topup
+        if self.active is not None:
+            doc["active_measurement"] = self.active.report()
+        for entry in (*doc["candidates"], *doc["pareto"]):
+            h = entry["policy_hash"]
+            std = self.jp.std_of(h)
+            if std is not None:
+                entry["latency_std_ms"] = std
+            got = self.active.measured.get(h) if self.active is not None else None
+            if got is not None:
+                entry["active"] = got
+                entry["measured_latency_ms"] = got.get("measured_ms")
+
+
+def _calibration_in_loop(
+    cmodel: CompressibleModel,
+    spec: str,
+    device: str,
+    options: SpaceOptions,
+    seed: int,
+    budget: int,
+    budget_seconds: float | None,
+    topup_n: int,
+    active_max: int,
+) -> _Loop:
+    """The local device's stored predictor, topped up with MODEL when the device never measured
+    it, and the measurer of the search's rounds (None when --active-max is 0)."""
+    from compression.space_builder import space_for
+    from engine.active_measurement import ActiveMeasurer, JobPredictor, topup
+    from engine.local_measuring import LocalMeasuringDevice, cli_model_ids, load_stored, model_seen
+    from engine.spec import ActiveMeasurementSpec
+    from latency_models.devices import get_device
+    from latency_models.store import DeviceStore
+
+    store = DeviceStore(device)
+    stored = load_stored(store)
+    assert stored is not None  # the label said "predicted"
+    loaded: LoadedPredictor = stored
+    measuring = LocalMeasuringDevice(get_device(device), store, seed=seed)
+    ids = cli_model_ids(cmodel, spec)
+    space = space_for(cmodel, options)
+    report = None
+    if topup_n > 0 and not model_seen(store, ids[1]):
+        with err.status(f"topping up: timing {topup_n} policies of {cmodel.name} on {device}") as status:
+
+            def progress(done: int, total: int) -> None:
+                status.update(f"topping up: {done}/{total} policies of {cmodel.name} timed on {device}")
+
+            done = topup(measuring, cmodel, ids, space, loaded, topup_n, seed=seed, progress=progress)
+        report = done.report
+        errors = report.get("error_before_refit") or {}
+        err.print(
+            f"topped up: {report.get('measured', 0)} policies of {cmodel.name} timed on {device}"
+            + (
+                f", speedup MAPE {errors['speedup_mape']:.1f} % before the refit"
+                if "speedup_mape" in errors
+                else ""
+            )
+            + (
+                f"; predictor v{done.loaded.version}"
+                if "version" in report
+                else f"; {report.get('note', '')}"
+            )
+        )
+        loaded = done.loaded
+    jp = JobPredictor(loaded, space)
+    active = None
+    spec_active = ActiveMeasurementSpec(max=active_max)  # the job's default share of the budget
+    if spec_active.on:
+
+        def rounds(data: dict[str, Any]) -> None:
+            last = data.get("last_round") or {}
+            errors = last.get("error_before_refit") or {}
+            err.print(
+                f"measured {last.get('measured', 0)} candidates on {device} (round {data['rounds']}/"
+                f"{data['rounds_planned']})"
+                + (
+                    f", speedup MAPE {errors['speedup_mape']:.1f} % before the refit"
+                    if "speedup_mape" in errors
+                    else ""
+                )
+                + f"; predictor v{data['predictor_version']}"
+                + (f"; {data['note']}" if data.get("note") else "")
+            )
+
+        active = ActiveMeasurer(
+            spec_active,
+            device=measuring,
+            model=cmodel,
+            ids=ids,
+            predictor=jp,
+            budget_candidates=budget,
+            budget_seconds=budget_seconds,
+            progress=rounds,
+        )
+    return _Loop(jp, active, report, stored.version)

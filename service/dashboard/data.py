@@ -23,6 +23,7 @@ from db.models import Candidate, Job, Measurement
 from engine.spec import JobSpec
 from service import queries
 from service.front import front_objectives, front_order, signed_points
+from service.front_fold import Resolution, fold
 
 DEFAULT_MAX_POINTS = 4000
 COLUMNS = ("accuracy", "latency_ms", "size_bytes", "macs")
@@ -158,22 +159,46 @@ def decimate(table: _Table, idx: np.ndarray, max_points: int) -> np.ndarray:
         cells = max(2, int(cells * 0.8))
 
 
-def job_scatter(session: Session, *, job: Job, max_points: int = DEFAULT_MAX_POINTS) -> dict[str, Any]:
-    """The job's candidates for plotting: the whole front, dominated points decimated to ~max_points."""
+def _folded(
+    table: _Table, rows: list[int], objectives: Sequence[dict[str, Any]], resolution: Resolution
+) -> list[list[int]]:
+    """``rows`` (a front, in front order) folded within resolution: lists of table rows, the
+    representative first (``service.front_fold``)."""
+    metrics = [o["metric"] for o in front_objectives(objectives)]
+    if not rows or not metrics:
+        return [[r] for r in rows]
+    values = np.column_stack([table.cols[m][rows] for m in metrics])
+    return [[rows[i] for i in g] for g in fold(values, metrics, resolution)]
+
+
+def job_scatter(
+    session: Session, *, job: Job, max_points: int = DEFAULT_MAX_POINTS, resolution: Resolution | None = None
+) -> dict[str, Any]:
+    """The job's candidates for plotting: the whole front (points equal within ``resolution``
+    folded under one), dominated points decimated to ~max_points."""
     table = _load(session, job.id)
     spec = JobSpec.model_validate(job.spec)
+    resolution = resolution or Resolution()
     objectives = [g.model_dump() for g in spec.objectives if g.metric in COLUMNS]
-    front = front_rows(table, objectives)
-    size = front_rows(
-        table, [{"metric": "accuracy", "direction": "max"}, {"metric": "size_bytes", "direction": "min"}]
+    groups = _folded(table, front_rows(table, objectives), objectives, resolution)
+    front = [g[0] for g in groups]
+    folded = [r for g in groups for r in g[1:]]
+    size_objectives = [
+        {"metric": "accuracy", "direction": "max"},
+        {"metric": "size_bytes", "direction": "min"},
+    ]
+    size_all = front_rows(table, size_objectives)
+    size = sorted(
+        (g[0] for g in _folded(table, size_all, size_objectives, resolution)),
+        key=lambda i: float(table.cols["size_bytes"][i]),
     )
-    size = sorted(size, key=lambda i: float(table.cols["size_bytes"][i]))
-    always = np.union1d(np.asarray(front, dtype=np.int64), np.asarray(size, dtype=np.int64))
+    always = np.union1d(np.asarray(front + folded, dtype=np.int64), np.asarray(size_all, dtype=np.int64))
     rest = np.setdiff1d(np.arange(len(table)), always, assume_unique=True)
     kept = decimate(table, rest, max_points)
-    in_front = set(front)
-    others = [int(i) for i in kept] + [i for i in size if i not in in_front]
-    policies = _policies(session, [int(table.id[i]) for i in [*front, *others]])
+    on_front = set(front) | set(folded)
+    others = [int(i) for i in kept] + [i for i in size_all if i not in on_front]
+    policies = _policies(session, [int(table.id[i]) for i in [*front, *folded, *others]])
+    ids = table.id
     return {
         "job_id": job.id,
         "status": job.status,
@@ -192,10 +217,16 @@ def job_scatter(session: Session, *, job: Job, max_points: int = DEFAULT_MAX_POI
         "baseline": job.baseline,
         "total": len(table),
         "feasible_total": int(table.feasible.sum()),
-        "shown": len(front) + len(others),
+        "shown": len(front) + len(folded) + len(others),
         "decimated": len(kept) < len(rest),
         "front": _points(table, front, policies).to_dict(),
-        "size_front_ids": [int(table.id[i]) for i in size],
+        "front_duplicates": [[int(ids[r]) for r in g[1:]] for g in groups],
+        "folded": {
+            **_points(table, folded, policies).to_dict(),
+            "duplicate_of": [int(ids[g[0]]) for g in groups for _ in g[1:]],
+        },
+        "resolution": resolution.to_dict(),
+        "size_front_ids": [int(ids[i]) for i in size],
         "others": _points(table, others, policies).to_dict(),
     }
 
@@ -246,3 +277,59 @@ def device_measurements(
 
 def _count(session: Session, where: list[Any]) -> int:
     return int(session.scalar(select(func.count(Measurement.id)).where(*where)) or 0)
+
+
+def _layer_values(policy: dict[str, Any], names: Sequence[str]) -> tuple[list[float], list[int]]:
+    """Per layer: the kept width the policy sets (0 in a skipped block) and its weight bits (32: float)."""
+    default = policy.get("default") or {}
+    layers = policy.get("layers") or {}
+    skip = policy.get("skip") or []
+    widths: list[float] = []
+    bits: list[int] = []
+    for name in names:
+        spec = {**default, **(layers.get(name) or {})}
+        gone = any(name == b or name.startswith(f"{b}.") for b in skip)
+        width = spec.get("width")
+        widths.append(0.0 if gone else float(width) if width is not None else 1.0)
+        bits.append(0 if gone else int(spec.get("bits") or 32))
+    return widths, bits
+
+
+def job_choices(
+    session: Session,
+    *,
+    job: Job,
+    layer_names: Sequence[str],
+    max_points: int = 400,
+    resolution: Resolution | None = None,
+) -> dict[str, Any]:
+    """Per-layer choices of the job's candidates, for parallel coordinates coloured by accuracy.
+
+    Every front point (the job's objectives, folded) and, of the rest, up to ``max_points``
+    spread evenly over the search order. One axis per layer whose kept width (0 where its block
+    is skipped) varies among the candidates shown; layers that never change carry nothing.
+    """
+    table = _load(session, job.id)
+    spec = JobSpec.model_validate(job.spec)
+    objectives = [g.model_dump() for g in spec.objectives if g.metric in COLUMNS]
+    groups = _folded(table, front_rows(table, objectives), objectives, resolution or Resolution())
+    front = [g[0] for g in groups]
+    rest = np.setdiff1d(np.flatnonzero(~np.isnan(table.cols["accuracy"])), np.asarray(front, dtype=np.int64))
+    if len(rest) > max_points:
+        rest = rest[np.linspace(0, len(rest) - 1, max_points).round().astype(np.int64)]
+    rows = [*front, *(int(i) for i in rest)]
+    policies = _policies(session, [int(table.id[i]) for i in rows])
+    values = [_layer_values(policies.get(int(table.id[i])) or {}, layer_names) for i in rows]
+    widths = np.asarray([v[0] for v in values], dtype=float).reshape(len(rows), len(layer_names))
+    varies = [j for j in range(len(layer_names)) if len(rows) and np.ptp(widths[:, j]) > 0]
+    return {
+        "job_id": job.id,
+        "total": len(table),
+        "layers": [layer_names[j] for j in varies],
+        "id": [int(table.id[i]) for i in rows],
+        "accuracy": [_num(float(table.cols["accuracy"][i])) for i in rows],
+        "latency_ms": [_num(float(table.cols["latency_ms"][i])) for i in rows],
+        "on_front": [True] * len(front) + [False] * (len(rows) - len(front)),
+        "width": [[float(widths[r, j]) for j in varies] for r in range(len(rows))],
+        "bits": [[values[r][1][j] for j in varies] for r in range(len(rows))],
+    }

@@ -12,8 +12,10 @@ from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import queries
-from service.dashboard.data import DEFAULT_MAX_POINTS, device_measurements, job_scatter
-from service.deps import CurrentTenant, ReadSessionDep
+from service.dashboard.breakdown import BreakdownUnavailable, candidate_breakdown
+from service.dashboard.compare import BOUNDS, MAX_JOBS, Bound, compare
+from service.dashboard.data import DEFAULT_MAX_POINTS, device_measurements, job_choices, job_scatter
+from service.deps import CurrentTenant, ReadSessionDep, SettingsDep
 from service.routers.models import ERRORS
 from service.schemas import EXAMPLE_JOB, examples
 
@@ -57,6 +59,24 @@ _SCATTER = {
     "shown": 5,
     "decimated": False,
     "front": _POINTS,
+    "front_duplicates": [[41], [], []],
+    "folded": {
+        "id": [41],
+        "accuracy": [0.9112],
+        "latency_ms": [1.43],
+        "size_bytes": [609_312],
+        "feasible": [True],
+        "summary": ["all layers: width 0.75, 2:4 sparse, int8 | conv1 dense | skip 1 block: layer3.2"],
+        "duplicate_of": [37],
+    },
+    "resolution": {
+        "accuracy": 0.001,
+        "accuracy_images": 1,
+        "n_val": 1000,
+        "latency_ms_relative": 0.01,
+        "size_bytes_relative": 0.01,
+        "macs_relative": 0.01,
+    },
     "size_front_ids": [5, 12, 37],
     "others": _OTHERS,
 }
@@ -96,6 +116,14 @@ class ScatterPoints(_Out):
     summary: list[str]
 
 
+class FoldedPoints(ScatterPoints):
+    """Front points folded under a representative, with the representative of each."""
+
+    model_config = examples({**_POINTS, "duplicate_of": [41, 41, 12]})
+
+    duplicate_of: list[int]
+
+
 class JobScatter(_Out):
     model_config = examples(_SCATTER)
 
@@ -111,7 +139,12 @@ class JobScatter(_Out):
     feasible_total: int
     shown: int
     decimated: bool
-    front: ScatterPoints
+    front: ScatterPoints = Field(description="the front's representatives, best first")
+    front_duplicates: list[list[int]] = Field(
+        description="per front point, the ids folded under it (equal within `resolution`)"
+    )
+    folded: FoldedPoints
+    resolution: dict[str, Any] = Field(description="how close scores must be to count as equal")
     size_front_ids: list[int]
     others: ScatterPoints
 
@@ -149,7 +182,10 @@ def get_scatter(
     job = queries.get_job(session, tenant_id=tenant.id, job_id=job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
-    return JobScatter.model_validate(job_scatter(session, job=job, max_points=max_points))
+    resolution = queries.job_resolution(session, job=job)
+    return JobScatter.model_validate(
+        job_scatter(session, job=job, max_points=max_points, resolution=resolution)
+    )
 
 
 @router.get("/devices/{device_id}/measurements", response_model=MeasurementsPublic, responses=ERRORS)
@@ -165,4 +201,306 @@ def list_measurements(
     rows, total = device_measurements(session, tenant_id=tenant.id, device_id=device_id, limit=limit)
     return MeasurementsPublic(
         data=[MeasurementPublic.model_validate(m, from_attributes=True) for m in rows], count=total
+    )
+
+
+_COMPARE_JOB = {
+    "id": 1,
+    "status": "succeeded",
+    "algorithm": "rule",
+    "seed": 0,
+    "model_id": 1,
+    "device_id": 1,
+    "device": "cpu-ort-1t",
+    "baseline": {"accuracy": 0.99, "latency_ms": 4.0},
+    "total": 200,
+    "feasible_total": 141,
+    "front": {
+        "id": [37, 12],
+        "accuracy": [0.9812, 0.9534],
+        "latency_ms": [1.42, 1.18],
+        "duplicates": [2, 0],
+        "summary": ["all layers: width 0.75, int8", "all layers: width 0.60, int8"],
+    },
+    "hypervolume": {
+        "reference": {"accuracy": 0.89, "latency_ms": 4.0},
+        "candidates": [1, 100, 200],
+        "elapsed_s": [3.1, 160.4, 322.0],
+        "hypervolume": [0.05, 0.25, 0.262],
+        "normalized": [0.125, 0.625, 0.655],
+        "final": 0.262,
+        "final_normalized": 0.655,
+    },
+    "best": {"id": 37, "accuracy": 0.9812, "latency_ms": 1.42},
+}
+
+
+class CompareJob(_Out):
+    """One job in a comparison."""
+
+    model_config = examples(_COMPARE_JOB)
+
+    id: int
+    status: str
+    algorithm: str
+    seed: int
+    model_id: int
+    device_id: int
+    device: str
+    baseline: dict[str, Any]
+    total: int
+    feasible_total: int
+    front: dict[str, list[Any]] = Field(
+        description="accuracy / latency front (feasible candidates, folded within resolution), most "
+        "accurate first; `duplicates`: how many equal points each stands for"
+    )
+    hypervolume: dict[str, Any] = Field(
+        description="area dominated up to `reference` (dense accuracy - 10 points, dense latency) after "
+        "the first `candidates[i]` candidates; `normalized`: divided by the reference box (0.10 x dense "
+        "latency), comparable across devices"
+    )
+    best: dict[str, Any] | None = Field(description="the best candidate under `bound` (null: none meets it)")
+
+
+class Comparison(_Out):
+    model_config = examples(
+        {
+            "bound": {"kind": "max_latency_ms", "value": 1.5},
+            "reference": "each job's dense accuracy - 0.10 and dense latency",
+            "jobs": [_COMPARE_JOB],
+        }
+    )
+
+    bound: dict[str, Any] | None
+    reference: str
+    jobs: list[CompareJob]
+
+
+def _job_ids(raw: str) -> list[int]:
+    try:
+        ids = [int(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"jobs must be job ids separated by commas, e.g. 3,7; got {raw!r}",
+        ) from None
+    ids = list(dict.fromkeys(ids))  # a repeated id is one job
+    if not 1 <= len(ids) <= MAX_JOBS:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"compare 1 to {MAX_JOBS} jobs at once, got {len(ids)}"
+        )
+    return ids
+
+
+@router.get("/compare", response_model=Comparison, responses=ERRORS)
+def get_compare(
+    session: ReadSessionDep,
+    tenant: CurrentTenant,
+    jobs: Annotated[str, Query(description=f"job ids separated by commas (1 to {MAX_JOBS})", max_length=200)],
+    max_latency_ms: Annotated[
+        float | None, Query(gt=0, allow_inf_nan=False, description="best = most accurate at most this slow")
+    ] = None,
+    min_accuracy: Annotated[
+        float | None,
+        Query(ge=0, le=1, allow_inf_nan=False, description="best = fastest at least this accurate"),
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float | None,
+        Query(
+            ge=0, le=1, allow_inf_nan=False, description="best = fastest within this drop of its dense model"
+        ),
+    ] = None,
+) -> Comparison:
+    """Several of your jobs side by side: their accuracy / latency fronts, hypervolume as
+    candidates arrived, and each one's best point under at most one bound."""
+    ids = _job_ids(jobs)
+    given = {
+        k: v
+        for k, v in zip(BOUNDS, (max_latency_ms, min_accuracy, max_accuracy_drop), strict=True)
+        if v is not None
+    }
+    if len(given) > 1:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"give at most one bound, got {sorted(given)}"
+        )
+    bound = Bound(*next(iter(given.items()))) if given else None
+    found = []
+    for job_id in ids:
+        job = queries.get_job(session, tenant_id=tenant.id, job_id=job_id)
+        if job is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+        found.append(job)
+    return Comparison.model_validate(compare(session, jobs=found, bound=bound))
+
+
+_FLAG = {
+    "kind": "channel_multiple",
+    "reason": "keeps 24 of 64 output channels, not a multiple of 16 (the channel block cpu-ort-1t's kernels "
+    "compute in): round 24 channels to 16 or 32",
+}
+_LAYER = {
+    "name": "layer3.0.conv1",
+    "op": "conv",
+    "present": True,
+    "predicted_ms": 0.212,
+    "dense_ms": 0.301,
+    "share": 0.14,
+    "dense_in": 32,
+    "dense_out": 64,
+    "kept_in": 32,
+    "kept_out": 24,
+    "removed": 0.625,
+    "saved": 0.296,
+    "scheme": "dense",
+    "bits": None,
+    "flags": [_FLAG],
+}
+_ADVICE = {
+    "layer": "layer3.0.conv1",
+    "removed": 0.625,
+    "saved": 0.296,
+    "suggestion": "round 24 channels to 16 or 32",
+}
+
+
+class LayerFlag(_Out):
+    kind: str = Field(description="size_only | channel_multiple | int8_slower")
+    reason: str
+
+
+class LayerTimeOut(_Out):
+    model_config = examples(_LAYER)
+
+    name: str
+    op: str
+    present: bool = Field(description="false: the layer's block is skipped")
+    predicted_ms: float
+    dense_ms: float
+    share: float = Field(description="of the candidate's predicted time")
+    dense_in: int
+    dense_out: int
+    kept_in: int
+    kept_out: int
+    removed: float = Field(
+        description="share of the layer's dense MACs the policy removed (channels, sparsity)"
+    )
+    saved: float = Field(description="1 - predicted / dense time of the layer")
+    scheme: str
+    bits: int | None
+    flags: list[LayerFlag]
+
+
+class AdviceOut(_Out):
+    layer: str
+    removed: float
+    saved: float
+    suggestion: str
+
+
+class CandidateBreakdown(_Out):
+    model_config = examples(
+        {
+            "candidate_id": 37,
+            "device": "cpu-ort-1t",
+            "round_to": 16,
+            "size_only": {"nm": "size-only: nm (2:4) ran 0.97x the dense speed (below 1.10x): ..."},
+            "source": "predictor",
+            "source_words": "predictor v2 (kernel_gbdt) of cpu-ort-1t",
+            "total_ms": 1.42,
+            "dense_total_ms": 2.31,
+            "overhead_ms": 0.08,
+            "dense_overhead_ms": 0.08,
+            "layers": [_LAYER],
+            "advice": [_ADVICE],
+        }
+    )
+
+    candidate_id: int
+    device: str
+    round_to: int = Field(
+        description="the channel multiple the job's space used (the device's when measured)"
+    )
+    size_only: dict[str, str] = Field(
+        description="schemes (and int8) the device's calibration measured as size-only"
+    )
+    source: str = Field(description="predictor: the kernel predictor's per-layer costs; macs: an estimate")
+    source_words: str
+    total_ms: float
+    dense_total_ms: float
+    overhead_ms: float = Field(description="the model's own cost (session, input copy, per-op costs)")
+    dense_overhead_ms: float
+    layers: list[LayerTimeOut]
+    advice: list[AdviceOut] = Field(
+        description="at most three layers where predicted time fell least against the work removed, "
+        "worst first"
+    )
+
+
+@router.get("/candidates/{candidate_id}/breakdown", response_model=CandidateBreakdown, responses=ERRORS)
+def get_breakdown(
+    candidate_id: int, session: ReadSessionDep, tenant: CurrentTenant, settings: SettingsDep
+) -> CandidateBreakdown:
+    """Where the candidate's predicted time goes, layer by layer against the dense model; choices
+    that buy no speed on the device (with the measured reason); and the three layers where time
+    fell least against what was removed, each with one suggested change."""
+    found = queries.get_candidate(session, tenant_id=tenant.id, candidate_id=candidate_id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"candidate {candidate_id} not found")
+    candidate, job = found
+    try:
+        body = candidate_breakdown(session, data_dir=settings.data_dir, candidate=candidate, job=job)
+    except BreakdownUnavailable as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    return CandidateBreakdown.model_validate(body)
+
+
+class JobChoices(_Out):
+    model_config = examples(
+        {
+            "job_id": 1,
+            "total": 200,
+            "layers": ["conv1", "layer1.0.conv1", "layer2.0.conv1"],
+            "id": [37, 12, 5],
+            "accuracy": [0.9812, 0.9534, 0.9011],
+            "latency_ms": [1.42, 1.18, 0.91],
+            "on_front": [True, True, False],
+            "width": [[1.0, 0.75, 0.5], [0.875, 0.5, 0.5], [0.5, 0.0, 0.25]],
+            "bits": [[32, 8, 8], [8, 8, 8], [32, 0, 32]],
+        }
+    )
+
+    job_id: int
+    total: int
+    layers: list[str] = Field(
+        description="one axis per layer whose kept width varies among the candidates sent"
+    )
+    id: list[int]
+    accuracy: list[float | None]
+    latency_ms: list[float | None]
+    on_front: list[bool]
+    width: list[list[float]] = Field(
+        description="per candidate, per axis: kept width (0: its block is skipped)"
+    )
+    bits: list[list[int]] = Field(description="per candidate, per axis: weight bits (32: float, 0: skipped)")
+
+
+@router.get("/jobs/{job_id}/choices", response_model=JobChoices, responses=ERRORS)
+def get_choices(
+    job_id: int,
+    session: ReadSessionDep,
+    tenant: CurrentTenant,
+    max_points: Annotated[int, Query(ge=10, le=5000)] = 400,
+) -> JobChoices:
+    """Per-layer choices of the job's candidates (every front point and up to ``max_points`` others,
+    spread over the search), for parallel coordinates coloured by accuracy."""
+    job = queries.get_job(session, tenant_id=tenant.id, job_id=job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    model = queries.get_model(session, tenant_id=tenant.id, model_id=job.model_id)
+    names = [
+        str(layer.get("name")) for layer in (model.layers if model is not None else []) if layer.get("name")
+    ]
+    resolution = queries.job_resolution(session, job=job)
+    return JobChoices.model_validate(
+        job_choices(session, job=job, layer_names=names, max_points=max_points, resolution=resolution)
     )

@@ -23,6 +23,8 @@ from service.routers.models import ERRORS
 from service.schemas import (
     CandidatePublic,
     CandidatesPublic,
+    FrontPoint,
+    FrontPublic,
     JobAccepted,
     JobPublic,
     JobsPublic,
@@ -52,14 +54,14 @@ SSE_EXAMPLE = (
 def to_candidate(candidate: Candidate) -> CandidatePublic:
     out = CandidatePublic.model_validate(candidate, from_attributes=True)
     extra = candidate.extra or {}
-    if "one_shot_accuracy" not in extra:
-        return out
-    return out.model_copy(  # both accuracies of a candidate the job fine-tuned (engine.finetune_front)
-        update={
-            "one_shot_accuracy": extra.get("one_shot_accuracy"),
-            "finetuned_accuracy": extra.get("finetuned_accuracy"),
-        }
-    )
+    update: dict[str, Any] = {}
+    if "one_shot_accuracy" in extra:  # a candidate the job fine-tuned (engine.finetune_front)
+        update["one_shot_accuracy"] = extra.get("one_shot_accuracy")
+        update["finetuned_accuracy"] = extra.get("finetuned_accuracy")
+    std = extra.get("latency_std_ms")  # the predictor's uncertainty (engine.active_measurement)
+    if isinstance(std, (int, float)) and not isinstance(std, bool):
+        update["latency_std_ms"] = float(std)
+    return out.model_copy(update=update) if update else out
 
 
 def to_public(session: Session, job: Job, *, with_best: bool = True) -> JobPublic:
@@ -150,11 +152,47 @@ def list_candidates(
     )
 
 
-@router.get("/{job_id}/pareto", response_model=CandidatesPublic, responses=ERRORS)
-def get_pareto(job_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> CandidatesPublic:
-    """The non-dominated feasible candidates under the job's objectives."""
-    front = queries.pareto(session, job=_job_or_404(session, tenant.id, job_id))
-    return CandidatesPublic(data=[to_candidate(c) for c in front], count=len(front))
+@router.get("/{job_id}/pareto", response_model=FrontPublic, responses=ERRORS)
+def get_pareto(
+    job_id: int,
+    session: ReadSessionDep,
+    tenant: CurrentTenant,
+    fold: Annotated[
+        bool,
+        Query(description="leave out the points folded under a representative (equal within resolution)"),
+    ] = False,
+) -> FrontPublic:
+    """The non-dominated feasible candidates under the job's objectives, best first.
+
+    Points equal in every objective within measurement resolution (accuracy: one validation
+    image; latency, size, MACs: 1 %) are folded: the representative lists them in
+    ``duplicates`` and each names it in ``duplicate_of``; ``fold=true`` returns the
+    representatives alone.
+    """
+    job = _job_or_404(session, tenant.id, job_id)
+    front = queries.pareto(session, job=job)
+    resolution = queries.job_resolution(session, job=job)
+    groups = queries.front_groups(session, job=job, front=front, resolution=resolution)
+    rep_of = {i: g[0] for g in groups for i in g[1:]}
+    dups = {g[0]: [front[i].id for i in g[1:]] for g in groups}
+    data = [
+        _front_point(c, duplicates=dups.get(i, []), duplicate_of=front[rep_of[i]].id if i in rep_of else None)
+        for i, c in enumerate(front)
+        if not (fold and i in rep_of)
+    ]
+    return FrontPublic(data=data, count=len(data), folded=len(rep_of), resolution=resolution.to_dict())
+
+
+def _front_point(c: Candidate, *, duplicates: list[int], duplicate_of: int | None) -> FrontPoint:
+    """As :func:`to_candidate`, with the fold's fields (one validation per point: GET /pareto stays fast)."""
+    update: dict[str, Any] = {"duplicates": duplicates, "duplicate_of": duplicate_of}
+    extra = c.extra or {}
+    if "one_shot_accuracy" in extra:
+        update |= {
+            "one_shot_accuracy": extra.get("one_shot_accuracy"),
+            "finetuned_accuracy": extra.get("finetuned_accuracy"),
+        }
+    return FrontPoint.model_validate(c, from_attributes=True).model_copy(update=update)
 
 
 def _poll(factory: sessionmaker[Session], job_id: int, after: int) -> tuple[list[tuple[int, str, Any]], bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,17 @@ def screenshot(page: Any, name: str) -> Path:
     """Save a full-page screenshot into test-artifacts/ (gitignored) and return its path."""
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"dashboard-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def doc_screenshot(page: Any, name: str) -> Path | None:
+    """Also save the viewport as ``docs/screenshots/<name>.png`` (the README's pictures) when
+    ``MODELTAILOR_DOC_SCREENSHOTS=1``: a plain test run leaves the tracked files alone."""
+    if os.environ.get("MODELTAILOR_DOC_SCREENSHOTS") != "1":
+        return None
+    path = REPO / "docs" / "screenshots" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path), full_page=True)
     return path
 

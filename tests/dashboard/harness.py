@@ -138,6 +138,26 @@ def expected_front(rows: list[tuple[int, float, float, bool]]) -> set[int]:
     return front
 
 
+def expected_fold(
+    rows: list[tuple[int, float, float, bool]], front: set[int], n_val: int = 1000
+) -> dict[int, list[int]]:
+    """The accuracy / latency front folded as documented (plain loops, not the service's code):
+    in front order (accuracy best first, then latency, then id) each point joins the first
+    representative within one validation image and 1 % latency, else it becomes one."""
+    points = sorted((r for r in rows if r[0] in front), key=lambda r: (-r[1], r[2], r[0]))
+    reps: list[tuple[tuple[int, float, float, bool], list[int]]] = []
+    for row in points:
+        for rep, members in reps:
+            same_accuracy = abs(row[1] - rep[1]) <= 1 / n_val + 1e-12
+            same_latency = abs(row[2] - rep[2]) <= 0.01 * max(row[2], rep[2])
+            if same_accuracy and same_latency:
+                members.append(row[0])
+                break
+        else:
+            reps.append((row, []))
+    return {rep[0]: members for rep, members in reps}
+
+
 @dataclass
 class SeededJob:
     job_id: int
@@ -147,6 +167,11 @@ class SeededJob:
     @property
     def front(self) -> set[int]:
         return expected_front(self.rows)
+
+    @property
+    def folded_front(self) -> dict[int, list[int]]:
+        """Representative id -> ids folded under it (the harness's data sets hold 1000+ validation images)."""
+        return expected_fold(self.rows, self.front)
 
 
 def seed_refs(factory: sessionmaker[Session], tenant_id: int) -> tuple[int, int, int]:

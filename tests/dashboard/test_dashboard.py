@@ -20,6 +20,7 @@ from tests.dashboard.harness import (
     Live,
     add_candidates,
     add_event,
+    expected_fold,
     expected_front,
     seed_device_data,
     seed_job,
@@ -34,6 +35,9 @@ def api(live: Live, path: str) -> Any:
     response = httpx.get(f"{live.url}{path}", headers={"Authorization": f"Bearer {live.key}"}, timeout=30)
     response.raise_for_status()
     return response.json()
+
+
+FRONT_IDS = "() => document.querySelector('#scatter').data.find(t => t.name === 'Pareto front').customdata"
 
 
 def front_trace_len(page: Any) -> int:
@@ -86,10 +90,12 @@ def test_job_page_draws_the_whole_front_and_opens_a_candidate(live: Live, open_p
     page = open_page(live)
     goto(page, live, f"#/jobs/{job.job_id}")
     scatter = page.locator("#scatter")
-    assert scatter.get_attribute("data-front-count") == str(len(job.front))
-    assert front_trace_len(page) == len(job.front)
+    folded = job.folded_front  # points equal within resolution are one front point
+    assert scatter.get_attribute("data-front-count") == str(len(folded))
+    assert front_trace_len(page) == len(folded)
     assert scatter.get_attribute("data-total") == "3000"
-    assert page.locator("#front-table tbody tr").count() == len(job.front)
+    assert page.locator("#front-table tbody tr[data-rep-row]").count() == len(folded)
+    assert page.locator("#front-table tbody tr").count() == len(job.front)  # duplicates folded, hidden
     # both constraints (latency ≤ 2.5 ms, accuracy drop ≤ 8 %) are drawn as lines
     shapes = page.evaluate("() => document.querySelector('#scatter').layout.shapes.map(s => [s.x0, s.y0])")
     assert [2.5, 0] in shapes and any(abs(y - 0.91) < 1e-9 for _x, y in shapes)
@@ -213,12 +219,14 @@ def test_running_job_updates_live(live: Live, open_page: OpenPage) -> None:
     page = open_page(live)
     goto(page, live, f"#/jobs/{job.job_id}")
     assert page.locator("#job-live .live").is_visible()
-    assert page.locator("#scatter").get_attribute("data-front-count") == str(len(job.front))
+    assert page.locator("#scatter").get_attribute("data-front-count") == str(len(job.folded_front))
     added = add_candidates(live.factory, job.job_id, n=150, seed=99, boost=0.004)
     add_event(live.factory, job.job_id, "progress", {"done": 300, "total": 300})
     new_front = expected_front(job.rows + added)
     assert new_front != job.front
-    page.wait_for_selector(f"#scatter[data-front-count='{len(new_front)}']", timeout=15_000)
+    folded = expected_fold(job.rows + added, new_front)
+    page.wait_for_selector(f"#scatter[data-front-count='{len(folded)}']", timeout=15_000)
+    assert {int(i) for i in page.evaluate(FRONT_IDS)} == set(folded)
     assert page.locator("#scatter").get_attribute("data-total") == "300"
     set_status(live.factory, job.job_id, "succeeded")
     page.wait_for_selector(".page-head .badge.succeeded", timeout=15_000)
@@ -232,7 +240,7 @@ def test_fifty_thousand_candidates_render_within_two_seconds(live: Live, open_pa
     goto(page, live, f"#/jobs/{small.job_id}")  # plotly.js loaded and parsed once, as for any user
     start = time.perf_counter()
     page.evaluate(f"location.hash = '#/jobs/{job.job_id}'")
-    page.wait_for_selector(f"#scatter[data-total='50000'][data-front-count='{len(job.front)}']")
+    page.wait_for_selector(f"#scatter[data-total='50000'][data-front-count='{len(job.folded_front)}']")
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, f"50,000-candidate job took {elapsed:.2f} s to render"
     assert int(page.locator("#scatter").get_attribute("data-shown") or 0) <= 4000 + 2 * len(job.front)

@@ -35,14 +35,19 @@ def test_page_and_assets_are_served_without_the_internet(live: Live) -> None:
 def test_scatter_keeps_the_whole_front_and_thins_the_rest(live: Live) -> None:
     job = seed_job(live.factory, live.tenant_id, n=20_000)
     body = get(live, f"/v1/jobs/{job.job_id}/scatter", max_points=1000).json()
-    pareto = get(live, f"/v1/jobs/{job.job_id}/pareto").json()
+    pareto = get(live, f"/v1/jobs/{job.job_id}/pareto", fold="true").json()
     assert body["front"]["id"] == [c["id"] for c in pareto["data"]]
-    assert set(body["front"]["id"]) == job.front
+    assert body["front_duplicates"] == [c["duplicates"] for c in pareto["data"]]
+    folded = job.folded_front
+    assert set(body["front"]["id"]) == set(folded) and len(folded) < len(job.front)
+    assert dict(zip(body["front"]["id"], body["front_duplicates"], strict=True)) == folded
+    assert set(body["front"]["id"]) | set(body["folded"]["id"]) == job.front
     assert body["total"] == 20_000 and body["decimated"] is True
     others = body["others"]["id"]
     assert len(others) <= 1000 + len(body["size_front_ids"])
-    assert body["shown"] == len(others) + len(body["front"]["id"])
-    assert len(set(others) | set(body["front"]["id"])) == body["shown"]  # no point twice
+    assert body["shown"] == len(others) + len(body["front"]["id"]) + len(body["folded"]["id"])
+    sent = set(others) | set(body["front"]["id"]) | set(body["folded"]["id"])
+    assert len(sent) == body["shown"]  # no point twice
     assert set(others) <= set(job.candidate_ids)
     # dominated points still span the cloud: both ends of the latency range survive thinning
     lat = [r[2] for r in job.rows]
@@ -56,8 +61,8 @@ def test_scatter_keeps_the_whole_front_and_thins_the_rest(live: Live) -> None:
     feas = [(r[0], r[1]) for r in job.rows if r[3]]
     sizes = dict(
         zip(
-            body["others"]["id"] + body["front"]["id"],
-            body["others"]["size_bytes"] + body["front"]["size_bytes"],
+            body["others"]["id"] + body["front"]["id"] + body["folded"]["id"],
+            body["others"]["size_bytes"] + body["front"]["size_bytes"] + body["folded"]["size_bytes"],
             strict=True,
         )
     )

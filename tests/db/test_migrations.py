@@ -86,6 +86,31 @@ def test_jobs_stored_before_0007_keep_their_recovery_finetune_and_space(db_url: 
     assert fresh.recovery == "obc" and fresh.finetune.top_k == 5 and fresh.space.round_to is None
 
 
+def test_jobs_stored_before_0008_keep_calibrate_and_measure_nothing_during_the_search(db_url: str) -> None:
+    """Old jobs search as submitted: no top-up they did not ask for, no active measurement; an old
+    ``calibrate: "model"`` job measures its model as much as its calibration did."""
+    from engine.spec import JobSpec
+
+    old = {"algorithm": "rule", "calibrate": "model", "calibration_samples": 24, "seed": 4}
+    job = _job_after_upgrade(db_url, "0007", old, {})
+    spec = JobSpec.model_validate(job.spec)
+    assert spec.calibrate == "model" and spec.topup_samples == 24 and spec.calibration_samples == 24
+    assert not spec.active_measurement.on and spec.active_measurement.limit(200) == 0
+    # A job submitted today tops up its model and measures during its search.
+    ids = {"model_id": job.model_id, "dataset_id": job.dataset_id, "device_id": job.device_id}
+    fresh = JobSpec.model_validate({**ids, "algorithm": "rule"})
+    assert fresh.calibrate == "model" and fresh.topup_samples == 16
+    assert fresh.active_measurement.on and fresh.active_measurement.limit(200) == 30
+
+
+def test_jobs_stored_without_calibrate_keep_auto_after_0008(db_url: str) -> None:
+    from engine.spec import JobSpec
+
+    job = _job_after_upgrade(db_url, "0007", {"algorithm": "random", "seed": 1}, {})
+    spec = JobSpec.model_validate(job.spec)
+    assert spec.calibrate == "auto" and not spec.active_measurement.on and spec.seed == 1
+
+
 def _job_after_upgrade(
     db_url: str, from_revision: str, spec: dict[str, Any], progress: dict[str, Any]
 ) -> Job:

@@ -93,13 +93,68 @@ def test_search_uses_the_devices_stored_predictor(
     ]
     predictor = MacsLinear().fit(records)
     DeviceStore("cpu-ort-1t").save_version({"macs": predictor}, {"predictors": {}}, "macs")
-    result = CliRunner().invoke(app, base)  # --latency auto
+    # --latency auto; the stored predictor as it is (measuring on the device: the next test)
+    result = CliRunner().invoke(app, [*base, "--no-active-measurement"])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["latency_source"].startswith("predicted: macs v1 for cpu-ort-1t")
     for entry in doc["candidates"]:
         expected = predictor.predict(space, [Policy.from_dict(entry["policy"])])[0]
         assert entry["latency_ms"] == pytest.approx(expected, rel=1e-5)
+    assert DeviceStore("cpu-ort-1t").versions() == [1] and "topup" not in doc
+
+
+def test_search_tops_up_and_measures_on_the_device_then_refits(
+    tiny_files: tuple[Path, Path],
+    tiny_model: CompressibleModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stored predictor that never saw the model: timed before the search (top-up) and during it."""
+    monkeypatch.setenv("MODELTAILOR_DATA_DIR", str(tmp_path / "home"))
+    pt2, npz = tiny_files
+    space = space_for(tiny_model, SPACE_OPTIONS)
+    rng = random.Random(0)
+    records = [
+        LatencyRecord("other", "other", space, random_policy(space, rng), latency_ms=0.05 + i / 100)
+        for i in range(8)
+    ]
+    store = DeviceStore("cpu-ort-1t")
+    store.append(records)
+    store.save_version({"macs": MacsLinear().fit(records)}, {"predictors": {}}, "macs")
+    out = tmp_path / "front.json"
+    args = [
+        "search",
+        str(pt2),
+        "--data",
+        str(npz),
+        "--algorithm",
+        "random",
+        "--budget",
+        "12",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, [*args, "--topup", "4", "--active-max", "2", "--finetune-top-k", "0"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert "topped up: 4 policies" in result.output and "round 1/1" in result.output
+
+    # top-up: v2; one round of 2 (15 % of 12), then a refit: v3, the version the search ended on
+    assert doc["topup"]["measured"] == 4 and doc["topup"]["version"] == 2
+    active = doc["active_measurement"]
+    assert active["measured"] == 2 and active["refits"] == 1 and doc["predictor_version"] == 3
+    assert store.versions() == [1, 2, 3] and "refitted to v3" in doc["latency_source"]
+    assert len(store.records()) == 8 + 4 + 1 + 2 + 1  # each round also times the dense model
+    refit, _version, _kind = store.load()
+    for entry in doc["candidates"]:
+        expected = refit.predict(space, [Policy.from_dict(entry["policy"])])[0]
+        assert entry["latency_ms"] == pytest.approx(expected, rel=1e-5)
+    measured = [e for e in doc["candidates"] if "active" in e]
+    assert len(measured) == 2 and all(
+        e["measured_latency_ms"] > 0 and e["active"]["speedup"] > 0 for e in measured
+    )
+    assert doc["dense"]["latency_ms"] == pytest.approx(refit.predict(space, [Policy.dense()])[0], rel=1e-5)
 
 
 def test_search_options_restrict_the_space_and_bad_options_exit_2(

@@ -125,6 +125,7 @@ def _populate(live: LiveServer, app: Any) -> dict[str, Any]:
         cal_id = cal.id
     return {
         "job_id": job["id"],
+        "jobs": str(job["id"]),  # GET /v1/compare?jobs=
         "candidate_id": candidate["id"],
         "artifact_id": artifact,
         "device_id": board["id"],

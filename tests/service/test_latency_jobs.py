@@ -65,6 +65,7 @@ def test_job_calibrates_the_device_first_then_uses_its_predictor(
     job = client.submit_job(
         model["id"], data["id"], "cpu-ort-1t", algorithm="random", space=SPACE,
         budget={"candidates": 6}, seed=1, calibration_samples=12, remeasure_top_k=2,
+        active_measurement={"share": 0},  # measuring during the search: test_active_measurement.py
     )  # fmt: skip
     info, phases, baselines = _watch(job)
     assert info["status"] == "succeeded", info.get("error")
@@ -106,7 +107,7 @@ def test_job_calibrates_the_device_first_then_uses_its_predictor(
     # A second job on the same device reuses the predictor: no calibration.
     second = client.submit_job(
         model["id"], data["id"], "cpu-ort-1t", algorithm="random", space=SPACE,
-        budget={"candidates": 3}, seed=2, remeasure_top_k=0,
+        budget={"candidates": 3}, seed=2, remeasure_top_k=0, active_measurement={"share": 0},
     )  # fmt: skip
     info2, phases2, _ = _watch(second)
     assert info2["status"] == "succeeded", info2.get("error")
@@ -179,23 +180,28 @@ def test_remote_device_is_calibrated_and_remeasured_by_its_agent(
         assert agent_info["onnxruntime"] and agent_info["host"]["cpu_count"]
         assert all(r["latency_stats"]["speedup"] > 0 for r in done)  # timed against the dense model
 
+        # The job measures one candidate during its search (15 % of 4) through the same agent.
         job = client.submit_job(
             model["id"], data["id"], board["id"], algorithm="random", space=SPACE,
             budget={"candidates": 4}, seed=3, remeasure_top_k=2,
         )  # fmt: skip
         info, phases, _ = _watch(job, timeout=400)
         assert info["status"] == "succeeded", info.get("error")
-        assert not [p for p in phases if p.startswith("calibrating")]
+        assert not [p for p in phases if p.startswith(("calibrating", "topping up"))]
+        active = info["progress"]["active_measurement"]
+        assert active["measured"] == 1 and active["refits"] == 1 and active["predictor_version"] == 2
         cands = job.candidates()
-        assert all(c["predictor_version"] == 1 for c in cands)
+        assert all(c["predictor_version"] == 2 for c in cands)
+        timed = [r for r in client.measurements("board-1") if r["purpose"] == "active"]
+        assert timed and all(r["status"] == "done" and r["latency_stats"]["agent"] for r in timed)
         measured = [c for c in cands if c["measured_latency_ms"] is not None]
-        assert 1 <= len(measured) <= 2, [c.data for c in cands]
+        assert 1 <= len(measured) <= 3, [c.data for c in cands]
         assert info["baseline"]["measured_latency_ms"] > 0  # the dense task, timed by the agent too
         # An export of a candidate is proven on the device too: timed by the agent against dense.
         best = max(job.pareto(), key=lambda c: c["accuracy"])
         meta = best.export(tmp_path / "best.onnx", timeout=300, poll_s=0.3)
         assert meta["measured_latency_ms"] > 0 and meta["dense_latency_ms"] > 0 and meta["speedup"] > 0
         purposes = {r["purpose"] for r in client.measurements("board-1")}
-        assert {"calibration", "dense", "candidate", "export"} <= purposes
+        assert {"calibration", "dense", "candidate", "active", "export"} <= purposes
         assert proc.poll() is None  # still serving
     assert proc.returncode == 0, (tmp_path / "agent.log").read_text()[-2000:]  # SIGTERM stops it cleanly

@@ -1,6 +1,7 @@
 /* modeltailor dashboard: a dependency-free single-page app over the /v1 REST API.
  *
- * Routes (location.hash): #/jobs, #/jobs/ID, #/candidates/ID, #/devices, #/devices/ID.
+ * Routes (location.hash): #/jobs, #/jobs/ID, #/candidates/ID, #/devices, #/devices/ID,
+ * #/compare/ID,ID,... (jobs side by side).
  * The API key is asked for once and kept in sessionStorage (this tab only).
  * Test hooks: body[data-page] and body[data-ready="1"] once a page is drawn; the job
  * scatter carries data-front-count / data-total / data-shown / data-render-ms.
@@ -9,6 +10,7 @@
 
 const KEY_STORE = "modeltailor.apiKey";
 const FRONT_NAME = "Pareto front";
+const FOLDED_NAME = "equal within resolution";
 const COLORS = {
   accent: "#4f46e5", faint: "rgba(100,116,139,0.28)", infeasible: "rgba(220,38,38,0.22)",
   baseline: "#0f172a", constraint: "#dc2626", ok: "#059669",
@@ -26,6 +28,7 @@ const BASE_LAYOUT = {
 // ---------------------------------------------------------------- state and helpers
 
 let view = { token: 0, cleanups: [] };   // the page on screen; async work checks its token
+const compareSelection = new Set();        // job ids ticked on the jobs page (kept across its refreshes)
 
 function newView() {
   for (const fn of view.cleanups) { try { fn(); } catch (_) { /* already gone */ } }
@@ -95,7 +98,7 @@ async function api(path, options = {}) {
 function setPage(name) {
   document.body.dataset.page = name;
   for (const a of document.querySelectorAll("#nav a[data-nav]")) {
-    a.classList.toggle("active", a.dataset.nav === name.split("-")[0] || (name.startsWith("candidate") && a.dataset.nav === "jobs"));
+    a.classList.toggle("active", a.dataset.nav === name.split("-")[0] || ((name.startsWith("candidate") || name === "compare") && a.dataset.nav === "jobs"));
   }
 }
 function ready(token) { if (current(token)) document.body.dataset.ready = "1"; }
@@ -171,6 +174,7 @@ async function drawJobs(token) {
     const share = total ? Math.min(1, done / total) : job.status === "succeeded" ? 1 : 0;
     const eta = job.status === "running" && p.eta_s != null ? ` · ETA ${fmt.secs(p.eta_s)}` : "";
     return `<tr class="link" data-href="#/jobs/${job.id}" data-job="${job.id}">
+      <td class="pick"><input type="checkbox" class="compare-pick" data-job="${job.id}" aria-label="compare job ${job.id}"${compareSelection.has(job.id) ? " checked" : ""}></td>
       <td class="mono">#${job.id}</td>
       <td>${badge(job.status)}</td>
       <td><div class="progress-cell"><div class="bar"><span data-share="${share}"></span></div>
@@ -184,9 +188,10 @@ async function drawJobs(token) {
   const active = jobs.data.some((j) => j.status === "running" || j.status === "queued");
   app().innerHTML = `
     <div class="page-head"><h1>Search jobs</h1><span class="muted">${fmt.int(jobs.count)} total</span>
-      <span class="spacer"></span>${active ? '<span class="live">live</span>' : ""}</div>
+      <span class="spacer"></span>${active ? '<span class="live">live</span>' : ""}
+      <button class="btn" id="compare-button" type="button" title="tick two or more jobs to compare their fronts">Compare selected</button></div>
     <div class="card table-card">${jobs.data.length ? `<table id="jobs-table">
-      <thead><tr><th>Job</th><th>Status</th><th>Progress</th><th>Algorithm</th><th>Device</th>
+      <thead><tr><th></th><th>Job</th><th>Status</th><th>Progress</th><th>Algorithm</th><th>Device</th>
         <th>Best point</th><th>Submitted</th></tr></thead><tbody>${rows}</tbody></table>`
       : `<div class="empty">No jobs yet. Submit one with <code>modeltailor submit</code>, the SDK or
          <code>POST /v1/jobs</code>; it appears here.</div>`}</div>`;
@@ -194,6 +199,21 @@ async function drawJobs(token) {
   for (const tr of document.querySelectorAll("tr.link")) {
     tr.addEventListener("click", () => { location.hash = tr.dataset.href; });
   }
+  const compareButton = $("#compare-button");
+  const syncCompare = () => {
+    compareButton.disabled = compareSelection.size < 2;
+    compareButton.textContent = compareSelection.size >= 2 ? `Compare ${compareSelection.size} jobs` : "Compare selected";
+  };
+  for (const box of document.querySelectorAll(".compare-pick")) {
+    box.addEventListener("click", (event) => event.stopPropagation());   // ticking is not opening
+    box.addEventListener("change", () => {
+      const id = Number(box.dataset.job);
+      if (box.checked) compareSelection.add(id); else compareSelection.delete(id);
+      syncCompare();
+    });
+  }
+  compareButton.addEventListener("click", () => { location.hash = `#/compare/${[...compareSelection].sort((a, b) => a - b).join(",")}`; });
+  syncCompare();
   // The best front point (accuracy at latency) needs the job's detail: fill it in afterwards.
   for (const job of jobs.data.slice(0, 25)) {
     if (job.status === "queued") continue;
@@ -254,12 +274,13 @@ function scatterTraces(scatter, metric) {
     type: "scatter", mode: "markers", name, x: pts[metric], y: pts.accuracy, customdata: pts.id,
     text: pts.summary, hovertemplate: hover, marker: { size: 5, color },
   });
+  const folded = scatter.folded || { id: [] };
   let front;
   if (metric === "latency_ms") {
     front = scatter.front;
   } else {   // the accuracy-vs-size front: look its points up among everything sent
     const all = {};
-    for (const pts of [scatter.front, others]) pts.id.forEach((id, i) => { all[id] = [pts, i]; });
+    for (const pts of [scatter.front, folded, others]) pts.id.forEach((id, i) => { all[id] = [pts, i]; });
     front = { id: [], accuracy: [], latency_ms: [], size_bytes: [], summary: [] };
     for (const id of scatter.size_front_ids) {
       const [pts, i] = all[id];
@@ -276,6 +297,11 @@ function scatterTraces(scatter, metric) {
       line: { shape: "hv", color: COLORS.accent, width: 1.5 },
       marker: { size: 9, color: COLORS.accent, line: { color: "#fff", width: 1.5 } } },
   ];
+  if (folded.id.length) {   // front points equal to a representative within resolution
+    traces.splice(2, 0, { type: "scatter", mode: "markers", name: FOLDED_NAME, x: folded[metric], y: folded.accuracy,
+      customdata: folded.id, text: folded.duplicate_of.map((r, i) => `same as #${r} within resolution · ${folded.summary[i]}`),
+      hovertemplate: hover, marker: { size: 7, color: "rgba(0,0,0,0)", line: { color: COLORS.accent, width: 1 } } });
+  }
   const base = scatter.baseline || {};
   if (base.accuracy != null && base[metric] != null) {
     traces.push({ type: "scatter", mode: "markers", name: "dense model", x: [base[metric]], y: [base.accuracy],
@@ -327,7 +353,7 @@ function jobStats(scatter, deviceName) {
     <div class="card stat"><div class="label">Candidates</div><div class="value">${fmt.int(scatter.total)}</div>
       <div class="sub">${fmt.int(scatter.feasible_total)} meet the constraints</div></div>
     <div class="card stat"><div class="label">Pareto front</div><div class="value" id="front-count">${fmt.int(scatter.front.id.length)}</div>
-      <div class="sub">non-dominated, feasible</div></div>
+      <div class="sub">non-dominated, feasible${scatter.folded && scatter.folded.id.length ? ` · ${fmt.int(scatter.folded.id.length)} equal folded` : ""}</div></div>
     <div class="card stat"><div class="label">Most accurate on front</div>
       <div class="value">${best ? fmt.pct(best.accuracy) : "—"}</div>
       <div class="sub">${best ? `${fmt.ms(best.latency_ms)}${speedup ? ` · ${speedup.toFixed(2)}× faster than dense` : ""}` : "no feasible candidate yet"}</div></div>
@@ -336,19 +362,39 @@ function jobStats(scatter, deviceName) {
       ${p.space && p.space.note ? `<div class="sub" title="what the device's calibration measured">Space: ${esc(p.space.note)}</div>` : ""}</div>`;
 }
 
+/* Words for the fold's resolution (service/front_fold.py). */
+function resolutionWords(r) {
+  if (!r) return "";
+  return `accuracy within one of ${fmt.int(r.n_val)} validation images, latency and size within ${Math.round(100 * r.latency_ms_relative)} %`;
+}
+
 function frontTable(scatter, baseline) {
   const f = scatter.front;
   if (!f.id.length) return '<div class="empty">No feasible candidate yet.</div>';
+  const folded = scatter.folded || { id: [], duplicate_of: [] };
+  const dupRows = {};
+  folded.id.forEach((id, i) => { (dupRows[folded.duplicate_of[i]] ||= []).push(i); });
+  const speedOf = (lat) => (baseline.latency_ms && lat ? `${(baseline.latency_ms / lat).toFixed(2)}×` : "—");
   const rows = f.id.map((id, i) => {
-    const speed = baseline.latency_ms && f.latency_ms[i] ? `${(baseline.latency_ms / f.latency_ms[i]).toFixed(2)}×` : "—";
-    return `<tr class="link" data-href="#/candidates/${id}"><td class="mono">#${id}</td>
+    const dups = dupRows[id] || [];
+    const toggle = dups.length
+      ? ` <button class="fold-toggle" type="button" data-rep="${id}" aria-expanded="false" title="${esc(resolutionWords(scatter.resolution))}">+${dups.length} equal</button>`
+      : "";
+    const sub = dups.map((j) => `<tr class="link dup-row" data-href="#/candidates/${folded.id[j]}" data-dup-of="${id}" hidden>
+      <td class="mono">↳ #${folded.id[j]}</td><td class="num">${fmt.pct(folded.accuracy[j])}</td><td class="num">${fmt.ms(folded.latency_ms[j])}</td>
+      <td class="num">${speedOf(folded.latency_ms[j])}</td><td class="num">${fmt.bytes(folded.size_bytes[j])}</td>
+      <td class="summary">${esc(folded.summary[j])}</td></tr>`).join("");
+    return `<tr class="link" data-href="#/candidates/${id}" data-rep-row="${id}"><td class="mono">#${id}${toggle}</td>
       <td class="num">${fmt.pct(f.accuracy[i])}</td><td class="num">${fmt.ms(f.latency_ms[i])}</td>
-      <td class="num">${speed}</td><td class="num">${fmt.bytes(f.size_bytes[i])}</td>
-      <td class="summary">${esc(f.summary[i])}</td></tr>`;
+      <td class="num">${speedOf(f.latency_ms[i])}</td><td class="num">${fmt.bytes(f.size_bytes[i])}</td>
+      <td class="summary">${esc(f.summary[i])}</td></tr>${sub}`;
   }).join("");
+  const note = folded.id.length
+    ? `<div class="note fold-note" id="fold-note">${fmt.int(folded.id.length)} more front point${folded.id.length > 1 ? "s" : ""} equal to one listed here within measurement resolution (${esc(resolutionWords(scatter.resolution))}) folded under it.</div>`
+    : "";
   return `<table id="front-table"><thead><tr><th>Candidate</th><th class="num">Accuracy</th>
     <th class="num">Pred. latency</th><th class="num">Speedup</th><th class="num">Size</th><th>Policy</th></tr></thead>
-    <tbody>${rows}</tbody></table>`;
+    <tbody>${rows}</tbody></table>${note}`;
 }
 
 async function pageJob(token, jobId) {
@@ -374,13 +420,25 @@ async function pageJob(token, jobId) {
       <div id="scatter" class="plot"></div>
       <div class="note" id="scatter-note"></div>
     </div>
-    <div class="card table-card"><h2>Pareto front</h2><div id="front-card">${frontTable(scatter, scatter.baseline || {})}</div></div>`;
+    <div class="card table-card"><h2>Pareto front</h2><div id="front-card">${frontTable(scatter, scatter.baseline || {})}</div></div>
+    <div class="card"><div class="plot-head"><h2>Per-layer choices</h2><span class="spacer"></span>
+      <button class="btn" id="choices-button" type="button">Show parallel coordinates</button></div>
+      <div class="note" id="choices-note">Each line is a candidate: its kept width at every layer the search varied (0: block skipped), coloured by accuracy; thick lines are front points.</div>
+      <div id="choices-chart" class="plot" hidden></div></div>`;
   fillBars(app());
   const div = $("#scatter");
   purgeOnLeave(div);
   const bindRows = () => {
     for (const tr of document.querySelectorAll("#front-table tr.link")) {
       tr.addEventListener("click", () => { location.hash = tr.dataset.href; });
+    }
+    for (const button of document.querySelectorAll("#front-table .fold-toggle")) {
+      button.addEventListener("click", (event) => {
+        event.stopPropagation();   // the row itself opens the candidate
+        const open = button.getAttribute("aria-expanded") !== "true";
+        button.setAttribute("aria-expanded", String(open));
+        for (const tr of document.querySelectorAll(`#front-table tr[data-dup-of="${button.dataset.rep}"]`)) tr.hidden = !open;
+      });
     }
   };
   const note = (s) => {
@@ -401,6 +459,21 @@ async function pageJob(token, jobId) {
       await drawScatter(div, latest, metric);
     });
   }
+  $("#choices-button").addEventListener("click", async () => {
+    const button = $("#choices-button");
+    button.disabled = true;
+    try {
+      const choices = await api(`/v1/jobs/${jobId}/choices`);
+      if (!current(token)) return;
+      const chart = $("#choices-chart");
+      chart.hidden = false;
+      purgeOnLeave(chart);
+      await drawChoices(chart, choices);
+      button.hidden = true;
+    } catch (err) {
+      if (current(token)) { $("#choices-note").textContent = err.message; button.disabled = false; }
+    }
+  });
   ready(token);
   if (job.status === "running" || job.status === "queued") {
     liveJob(token, jobId, async () => {
@@ -420,6 +493,45 @@ async function pageJob(token, jobId) {
       return j;
     });
   }
+}
+
+const VIRIDIS = ["#440154", "#46327e", "#365c8d", "#277f8e", "#1fa187", "#4ac16d", "#a0da39", "#fde725"];
+
+/* Parallel coordinates from plain scatter lines (the bundled plotly "basic" has no parcoords):
+ * one trace per accuracy band (and front / not), candidates separated by gaps. */
+async function drawChoices(div, c) {
+  await plotlyReady();
+  const axes = c.layers.map((_, j) => j);
+  const acc = c.accuracy.map((a) => (a == null ? NaN : a));
+  const finite = acc.filter((a) => Number.isFinite(a));
+  const lo = finite.length ? Math.min(...finite) : 0;
+  const hi = finite.length ? Math.max(...finite) : 1;
+  const band = (a) => (hi > lo ? Math.min(VIRIDIS.length - 1, Math.floor(((a - lo) / (hi - lo)) * VIRIDIS.length)) : VIRIDIS.length - 1);
+  const groups = {};
+  c.id.forEach((id, i) => {
+    if (!Number.isFinite(acc[i])) return;
+    const key = `${band(acc[i])}-${c.on_front[i] ? 1 : 0}`;
+    const g = (groups[key] ||= { band: band(acc[i]), front: c.on_front[i], x: [], y: [], ids: [], text: [] });
+    for (const j of axes) { g.x.push(j); g.y.push(c.width[i][j]); g.ids.push(id); g.text.push(`${(100 * acc[i]).toFixed(2)} %`); }
+    g.x.push(null); g.y.push(null); g.ids.push(null); g.text.push(null);
+  });
+  const traces = Object.values(groups).sort((a, b) => (a.front - b.front) || (a.band - b.band)).map((g) => ({
+    type: "scatter", mode: "lines", x: g.x, y: g.y, customdata: g.ids, text: g.text, showlegend: false,
+    line: { color: VIRIDIS[g.band], width: g.front ? 2.6 : 1 }, opacity: g.front ? 0.95 : 0.35, connectgaps: false,
+    hovertemplate: "candidate %{customdata} · accuracy %{text}<br>kept width %{y:.2f}<extra></extra>",
+  }));
+  traces.push({ type: "scatter", mode: "markers", x: [null], y: [null], hoverinfo: "skip", showlegend: false,
+    marker: { color: [lo, hi], cmin: lo, cmax: hi, colorscale: VIRIDIS.map((col, k) => [k / (VIRIDIS.length - 1), col]),
+      showscale: true, colorbar: { title: { text: "accuracy" }, tickformat: ".1%", thickness: 12 } } });
+  await Plotly.react(div, traces, { ...BASE_LAYOUT, hovermode: "closest", margin: { l: 56, r: 24, t: 16, b: 110 },
+    xaxis: { tickvals: axes, ticktext: c.layers, tickangle: -45, tickfont: { size: 10 }, gridcolor: "#e2e8f0", zeroline: false },
+    yaxis: { title: { text: "kept width (0: skipped)" }, range: [-0.03, 1.05], tickformat: ".0%", gridcolor: "#f1f5f9" } }, PLOT_CONFIG);
+  div.dataset.lines = String(c.id.filter((_, i) => Number.isFinite(acc[i])).length);
+  div.dataset.axes = String(c.layers.length);
+  div.on("plotly_click", (ev) => {
+    const point = ev.points && ev.points[0];
+    if (point && point.customdata != null) location.hash = `#/candidates/${point.customdata}`;
+  });
 }
 
 /* Live updates: read the job's server-sent events with fetch (EventSource cannot send the
@@ -601,6 +713,12 @@ async function pageCandidate(token, candidateId) {
     <div class="card"><h2>Per-layer policy</h2>
       <div id="layer-chart" class="plot small"></div>
       <div class="note">Bars: kept fraction of output channels, coloured by sparsity scheme; diamonds: weight bits; hatched: blocks replaced by identity.</div></div>
+    <div class="card" id="breakdown" data-state="loading"><h2>Where the time goes</h2>
+      <div class="note" id="breakdown-source">Pricing each layer on the job's device…</div>
+      <div id="time-chart" class="plot small"></div>
+      <div class="grid two gap-top">
+        <div><h3>Why not faster</h3><ol id="why-not-faster" class="advice"></ol></div>
+        <div><h3>Choices that buy no speed here</h3><ul id="no-speed" class="flags"></ul></div></div></div>
     <div class="grid two gap-top">
       <div class="card"><h2>Latency: predicted vs measured</h2><div id="latency-chart" class="plot small"></div></div>
       <div class="card"><h2>Export</h2>
@@ -624,6 +742,51 @@ async function pageCandidate(token, candidateId) {
   if (!current(token)) return;
   $("#export-button").addEventListener("click", () => exportCandidate(token, candidate, job, latDiv));
   ready(token);
+  const timeDiv = $("#time-chart");
+  purgeOnLeave(timeDiv);
+  try {   // the first look at a model builds its graph on the server: the rest of the page is up already
+    const breakdown = await api(`/v1/candidates/${candidate.id}/breakdown`);
+    if (current(token)) await drawBreakdown(timeDiv, breakdown);
+  } catch (err) {
+    if (!current(token) || err.status === 401) return;
+    $("#breakdown").dataset.state = "error";
+    $("#breakdown-source").textContent = `No per-layer breakdown: ${err.message}`;
+  }
+}
+
+const pctInt = (v) => `${Math.round(100 * v)} %`;
+
+async function drawBreakdown(div, b) {
+  const card = $("#breakdown");
+  const present = b.layers.filter((l) => l.present);
+  const names = [...present.map((l) => l.name), "overhead"];
+  const flagged = present.filter((l) => l.flags.length);
+  $("#breakdown-source").textContent = `${b.source === "predictor" ? "Predicted" : "Estimated"} ${fmt.ms(b.total_ms)} against ${fmt.ms(b.dense_total_ms)} dense · ${b.source_words}` +
+    `${b.round_to > 1 ? ` · channel block ${b.round_to}` : ""}. Bars: each layer's time in this candidate next to the dense model; amber: a choice that buys no speed.`;
+  const hoverOf = (l) => `${esc(l.name)}: ${(100 * l.share).toFixed(1)} % of the time · ${pctInt(l.removed)} of its work removed, ${pctInt(Math.max(l.saved, 0))} of its time saved` +
+    (l.flags.length ? `<br>${l.flags.map((f) => `⚠ ${esc(f.reason)}`).join("<br>")}` : "");
+  await plotlyReady();
+  const traces = [
+    { type: "bar", name: "dense model", x: names, y: [...present.map((l) => l.dense_ms), b.dense_overhead_ms],
+      marker: { color: "#cbd5e1" }, hovertemplate: "%{x}: %{y:.3f} ms dense<extra></extra>" },
+    { type: "bar", name: "this candidate", x: names, y: [...present.map((l) => l.predicted_ms), b.overhead_ms],
+      marker: { color: [...present.map((l) => (l.flags.length ? "#d97706" : COLORS.accent)), "#64748b"] },
+      hovertext: [...present.map(hoverOf), "session, input copy and per-op costs"], textposition: "none",
+      hovertemplate: "%{y:.3f} ms · %{hovertext}<extra></extra>" },
+  ];
+  await Plotly.react(div, traces, { ...BASE_LAYOUT, barmode: "group", bargap: 0.2, margin: { l: 56, r: 16, t: 30, b: 110 },
+    xaxis: { tickangle: -45, categoryorder: "array", categoryarray: names, automargin: true, tickfont: { size: 10 } },
+    yaxis: { title: { text: "time (ms)" }, gridcolor: "#f1f5f9", rangemode: "tozero" } }, PLOT_CONFIG);
+  div.dataset.layers = String(present.length);
+  div.dataset.flagged = String(flagged.length);
+  $("#why-not-faster").innerHTML = b.advice.length
+    ? b.advice.map((a) => `<li data-layer="${esc(a.layer)}"><b class="mono">${esc(a.layer)}</b>: ${pctInt(a.removed)} of its work removed, ${pctInt(Math.max(a.saved, 0))} of its time saved.
+        <div class="suggestion">→ ${esc(a.suggestion)}</div></li>`).join("")
+    : '<li class="muted">Every pruned layer got faster in proportion to the work removed.</li>';
+  $("#no-speed").innerHTML = flagged.length
+    ? flagged.flatMap((l) => l.flags.map((f) => `<li data-layer="${esc(l.name)}" data-kind="${esc(f.kind)}"><b class="mono">${esc(l.name)}</b>: ${esc(f.reason)}</li>`)).join("")
+    : '<li class="muted">None: every choice of this candidate is one the device turns into speed.</li>';
+  card.dataset.state = "ready";
 }
 
 async function exportCandidate(token, candidate, job, latDiv) {
@@ -799,6 +962,127 @@ function median(values) {
   return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
 }
 
+// ---------------------------------------------------------------- compare jobs
+
+const JOB_COLORS = ["#4f46e5", "#059669", "#dc2626", "#d97706", "#0891b2", "#7c3aed", "#db2777", "#475569"];
+const BOUND_LABELS = {
+  max_latency_ms: ["latency ≤", "ms", "the most accurate candidate at most this slow"],
+  min_accuracy: ["accuracy ≥", "%", "the fastest candidate at least this accurate"],
+  max_accuracy_drop: ["accuracy drop ≤", "points", "the fastest candidate within this drop of its own dense model"],
+};
+const jobLabel = (j) => `#${j.id} ${j.algorithm} · seed ${j.seed} · ${j.device}`;
+
+async function pageCompare(token, idsText) {
+  setPage("compare");
+  const ids = idsText.split(",").map((x) => x.trim()).filter(Boolean);
+  if (!ids.length) throw new ApiError(422, "pick jobs to compare on the jobs page");
+  const data = await api(`/v1/compare?jobs=${encodeURIComponent(ids.join(","))}`);
+  if (!current(token)) return;
+  app().innerHTML = `
+    <div class="crumbs"><a href="#/jobs">Jobs</a> / compare</div>
+    <div class="page-head"><h1>Compare ${data.jobs.length} jobs</h1>
+      <span class="muted">${data.jobs.map((j) => `<a href="#/jobs/${j.id}">#${j.id}</a>`).join(" · ")}</span></div>
+    <div class="grid two">
+      <div class="card"><h2>Fronts: accuracy vs predicted latency</h2><div id="compare-fronts" class="plot"></div>
+        <div class="note">Each job's front of feasible candidates, points equal within measurement resolution folded. Click a point to open it.</div></div>
+      <div class="card"><h2>Hypervolume as candidates arrive</h2><div id="compare-hv" class="plot"></div>
+        <div class="note">Area each front dominates up to its reference point (${esc(data.reference)}), as a share of that reference box: comparable across devices.</div></div>
+    </div>
+    <div class="card table-card"><div class="plot-head bound-head"><h2>Best point under a bound</h2><span class="spacer"></span>
+      <form id="bound-form" class="bound-form">
+        <select id="bound-kind">${Object.entries(BOUND_LABELS).map(([k, [label]]) => `<option value="${k}">${esc(label)}</option>`).join("")}</select>
+        <input id="bound-value" type="number" step="any" min="0" required placeholder="value">
+        <span class="muted" id="bound-unit">ms</span>
+        <button class="btn btn-primary" type="submit">Apply</button></form></div>
+      <div id="compare-table-card">${compareTable(data)}</div></div>`;
+  const frontsDiv = $("#compare-fronts");
+  const hvDiv = $("#compare-hv");
+  purgeOnLeave(frontsDiv);
+  purgeOnLeave(hvDiv);
+  const kind = $("#bound-kind");
+  kind.addEventListener("change", () => { $("#bound-unit").textContent = BOUND_LABELS[kind.value][1]; });
+  $("#bound-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const raw = Number($("#bound-value").value);
+    const value = kind.value === "max_latency_ms" ? raw : raw / 100;   // the form takes % and points
+    const card = $("#compare-table-card");
+    try {
+      const bounded = await api(`/v1/compare?jobs=${encodeURIComponent(ids.join(","))}&${kind.value}=${encodeURIComponent(value)}`);
+      if (current(token)) card.innerHTML = compareTable(bounded);
+    } catch (err) {
+      if (current(token)) card.innerHTML = `<div class="banner" id="bound-error">${esc(err.message)}</div>${compareTable(data)}`;
+    }
+  });
+  await drawCompare(frontsDiv, hvDiv, data);
+  ready(token);
+}
+
+function compareTable(data) {
+  const bound = data.bound;
+  const words = bound ? (() => {
+    const [label, unit, meaning] = BOUND_LABELS[bound.kind];
+    const shown = bound.kind === "max_latency_ms" ? bound.value : 100 * bound.value;
+    return `${label} ${Number(shown.toFixed(4))} ${unit}: ${meaning}`;
+  })() : "";
+  const rows = data.jobs.map((j, i) => {
+    const hv = j.hypervolume.final_normalized;
+    const best = j.best;
+    const bestCell = !bound ? '<span class="muted">set a bound</span>'
+      : best ? `<a href="#/candidates/${best.id}"><b>${fmt.pct(best.accuracy)}</b> @ ${fmt.ms(best.latency_ms)}</a> <span class="muted">#${best.id}</span>`
+        : '<span class="muted">none meets it</span>';
+    return `<tr data-job="${j.id}"><td><span class="legend-dot job-dot-${i}"></span><a href="#/jobs/${j.id}" class="mono">#${j.id}</a></td>
+      <td><span class="chip">${esc(j.algorithm)}</span></td><td>${esc(j.device)}</td><td class="num">${j.seed}</td>
+      <td class="num">${fmt.int(j.total)}</td><td class="num">${fmt.int(j.front.id.length)}</td>
+      <td class="num">${hv == null ? "—" : fmt.pct(hv, 1)}</td><td class="best-under" data-best="${best ? best.id : ""}">${bestCell}</td></tr>`;
+  }).join("");
+  return `${bound ? `<div class="note bound-note" id="bound-words">${esc(words)}</div>` : ""}
+    <table id="compare-table"><thead><tr><th>Job</th><th>Algorithm</th><th>Device</th><th class="num">Seed</th>
+    <th class="num">Candidates</th><th class="num">Front points</th><th class="num">Hypervolume</th><th>Best under the bound</th></tr></thead>
+    <tbody>${rows}</tbody></table>`;
+}
+
+async function drawCompare(frontsDiv, hvDiv, data) {
+  await plotlyReady();
+  const fronts = data.jobs.map((j, i) => {
+    const order = j.front.id.map((_, k) => k).sort((a, b) => j.front.latency_ms[a] - j.front.latency_ms[b]);
+    const f = pick(j.front, order);
+    return { type: "scatter", mode: "lines+markers", name: jobLabel(j), x: f.latency_ms, y: f.accuracy, customdata: f.id,
+      text: f.summary.map((t, k) => (f.duplicates[k] ? `${t} (+${f.duplicates[k]} equal)` : t)),
+      hovertemplate: `<b>${esc(jobLabel(j))}</b><br>candidate %{customdata}<br>accuracy %{y:.2%} · %{x:.3f} ms<br>%{text}<extra></extra>`,
+      line: { shape: "hv", color: JOB_COLORS[i % JOB_COLORS.length], width: 1.5 },
+      marker: { size: 7, color: JOB_COLORS[i % JOB_COLORS.length] } };
+  });
+  const dense = data.jobs.filter((j) => j.baseline.accuracy != null && j.baseline.latency_ms != null);
+  if (dense.length) {
+    fronts.push({ type: "scatter", mode: "markers", name: "dense model", x: dense.map((j) => j.baseline.latency_ms),
+      y: dense.map((j) => j.baseline.accuracy), text: dense.map((j) => jobLabel(j)),
+      hovertemplate: "<b>dense model</b> of %{text}<br>accuracy %{y:.2%} · %{x:.3f} ms<extra></extra>",
+      marker: { size: 13, symbol: "star", color: COLORS.baseline } });
+  }
+  const layout = { ...BASE_LAYOUT, hovermode: "closest", legend: { ...BASE_LAYOUT.legend, y: 1.14 },
+    xaxis: { title: { text: "predicted latency (ms)" }, gridcolor: "#f1f5f9", zeroline: false },
+    yaxis: { title: { text: "accuracy" }, tickformat: ".1%", gridcolor: "#f1f5f9", zeroline: false } };
+  await Plotly.react(frontsDiv, fronts, layout, PLOT_CONFIG);
+  frontsDiv.dataset.jobs = String(data.jobs.length);
+  frontsDiv.dataset.points = String(data.jobs.reduce((n, j) => n + j.front.id.length, 0));
+  frontsDiv.on("plotly_click", (ev) => {
+    const point = ev.points && ev.points[0];
+    if (point && point.customdata != null) location.hash = `#/candidates/${point.customdata}`;
+  });
+  const curves = data.jobs.map((j, i) => {
+    const h = j.hypervolume;
+    return { type: "scatter", mode: "lines", name: jobLabel(j), x: h.candidates, y: h.normalized,
+      text: h.elapsed_s.map((s) => (s == null ? "" : ` · ${fmt.secs(s)} in`)),
+      hovertemplate: `<b>${esc(jobLabel(j))}</b><br>%{x} candidates%{text}<br>hypervolume %{y:.1%}<extra></extra>`,
+      line: { color: JOB_COLORS[i % JOB_COLORS.length], width: 2, shape: "hv" } };
+  });
+  await Plotly.react(hvDiv, curves, { ...BASE_LAYOUT, hovermode: "x unified", legend: { ...BASE_LAYOUT.legend, y: 1.14 },
+    xaxis: { title: { text: "candidates evaluated" }, gridcolor: "#f1f5f9", rangemode: "tozero" },
+    yaxis: { title: { text: "hypervolume (share of reference box)" }, tickformat: ".0%", gridcolor: "#f1f5f9", rangemode: "tozero" } },
+  PLOT_CONFIG);
+  hvDiv.dataset.curves = String(curves.filter((c) => c.x.length).length);
+}
+
 // ---------------------------------------------------------------- router
 
 async function route() {
@@ -813,6 +1097,7 @@ async function route() {
     if (parts[0] === "jobs" && id) await pageJob(token, id);
     else if (parts[0] === "candidates" && id) await pageCandidate(token, id);
     else if (parts[0] === "devices") await pageDevices(token, id);
+    else if (parts[0] === "compare") await pageCompare(token, parts[1] || "");
     else await pageJobs(token);
   } catch (err) {
     showError(token, err);
