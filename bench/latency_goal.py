@@ -1,6 +1,6 @@
 """Issue 13's goal figures for the latency predictors, on architectures held out from calibration.
 
-    .venv/bin/python -m bench.latency_goal [--samples 60] [--own 30] [--test 10] [--runs 40]
+    .venv/bin/python -m bench.latency_goal [--samples 40] [--own 20] [--test 8] [--runs 30]
 
 On ``cpu-ort-1t``, in this process (nothing is stored):
 
@@ -102,14 +102,14 @@ def _evaluate(p: Any, space: Any, test: list[Any]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=60, help="generic calibration samples")
+    parser.add_argument("--samples", type=int, default=40, help="generic calibration samples")
     parser.add_argument(
-        "--own", type=int, default=30, help="measurements of each held-out model for the refit"
+        "--own", type=int, default=20, help="measurements of each held-out model for the refit"
     )
     parser.add_argument(
-        "--test", type=int, default=10, help="test policies of each held-out model (timed twice)"
+        "--test", type=int, default=8, help="test policies of each held-out model (timed twice)"
     )
-    parser.add_argument("--runs", type=int, default=40, help="timed runs per model and sample")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per model and sample")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
