@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -141,6 +141,23 @@ class DistillResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def of_run(
+        cls, losses: Sequence[float], *, steps: int, skipped: int, start: float, diverged: bool, stopped: bool
+    ) -> DistillResult:
+        """The result of a run whose per-step losses were ``losses`` (started at ``start``)."""
+        finite = [v for v in losses if math.isfinite(v)]
+        tenth = max(1, len(finite) // 10)
+        return cls(
+            steps=steps,
+            skipped=skipped,
+            seconds=time.perf_counter() - start,
+            first_loss=float(np.mean(finite[:tenth])) if finite else float("nan"),
+            last_loss=float(np.mean(finite[-tenth:])) if finite else float("nan"),
+            diverged=diverged,
+            stopped=stopped,
+        )
 
 
 class KDBatches:
@@ -379,14 +396,6 @@ def distill(
         for p in held.params:
             p.requires_grad_(False)
             p.grad = None
-    finite = [v for v in losses if math.isfinite(v)]
-    tenth = max(1, len(finite) // 10)
-    return DistillResult(
-        steps=taken,
-        skipped=skipped,
-        seconds=time.perf_counter() - start,
-        first_loss=float(np.mean(finite[:tenth])) if finite else float("nan"),
-        last_loss=float(np.mean(finite[-tenth:])) if finite else float("nan"),
-        diverged=diverged,
-        stopped=stopped,
+    return DistillResult.of_run(
+        losses, steps=taken, skipped=skipped, start=start, diverged=diverged, stopped=stopped
     )

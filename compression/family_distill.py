@@ -23,7 +23,6 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch.func import functional_call
 
@@ -157,14 +156,6 @@ def distill_family(
         for t, trained_master in master.items():
             family.master[t] = trained_master.detach().clone()
         family.sync()
-    finite = [v for v in losses if math.isfinite(v)]
-    tenth = max(1, len(finite) // 10)
-    return DistillResult(
-        steps=taken,
-        skipped=skipped,
-        seconds=time.perf_counter() - start,
-        first_loss=float(np.mean(finite[:tenth])) if finite else float("nan"),
-        last_loss=float(np.mean(finite[-tenth:])) if finite else float("nan"),
-        diverged=diverged,
-        stopped=stopped,
+    return DistillResult.of_run(
+        losses, steps=taken, skipped=skipped, start=start, diverged=diverged, stopped=stopped
     )
