@@ -51,6 +51,7 @@ KERNEL_OPS = frozenset(
         "MatMulInteger",
         "MatMulIntegerToFloat",
         "DynamicQuantizeMatMul",
+        "MatMulNBits",  # 4-bit Linear weights
     }
 )
 #: Weight-free ops that prepare the input of the next kernel.

@@ -39,7 +39,7 @@ def test_space_for_a_device_uses_its_stored_capabilities(
     caps = Capabilities(
         round_to=16,
         accelerated_schemes=(INT8,),
-        measured_schemes=("unstructured", "nm", "block", INT8),
+        measured_schemes=("unstructured", "nm", "block", "pattern", INT8),
         reasons={"nm": "size-only: nm (nm 1:4) ran 0.99x the dense speed", "round_to": "multiples of 16"},
     )
     store = DeviceStore("cpu-ort-1t", root=tmp_path / "data")
@@ -50,7 +50,7 @@ def test_space_for_a_device_uses_its_stored_capabilities(
     doc = json.loads(result.stdout.strip().splitlines()[-1])
     device = doc["device"]
     assert device["measured"] is True and device["round_to"] == 16 and device["round_to_source"] == "device"
-    assert set(device["left_out"]) == {"unstructured", "nm", "block"} and "0.99x" in device["left_out"]["nm"]
+    assert set(device["left_out"]) == {"unstructured", "nm", "block", "pattern"} and "0.99x" in device["left_out"]["nm"]
     assert all(set(layer["schemes"]) == {"dense"} for layer in doc["layers"])
     assert "size-only" in result.stderr
 
