@@ -50,7 +50,10 @@ def test_space_for_a_device_uses_its_stored_capabilities(
     doc = json.loads(result.stdout.strip().splitlines()[-1])
     device = doc["device"]
     assert device["measured"] is True and device["round_to"] == 16 and device["round_to_source"] == "device"
-    assert set(device["left_out"]) == {"unstructured", "nm", "block", "pattern"} and "0.99x" in device["left_out"]["nm"]
+    assert (
+        set(device["left_out"]) == {"unstructured", "nm", "block", "pattern"}
+        and "0.99x" in device["left_out"]["nm"]
+    )
     assert all(set(layer["schemes"]) == {"dense"} for layer in doc["layers"])
     assert "size-only" in result.stderr
 
