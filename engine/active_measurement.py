@@ -47,12 +47,12 @@ import numpy as np
 
 from agents import Objective, Score, pareto_front
 from compression.policy import Policy
+from engine.device_latency import PredictedLatency
 from engine.spec import ActiveMeasurementSpec
 from latency_models.calibration_run import CalibrationStopped
 from latency_models.incremental import Measured
 
 if TYPE_CHECKING:
-    from compression.apply import CompressedModel
     from compression.model_io import CompressibleModel
     from compression.space import SearchSpace
     from engine.job import LoadedPredictor
@@ -111,29 +111,13 @@ def predict_with_std(
     return ms, std
 
 
-class LiveLatency:
-    """The search's latency callback over the job's current predictor (swapped after a refit).
-
-    Holds only the predictor and the space, so it travels to executor workers as today's
-    callback does; a worker keeps the predictor it received, and the search re-predicts each
-    new candidate with the current one in the job's process (:meth:`JobPredictor.rescore`).
-    """
-
-    def __init__(self, predictor: Predictor, space: SearchSpace) -> None:
-        self.predictor = predictor
-        self.space = space
-
-    def __call__(self, cm: CompressedModel) -> float:
-        return float(self.predictor.predict(self.space, [cm.policy])[0])
-
-
 class JobPredictor:
     """The predictor a job scores latency with, its version, and each candidate's predicted std."""
 
     def __init__(self, loaded: LoadedPredictor, space: SearchSpace) -> None:
         self.loaded = loaded
         self.space = space
-        self.live = LiveLatency(loaded.predictor, space)
+        self.live = PredictedLatency(loaded.predictor, space)
         self.std: dict[str, float] = {}
 
     @property

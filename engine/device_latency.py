@@ -11,7 +11,7 @@ device. It is labelled as such wherever it is used; it ignores everything but de
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -21,6 +21,7 @@ from latency_models.devices import Device
 
 if TYPE_CHECKING:
     from compression.model_io import CompressibleModel
+    from compression.policy import Policy
     from compression.space import SearchSpace
     from latency_models.predictors import Predictor
 
@@ -35,17 +36,36 @@ def macs_proxy(cm: CompressedModel) -> float:
     return measure_cost(cm).macs / PROXY_MACS_PER_MS
 
 
-def predicted_latency(predictor: Predictor, space: SearchSpace) -> Callable[[CompressedModel], float]:
-    """Latency of a compressed model as ``predictor`` predicts it from ``space`` and its policy.
+class PredictedLatency:
+    """Latency of a compressed model as a device's predictor predicts it from its policy.
+
+    The search's latency callback (``__call__``) and, for the agents that plan with the
+    device's latency (``agents.registry.TAKES_LATENCY_FN``: DDPG's action wall, the surrogate's
+    acquisition), their batch ``latency_fn`` (:meth:`of_policies`). ``predictor`` may be
+    swapped mid-search (a job's refit, ``engine.active_measurement``); both answer from the
+    current one. Holds only the predictor and the space, so it travels to executor workers.
 
     ``space`` must be the search space of the model the policies belong to (any options:
     the predictors read layer shapes and the policy, not the allowed choices).
     """
 
-    def latency(cm: CompressedModel) -> float:
-        return float(predictor.predict(space, [cm.policy])[0])
+    def __init__(self, predictor: Predictor, space: SearchSpace) -> None:
+        self.predictor = predictor
+        self.space = space
 
-    return latency
+    def __call__(self, cm: CompressedModel) -> float:
+        return float(self.predictor.predict(self.space, [cm.policy])[0])
+
+    def of_policies(self, policies: Sequence[Policy]) -> list[float]:
+        """Predicted latency (ms) of each policy, without compressing anything."""
+        if not policies:
+            return []
+        return [float(v) for v in self.predictor.predict(self.space, list(policies))]
+
+
+def predicted_latency(predictor: Predictor, space: SearchSpace) -> PredictedLatency:
+    """The search callback of ``predictor`` on ``space`` (:class:`PredictedLatency`)."""
+    return PredictedLatency(predictor, space)
 
 
 def measured_latency(
@@ -91,7 +111,7 @@ def measured_latency(
 
 def stored_predictor_latency(
     device: str, model: CompressibleModel, root: Path | None = None
-) -> tuple[Callable[[CompressedModel], float], str] | None:
+) -> tuple[PredictedLatency, str] | None:
     """The device's newest stored predictor (``modeltailor calibrate``) as a callback; None if none.
 
     ``root``: the data directory holding ``devices/<device>`` (default: the user's).

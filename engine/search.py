@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from agents import Objective, Score, make, pareto_front
+from agents.registry import TAKES_LATENCY_FN
 from compression.apply import CompressedModel
 from compression.data import Dataset, calibration_batches
 from compression.evaluate import accuracy
@@ -393,7 +394,13 @@ def run_search(
         raise ValueError(f"the dense model cannot be evaluated: {dense_score.error}")
     objective = (objective or Objective()).with_dense(dense_score)
     dense = Candidate(-1, Policy.dense(), dense_score, objective.feasible(dense_score))
-    agent = make(algorithm, space, objective, seed, **dict(agent_options or {}))
+    options = dict(agent_options or {})
+    plan_latency = getattr(device_latency, "of_policies", None)
+    if algorithm in TAKES_LATENCY_FN and "latency_fn" not in options and callable(plan_latency):
+        # the agents that plan with latency (DDPG's action wall, the surrogate) plan with the
+        # device's predictor, not with MACs (a measured or proxy callback has no batch form)
+        options["latency_fn"] = plan_latency
+    agent = make(algorithm, space, objective, seed, **options)
     if agent_state:
         agent.load_state_dict(agent_state)
     # Feasibility depends on the dense score measured just now, not on how it was stored.

@@ -8,6 +8,7 @@ from agents import Objective
 from compression import CompressibleModel, SpaceOptions
 from compression.apply import CompressedModel
 from compression.data import Dataset
+from compression.policy import Policy
 from engine.device_latency import macs_proxy
 from engine.search import Candidate, Progress, run_search
 
@@ -117,3 +118,42 @@ def test_cancel_and_time_budget_stop_the_search(tiny_model: CompressibleModel, d
         budget_seconds=0.0,
     )
     assert timed.stopped_because == "time"
+
+
+class CountingPredictor:
+    """A real fitted predictor, counting the policies it was asked about."""
+
+    def __init__(self, predictor: Any) -> None:
+        self.predictor = predictor
+        self.asked = 0
+
+    def predict(self, space: Any, policies: Any) -> Any:
+        self.asked += len(policies)
+        return self.predictor.predict(space, policies)
+
+
+def test_planning_agents_plan_with_the_device_predictor(
+    tiny_model: CompressibleModel, digits: Dataset
+) -> None:
+    """DDPG's action wall and surrogate use the predictor the job scores latency with, not MACs."""
+    from compression.space_builder import space_for
+    from engine.device_latency import PredictedLatency
+    from latency_models.predictors.baselines import MacsLinear
+    from latency_models.testing import synthetic_records
+
+    counting = CountingPredictor(MacsLinear().fit(synthetic_records(n_arch=6, per_arch=6)))
+    latency = PredictedLatency(counting, space_for(tiny_model))  # type: ignore[arg-type]
+    dense_ms = latency.of_policies([Policy.dense()])[0]
+    result = run_search(
+        tiny_model,
+        digits,
+        device_latency=latency,
+        algorithm="ddpg",
+        budget_candidates=6,
+        seed=0,
+        objective=Objective(max_latency_ms=0.7 * dense_ms),
+    )
+    assert len(result.candidates) == 6
+    # the test (1) and the search (dense + 6 candidates) ask 8 times; without the wiring that
+    # is all, with it the agent asks about the policies it imagines and walls
+    assert counting.asked > 1 + 1 + 6
