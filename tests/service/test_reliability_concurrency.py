@@ -133,7 +133,8 @@ def test_100_concurrent_submissions_on_postgresql_are_stored_and_all_complete(tm
                 "algorithm": "random", "budget": {"candidates": BUDGET},
                 "space": {"schemes": ["unstructured", "nm"], "bits": [None], "depth": False},
                 "calibration_samples": 16, "remeasure_top_k": 0,
-                "finetune": {"top_k": 0}}  # fmt: skip  (this test is about submissions, not fine-tuning)
+                "finetune": {"top_k": 0},  # this test is about submissions, not fine-tuning,
+                "calibrate": "auto", "active_measurement": {"share": 0.0}}  # fmt: skip  (nor measuring)
         barrier = threading.Barrier(JOBS)
 
         def submit(i: int) -> tuple[int, int]:
