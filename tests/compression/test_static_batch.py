@@ -170,6 +170,7 @@ def test_upload_of_a_static_model_is_ready_and_its_job_succeeds_and_a_hopeless_o
     job = client.submit_job(
         model["id"], data["id"], "cpu-ort-1t", algorithm="random", space=space,
         budget={"candidates": 3}, seed=0, calibration_samples=8, remeasure_top_k=1,
+        calibrate="auto", active_measurement={"share": 0.0}, finetune={"top_k": 0},  # not what it tests
     )  # fmt: skip
     info = job.wait(timeout=300, poll_s=0.5, progress=False)
     assert info["status"] == "succeeded", info.get("error")

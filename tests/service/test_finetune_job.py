@@ -43,6 +43,7 @@ def test_a_job_fine_tunes_its_fastest_front_point_and_keeps_both_accuracies(real
     job = client.submit_job(
         model["id"], data["id"], "cpu-ort-1t", algorithm="random", space=SPACE,
         budget={"candidates": 5}, seed=2, remeasure_top_k=0, calibration_samples=8,
+        calibrate="auto", active_measurement={"share": 0.0},  # not what it tests
         finetune={"top_k": 1, "steps": 8},
     )  # fmt: skip
     info = job.wait(timeout=600, poll_s=0.5, progress=False)

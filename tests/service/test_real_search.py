@@ -19,6 +19,7 @@ def test_real_job_searches_and_exports_a_measured_model(real_live: LiveServer, t
         model["id"], data["id"], "cpu-ort-1t", algorithm="random",
         space={"schemes": ["unstructured", "nm"], "bits": [None, 8], "width": True, "depth": False},
         budget={"candidates": 5}, seed=1,
+        calibration_samples=16, finetune={"top_k": 0},  # the default path's other phases: test_job_spec
     )  # fmt: skip
     info = job.wait(timeout=600, poll_s=0.5, progress=False)
     assert info["status"] == "succeeded", info.get("error")

@@ -151,6 +151,7 @@ def test_a_job_runs_end_to_end_on_postgres_and_ray(stack: tuple[str, str, str]) 
         model["id"], data["id"], "cpu-ort-1t", algorithm="random",
         space={"schemes": ["unstructured"], "bits": [None], "width": True, "depth": False},
         budget={"candidates": 4}, seed=0, remeasure_top_k=0, calibration_samples=16,
+        calibrate="auto", active_measurement={"share": 0.0}, finetune={"top_k": 0},  # not what it tests
     )  # fmt: skip
     info = job.wait(timeout=600, poll_s=0.5, progress=False)
     assert info["status"] == "succeeded", info.get("error")
