@@ -281,6 +281,7 @@ def fit_predictors(
     store: DeviceStore | None = None,
     statistic: str = "min",
     extra: Mapping[str, Any] | None = None,
+    focus: str | None = None,
 ) -> tuple[dict[str, Predictor], dict[str, Any], int | None]:
     """Held-out metrics of every kind (architecture split), then each kind refitted on all records.
 
@@ -293,6 +294,10 @@ def fit_predictors(
     so the machine's drift between runs does not pick the kind (the absolute-latency figures,
     which carry that drift, are reported beside them and used only when records lack a
     reference).
+    ``focus`` (a space id: the model a job calibrated for) chooses the default by the same
+    figures on held-out *policies of that model* instead (``latency_models.focus``): the
+    searches that follow ask only about that model, and the architecture split of a focused
+    calibration holds only its few random architectures (a handful of measurements).
     ``extra`` is stored in the metrics document as given (the device's capabilities).
     Returns (predictors, metrics document, stored version or None).
     """
@@ -316,13 +321,22 @@ def fit_predictors(
     def in_one_run(m: dict[str, float], what: str) -> float:
         return m.get(f"ratio_{what}", m.get(what, 0.0))
 
-    default = max(
-        per_kind,
-        key=lambda k: (
-            in_one_run(per_kind[k], "within_10pct") + per_kind[k].get("speedup_within_10pct", 0.0),
-            -in_one_run(per_kind[k], "mape"),
-        ),
-    )
+    def rank(m: Mapping[str, float]) -> tuple[float, float]:
+        return (
+            in_one_run(dict(m), "within_10pct") + m.get("speedup_within_10pct", 0.0),
+            -in_one_run(dict(m), "mape"),
+        )
+
+    on_focus: dict[str, dict[str, Any]] = {}
+    if focus is not None:
+        from latency_models.focus import focus_metrics
+
+        for kind in per_kind:
+            got = focus_metrics(records, focus, kind, seed=seed, test_fraction=test_fraction)
+            if got is not None:
+                on_focus[kind] = got
+    chosen_by = "focus" if on_focus and set(on_focus) == set(per_kind) else "architectures"
+    default = max(per_kind, key=lambda k: rank(on_focus[k] if chosen_by == "focus" else per_kind[k]))
     doc = {
         "target": target,
         "statistic": statistic,
@@ -332,6 +346,8 @@ def fit_predictors(
         "test_fraction": test_fraction,
         "split": "held-out architectures (group split by arch_id)",
         "predictors": per_kind,
+        "default_chosen_by": chosen_by,
+        **({"focus_by_kind": on_focus} if on_focus else {}),
         **dict(extra or {}),
     }
     version = store.save_version(fitted, doc, default) if store is not None else None

@@ -550,7 +550,8 @@ class CalibrationRun:
         kinds = tuple(self.kinds) if self.kinds else tuple(self.params.get("kinds") or ()) or None
         seed = int(self.params.get("seed", 0))
         extra = {"capabilities": capabilities.to_dict()} if capabilities is not None else None
-        doc, stored = fit_all(records, kinds, seed, self.files, extra)
+        focus_id = self.model_ids[1] if self.model_ids is not None else None
+        doc, stored = fit_all(records, kinds, seed, self.files, extra, focus=focus_id)
         holdout = holdout_pairs(records, str(doc["default"]), seed=seed)
         metrics = predictor_metrics(doc, holdout)
         if self.model_ids is not None:
@@ -614,16 +615,21 @@ def fit_all(
     seed: int,
     store: DeviceStore,
     extra: Mapping[str, Any] | None = None,
+    focus: str | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Fit every predictor kind and store a version; a kind that fails to fit is left out
     (named in the metrics under ``failed_kinds``) rather than failing the calibration.
-    ``extra`` (the device's capabilities) is stored in the version's metrics.json."""
+    ``extra`` (the device's capabilities) is stored in the version's metrics.json; ``focus``
+    (the space id of a focused calibration's model) chooses the default kind on that model's
+    held-out policies (``fit_predictors``)."""
     from latency_models.calibrate import fit_predictors
     from latency_models.predictors import KINDS
 
     wanted = tuple(kinds or KINDS)
     try:
-        _fitted, doc, version = fit_predictors(records, kinds=wanted, seed=seed, store=store, extra=extra)
+        _fitted, doc, version = fit_predictors(
+            records, kinds=wanted, seed=seed, store=store, extra=extra, focus=focus
+        )
     except Exception as exc:
         log.warning("fitting all predictor kinds failed (%s); fitting them one by one", exc)
         failed: dict[str, str] = {}
@@ -635,7 +641,9 @@ def fit_all(
         working = tuple(k for k in wanted if k not in failed)
         if not working:
             raise CalibrationError(f"no predictor kind could be fitted: {failed}") from exc
-        _fitted, doc, version = fit_predictors(records, kinds=working, seed=seed, store=store, extra=extra)
+        _fitted, doc, version = fit_predictors(
+            records, kinds=working, seed=seed, store=store, extra=extra, focus=focus
+        )
         doc = {**doc, "failed_kinds": failed}
     assert version is not None
     return doc, version

@@ -37,3 +37,27 @@ def test_plan_mixes_the_model_with_small_random_architectures(
     assert len({s.arch_id for s in others}) >= 2
     for s in others:
         assert dense_macs(s.space, Policy.dense()) <= RANDOM_MACS_FLOOR
+
+
+def test_a_focused_calibration_chooses_its_default_on_the_models_own_policies() -> None:
+    """The architecture split of a focused calibration holds a handful of measurements; the
+    default kind is chosen on held-out policies of the focus model instead, and says so."""
+    from collections import Counter
+
+    from latency_models.calibrate import fit_predictors
+    from latency_models.testing import synthetic_records
+
+    records = synthetic_records(n_arch=5, per_arch=12)
+    focus = Counter(r.space_id for r in records).most_common(1)[0][0]
+    kinds = ("macs", "lookup")
+    _, doc, _ = fit_predictors(records, kinds=kinds, focus=focus)
+    assert doc["default_chosen_by"] == "focus" and set(doc["focus_by_kind"]) == set(kinds)
+
+    def score(m: dict[str, float]) -> float:
+        return m.get("ratio_within_10pct", 0.0) + m.get("speedup_within_10pct", 0.0)
+
+    best = max(score(m) for m in doc["focus_by_kind"].values())
+    assert score(doc["focus_by_kind"][doc["default"]]) == best
+    # without a focus the architecture split decides, as before
+    _, plain, _ = fit_predictors(records, kinds=kinds)
+    assert plain["default_chosen_by"] == "architectures" and "focus_by_kind" not in plain
