@@ -104,7 +104,8 @@ def check_nested_policies(policies: Sequence[Policy], layers: Sequence[str]) -> 
     Checked here, per layer: skipped blocks only grow, bits never become more precise, a
     fine-grained scheme once chosen stays (with at least its sparsity). Kept channels and
     masks are checked on the built models (:func:`build_family`). ``act_bits`` is refused:
-    its activation rounding is calibrated per point and no weight set can share it.
+    its activation rounding is calibrated per point and no weight set can share it; so is
+    ``pow2``: the shared master is rounded on uniform grids only.
     """
     if not policies:
         raise NestingError("a family needs at least one policy")
@@ -114,6 +115,15 @@ def check_nested_policies(policies: Sequence[Policy], layers: Sequence[str]) -> 
                 f"point {k}: act_bits is not supported in a family (activation ranges are per "
                 "point); leave act_bits null"
             )
+    for k, policy in enumerate(policies):
+        for name in layers:
+            if policy.for_layer(name).pow2:
+                # The master holds one grid per layer (the first point's): a power-of-two grid is
+                # not a uniform one, and no shared integers serve both.
+                raise NestingError(
+                    f"point {k}, layer {name!r}: pow2 (power-of-two weights) is not supported in a "
+                    "family (its points share one uniform grid per layer); drop pow2 or use plain bits"
+                )
     for k in range(1, len(policies)):
         prev, cur = policies[k - 1], policies[k]
         lost = sorted(prev.skip - cur.skip)

@@ -56,6 +56,7 @@ from compression.policy import Policy
 from compression.space import SearchSpace, SpaceOptions
 from compression.space_builder import space_for
 from engine.search import Candidate, DeviceLatency, Evaluator
+from latency_models.devices import Device
 
 __all__ = [
     "FamilyPointResult",
@@ -145,6 +146,10 @@ class _Budget(Exception):
     """The candidate budget ran out."""
 
 
+class _Stopped(_Budget):
+    """``should_stop`` said stop (a job cancelled, out of time, or yielding its slot)."""
+
+
 class _Chain:
     """Scores policies once each, under the search's candidate budget."""
 
@@ -154,11 +159,13 @@ class _Chain:
         space: SearchSpace,
         limit: int | None,
         on_candidate: Callable[[Candidate], None] | None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.evaluator = evaluator
         self.space = space
         self.limit = limit
         self.on_candidate = on_candidate
+        self.should_stop = should_stop
         self.cache: dict[str, Candidate] = {}
         self.candidates: list[Candidate] = []
         self.kind_saves: dict[str, list[bool]] = {}
@@ -167,6 +174,8 @@ class _Chain:
         hit = self.cache.get(policy.hash)
         if hit is not None:
             return hit.score
+        if self.should_stop is not None and self.should_stop():
+            raise _Stopped
         if self.limit is not None and len(self.candidates) >= self.limit:
             raise _Budget
         score = self.evaluator.evaluate(policy)
@@ -286,18 +295,33 @@ def search_family(
     seed: int = 0,
     val_images: int = 1000,
     on_candidate: Callable[[Candidate], None] | None = None,
+    previous: Sequence[Candidate] = (),
+    should_stop: Callable[[], bool] | None = None,
 ) -> FamilySearchResult:
     """Find nested policies for ``budgets`` (fractions of the dense latency, strictly decreasing).
 
     Candidates are scored as ``engine.search.run_search`` scores them (same seed: same
     calibration batches and validation subset; pruned layers re-fitted).
 
+    ``previous`` (a resumed job's stored candidates) are taken as scored: the chain, which is
+    deterministic for a seed, walks through them again without scoring them, calling
+    ``on_candidate`` or counting them against ``budget_candidates``. ``should_stop`` is polled
+    before each new score; once true the search ends with the points reached (``note``).
+
     Raises:
         ValueError: bad budgets, the dense model cannot be scored, or no move saves latency.
     """
     fractions = check_budgets(budgets)
     evaluator = Evaluator(model, dataset, device_latency, val_images=val_images, seed=seed, reconstruct=True)
-    return _search(evaluator, fractions, space_for(model, space_options), budget_candidates, on_candidate)
+    return _search(
+        evaluator,
+        fractions,
+        space_for(model, space_options),
+        budget_candidates,
+        on_candidate,
+        previous=previous,
+        should_stop=should_stop,
+    )
 
 
 def _search(
@@ -306,12 +330,16 @@ def _search(
     space: SearchSpace,
     budget_candidates: int | None,
     on_candidate: Callable[[Candidate], None] | None,
+    *,
+    previous: Sequence[Candidate] = (),
+    should_stop: Callable[[], bool] | None = None,
 ) -> FamilySearchResult:
     start = time.monotonic()
     dense = evaluator.evaluate(Policy.dense())
     if not dense.ok:
         raise ValueError(f"the dense model cannot be evaluated: {dense.error}")
-    chain = _Chain(evaluator, space, budget_candidates, on_candidate)
+    chain = _Chain(evaluator, space, budget_candidates, on_candidate, should_stop)
+    chain.cache.update({c.policy.hash: c for c in previous})
     chain.cache[Policy.dense().hash] = Candidate(-1, Policy.dense(), dense, True)
     points: list[FamilyPointResult] = []
     cur, cur_score = Policy.dense(), dense
@@ -321,6 +349,11 @@ def _search(
             target = f * dense.latency_ms
             cur, cur_score, moves = _segment(chain, cur, cur_score, target)
             points.append(FamilyPointResult(f, target, cur, cur_score, tuple(moves)))
+    except _Stopped:
+        note = (
+            f"the search was stopped (cancelled, or its time or candidate budget spent) after "
+            f"{len(points)} of {len(fractions)} points"
+        )
     except _Budget:
         note = (
             f"the candidate budget ({budget_candidates}) ran out after {len(points)} of {len(fractions)} "
@@ -491,7 +524,7 @@ def bundle_family(
     family: Family,
     dataset: Dataset,
     *,
-    device: str,
+    device: str | Device,
     out: Path,
     runs: int = 200,
     seed: int = 0,
@@ -504,8 +537,9 @@ def bundle_family(
     ``device`` (interleaved, ``runs`` runs), measure its accuracy from its bundle graph on the
     validation (and test) split, and write ``family.json``; returns the manifest.
 
-    ``points_info`` adds fields to each point's entry (its budget, predicted latency, ...);
-    ``extra`` to the manifest.
+    ``device`` is a built-in device's name or a :class:`~latency_models.devices.Device` (a
+    service's device row). ``points_info`` adds fields to each point's entry (its budget,
+    predicted latency, ...); ``extra`` to the manifest.
     """
     from compression.family_export import write_bundle
     from compression.onnx_export import onnx_accuracy
@@ -560,7 +594,7 @@ def bundle_family(
         "version": 1,
         "model": family.source.name,
         "input": {"name": "x", "shape": [None, *family.source.input_shape]},
-        "device": device,
+        "device": device if isinstance(device, str) else device.name,
         "measured": {"runs": runs, "interleaved_with": "dense", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "recovery": family.recovery,
         "shared_weights": {

@@ -158,6 +158,11 @@ def execute(ctx: JobContext) -> None:
                 "space": resolved.to_dict(),
             },
         )
+        if spec.family is not None:  # K nested points instead of a front (engine.family_run)
+            from engine.family_run import run_family
+
+            run_family(ctx, model, dataset, latency, options, version, kind, job_latency)
+            return
         labels = None
         if job_latency is not None and jp is not None:
             labels = JobLabels(ctx, job_latency, jp, baseline, model=model, ids=ids)

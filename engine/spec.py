@@ -11,6 +11,7 @@ Imports only pydantic at module level (no torch), so the CLI and the API load it
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
@@ -270,6 +271,53 @@ class ActiveMeasurementSpec(_Spec):
         return min(self.max, math.ceil(self.share * candidates - 1e-9))
 
 
+MAX_FAMILY_BUDGETS = 8  # engine.family.MAX_BUDGETS (not imported: that module loads torch)
+MAX_FAMILY_EPOCHS = 20
+
+
+class FamilySpec(_Spec):
+    """A family job (``engine.family``): K nested operating points for K latency budgets, one
+    shared weight set, instead of a front.
+
+    The search follows one chain of the rule agent's tightening moves from the dense model; the
+    policy that first meets budget k is point k, and the chain goes on from it, so each point
+    keeps a subset of the previous one's channels and weights (``compression.family``). Each
+    point is a candidate of the job (its ``extra.family`` names the point and its siblings);
+    ``POST /v1/jobs/{id}/family-export`` shares their weights, fine-tunes them jointly
+    (``finetune_epochs``) and writes the bundle ``modeltailor.switch.FamilySwitch`` runs.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"budgets": [1.0, 0.7, 0.5, 0.35]}, {"budgets": [1.0, 0.6], "finetune_epochs": 2}]
+        }
+    )
+
+    budgets: list[float] = Field(
+        min_length=2,
+        max_length=MAX_FAMILY_BUDGETS,
+        description="latency budgets as fractions of the dense model's latency on the device, each in "
+        "(0, 1], strictly decreasing (e.g. [1.0, 0.7, 0.5, 0.35]); one point per budget",
+    )
+    finetune_epochs: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_FAMILY_EPOCHS,
+        description="joint distillation fine-tuning of the shared weights (every point in each step) "
+        "when the family is exported, in passes over the train split; 0 = the joint refit alone",
+    )
+
+    @field_validator("budgets")
+    @classmethod
+    def _decreasing(cls, budgets: list[float]) -> list[float]:
+        # engine.family.check_budgets' rules, without importing torch here
+        if any(not 0.0 < b <= 1.0 for b in budgets):
+            raise ValueError(f"each budget is a fraction of the dense latency in (0, 1], got {budgets}")
+        if any(b <= c for b, c in itertools.pairwise(budgets)):
+            raise ValueError(f"budgets must decrease strictly (e.g. 1.0, 0.7, 0.5, 0.35), got {budgets}")
+        return budgets
+
+
 class JobSpec(_Spec):
     """A search job: which model on which data for which device, how, and for how long."""
 
@@ -297,6 +345,15 @@ class JobSpec(_Spec):
                     "algorithm": "optuna-tpe",
                     "constraints": {"accuracy_drop": {"max": 0.01}},
                     "budget": {"candidates": 100},
+                },
+                {
+                    "model_id": 1,
+                    "dataset_id": 1,
+                    "device_id": 1,
+                    "algorithm": "rule",
+                    "space": {"schemes": ["unstructured", "nm"], "bits": [None, 8]},
+                    "budget": {"candidates": 150},
+                    "family": {"budgets": [1.0, 0.7, 0.5, 0.35], "finetune_epochs": 2},
                 },
             ]
         }
@@ -367,6 +424,15 @@ class JobSpec(_Spec):
         description="after the search, fine-tune the top-k front points by distillation from the dense "
         "model and re-score them (the candidate keeps both accuracies; top_k 0 turns it off)",
     )
+    family: FamilySpec | None = Field(
+        default=None,
+        description="search K nested operating points for K latency budgets (one shared weight set) "
+        "instead of a front; needs algorithm 'rule' and reconstruct. A family job scores with the "
+        "device's predictor and magnitude masks (the shared weights' recovery; 'recovery' is not "
+        "used), fine-tunes the family jointly at export (family.finetune_epochs) instead of the "
+        "front ('finetune' is not used), measures no candidate during the search "
+        "('active_measurement' is not used) and re-measures its K points at the end",
+    )
 
     @field_validator("objectives")
     @classmethod
@@ -385,6 +451,22 @@ class JobSpec(_Spec):
             if name != "accuracy_drop" and bound.max <= 0.0:
                 raise ValueError(f"{name} max must be positive, got {bound.max}")
         return constraints
+
+    @model_validator(mode="after")
+    def _family_fits(self) -> JobSpec:
+        if self.family is None:
+            return self
+        if self.algorithm != "rule":
+            raise ValueError(
+                f"a family job searches with the rule agent's moves: set algorithm 'rule' "
+                f"(got {self.algorithm!r}), or drop 'family' for a front search"
+            )
+        if not self.reconstruct:
+            raise ValueError(
+                "a family job re-fits pruned layers (its shared weights are a joint refit): "
+                "leave reconstruct true"
+            )
+        return self
 
     def bound(self, metric: ConstraintMetric) -> float | None:
         """The upper bound on ``metric``, None when unconstrained."""

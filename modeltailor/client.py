@@ -300,6 +300,9 @@ class Client:
 
         ``finetune={"top_k": 5, "epochs": 2.0}`` (the default) fine-tunes the top-k front points
         by distillation after the search and re-scores them; ``finetune={"top_k": 0}`` skips it.
+        ``family={"budgets": [1.0, 0.7, 0.5], "finetune_epochs": 0}`` (with the ``rule``
+        algorithm) searches K nested operating points instead of a front: see :meth:`family`
+        and :meth:`export_family`.
         """
         device_id = device if isinstance(device, int) else self.device(device)["id"]
         body = {
@@ -338,6 +341,56 @@ class Client:
             **{k: v for k, v in bounds.items() if v is not None},
         }
         return dict(self.request("GET", "/compare", params=params))
+
+    def family(self, job_id: int) -> dict[str, Any]:
+        """A family job's points in budget order (``GET /v1/jobs/{id}/family``): each one's budget,
+        candidate, accuracy, predicted and measured latency, and its bundle figures once exported."""
+        return dict(self.request("GET", f"/jobs/{job_id}/family"))
+
+    def export_family(
+        self,
+        job_id: int,
+        out: str | Path | None = None,
+        *,
+        wait: bool = True,
+        runs: int = 200,
+        timeout: float = 3600.0,
+        poll_s: float = 0.5,
+    ) -> dict[str, Any]:
+        """Export a succeeded family job's bundle (``POST /v1/jobs/{id}/family-export``).
+
+        With ``wait`` (the default), waits until it is built, unpacks it into the folder ``out``
+        (default ``family-<job id>``: ``weights.bin``, one ``point_<k>.onnx`` per point,
+        ``family.json``; ``modeltailor.switch.FamilySwitch(out)`` runs it) and returns its
+        manifest (``family.json``). Without, returns ``{"artifact_id", "status"}`` at once.
+
+        Raises:
+            ConflictError: not a family job, not succeeded, or an export of it is running.
+            ApiError: the export failed (the message says why).
+        """
+        import io
+        import zipfile
+
+        accepted = dict(self.request("POST", f"/jobs/{job_id}/family-export", json={"runs": runs}))
+        if not wait:
+            return accepted
+        artifact_id = int(accepted["artifact_id"])
+        deadline = time.monotonic() + timeout
+        while True:
+            meta = self.artifact(artifact_id)
+            if meta["status"] == "ready":
+                break
+            if meta["status"] == "failed":
+                raise ApiError(200, f"family export failed: {meta.get('error')}", meta)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"artifact {artifact_id} not ready after {timeout} s")
+            time.sleep(poll_s)
+        content = self.request("GET", f"/artifacts/{artifact_id}/download")
+        folder = Path(out) if out is not None else Path(f"family-{job_id}")
+        folder.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(io.BytesIO(content)) as zf:
+            zf.extractall(folder)  # member names are sanitised (no absolute paths, no "..")
+        return dict(json.loads((folder / "family.json").read_text()))
 
     def candidate(self, candidate_id: int) -> Candidate:
         return Candidate(self, self.request("GET", f"/candidates/{candidate_id}"))
@@ -432,6 +485,14 @@ class Job:
         resolution carry ``duplicates`` / ``duplicate_of``; ``fold=True`` keeps one of each."""
         rows = self.client.request("GET", f"/jobs/{self.id}/pareto", params={"fold": str(fold).lower()})
         return [Candidate(self.client, r) for r in rows["data"]]
+
+    def family(self) -> dict[str, Any]:
+        """This job's family points (:meth:`Client.family`)."""
+        return self.client.family(self.id)
+
+    def export_family(self, out: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Export this family job's bundle into ``out`` (:meth:`Client.export_family`)."""
+        return self.client.export_family(self.id, out, **kwargs)
 
     def events(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Server-sent events as (kind, data) until the job ends."""

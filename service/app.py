@@ -32,7 +32,7 @@ from service.auth import ensure_local_tenant
 from service.body_limit import BodyLimit
 from service.dashboard.routes import router as dashboard_router
 from service.housekeeping import Housekeeper
-from service.routers import artifacts, candidates, dashboard_api, datasets, devices, jobs, models
+from service.routers import artifacts, candidates, dashboard_api, datasets, devices, family, jobs, models
 from service.runner import Runner, SearchFn
 from service.security_headers import SecurityHeaders, docs_policy
 from service.settings import Settings, Timeouts
@@ -168,7 +168,7 @@ def create_app(
     app.add_middleware(SecurityHeaders)  # outermost: a 413 of BodyLimit gets the headers too
 
     v1 = APIRouter(prefix="/v1")
-    for module in (models, datasets, devices, jobs, candidates, artifacts, dashboard_api):
+    for module in (models, datasets, devices, jobs, family, candidates, artifacts, dashboard_api):
         v1.include_router(module.router)
     v1.include_router(devices.predictors_router)
     v1.include_router(devices.calibrations_router)
