@@ -30,6 +30,7 @@ BODIES: dict[str, Any] = {
     "/v1/devices/{device_id}/calibrate": {"samples": 4, "runs": 5},
     "/v1/devices/{device_id}/measurements": {"task_id": "m-1", "device": "x", "status": "error"},
     "/v1/candidates/{candidate_id}/export": {},
+    "/v1/jobs/{job_id}/family-export": {},
 }
 
 
