@@ -29,7 +29,7 @@ from compression.space import SpaceOptions
 from engine.family import FamilySearchResult, bundle_family, search_family
 from engine.family_job import FAMILY_KEY, FamilyExportContext
 from engine.job import ExportResult, JobContext, JobLatency
-from engine.run import _score_fields, device_of, load_job_dataset, load_job_model
+from engine.run import _score_fields, device_of, load_job_dataset, load_job_model, report_remeasured
 from engine.search import Candidate
 
 __all__ = ["export_family", "family_extra", "run_family"]
@@ -172,23 +172,7 @@ def _remeasure_points(
     seen: dict[str, tuple[Policy, float | None]] = {}
     for p in result.points:
         seen.setdefault(p.policy.hash, (p.policy, p.score.latency_ms))
-    points = job_latency.remeasure(model, list(seen.values()), len(seen))
-    if points:
-        ctx.progress(
-            "remeasured",
-            {
-                "points": [
-                    {
-                        "policy_hash": p.policy_hash,
-                        "predicted_ms": p.predicted_ms,
-                        "measured_ms": p.measured_ms,
-                        "speedup": p.speedup,
-                        "error": p.error,
-                    }
-                    for p in points
-                ]
-            },
-        )
+    report_remeasured(ctx, job_latency.remeasure(model, list(seen.values()), len(seen)))
 
 
 def export_family(ctx: FamilyExportContext) -> ExportResult:

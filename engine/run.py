@@ -16,7 +16,7 @@ import hashlib
 import json
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -278,22 +278,28 @@ def _finish_latency(
         measured = job_latency.dense_result(5.0 if not points else 60.0)
         if measured is not None:
             ctx.set_baseline(dataclasses.replace(baseline, measured_latency_ms=measured))
-    if points:
-        ctx.progress(
-            "remeasured",
-            {
-                "points": [
-                    {
-                        "policy_hash": p.policy_hash,
-                        "predicted_ms": p.predicted_ms,
-                        "measured_ms": p.measured_ms,
-                        "speedup": p.speedup,
-                        "error": p.error,
-                    }
-                    for p in points
-                ]
-            },
-        )
+    report_remeasured(ctx, points)
+
+
+def report_remeasured(ctx: JobContext, points: Sequence[Any]) -> None:
+    """The job's ``remeasured`` progress event: each re-measured point, predicted vs measured."""
+    if not points:
+        return
+    ctx.progress(
+        "remeasured",
+        {
+            "points": [
+                {
+                    "policy_hash": p.policy_hash,
+                    "predicted_ms": p.predicted_ms,
+                    "measured_ms": p.measured_ms,
+                    "speedup": p.speedup,
+                    "error": p.error,
+                }
+                for p in points
+            ]
+        },
+    )
 
 
 def _export_model(

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Artifact, Candidate, Job, Measurement
 from db.models import Device as DeviceRow
-from engine.job import DeviceRef, ExportContext
+from engine.job import DeviceRef, ExportContext, ExportResult
 from engine.spec import JobSpec
 from service import queries
 from service.device_tasks import POLL_S, add_task
@@ -76,6 +76,21 @@ def time_on_agent(
     )
 
 
+def finish_ready(factory: sessionmaker[Session], artifact_id: int, result: ExportResult) -> None:
+    """Mark artifact ``artifact_id`` ready with the file ``result`` wrote (its hash and size)."""
+    path = Path(result.path)
+    with factory() as session:
+        queries.finish_artifact(
+            session,
+            artifact_id=artifact_id,
+            status="ready",
+            path=str(path),
+            sha256=_sha256(path),
+            size_bytes=path.stat().st_size,
+            metrics=dict(result.metrics),
+        )
+
+
 def run_export(state: Any, artifact_id: int) -> None:
     """Build artifact ``artifact_id`` with ``state.exporter``; mark it ready or failed with why."""
     factory = state.session_factory
@@ -83,19 +98,7 @@ def run_export(state: Any, artifact_id: int) -> None:
         ctx = _context(factory, Path(state.settings.data_dir), artifact_id, state.timeouts.remeasure_wait_s)
         if ctx is None:
             return
-        result = state.exporter(ctx)
-        path = Path(result.path)
-        metrics = dict(result.metrics)
-        with factory() as session:
-            queries.finish_artifact(
-                session,
-                artifact_id=artifact_id,
-                status="ready",
-                path=str(path),
-                sha256=_sha256(path),
-                size_bytes=path.stat().st_size,
-                metrics=metrics,
-            )
+        finish_ready(factory, artifact_id, state.exporter(ctx))
     except Exception as exc:
         log.info("export %s failed: %s", artifact_id, exc)
         message = str(exc) if isinstance(exc, NotImplementedError) else f"{type(exc).__name__}: {exc}"

@@ -20,7 +20,7 @@ from db.models import Artifact, Candidate, Job
 from engine.family_job import FAMILY_FORMAT, FAMILY_KEY, FamilyExportContext, FamilyPointRef, export_family
 from engine.spec import JobSpec
 from service import queries
-from service.exports import _sha256
+from service.exports import finish_ready
 from service.runner import job_refs
 
 log = logging.getLogger("modeltailor.family_exports")
@@ -69,18 +69,7 @@ def run_family_export(state: Any, artifact_id: int, job_id: int, runs: int) -> N
         if ctx is None:
             return
         exporter = getattr(state, "family_exporter", None) or export_family
-        result = exporter(ctx)
-        path = Path(result.path)
-        with factory() as session:
-            queries.finish_artifact(
-                session,
-                artifact_id=artifact_id,
-                status="ready",
-                path=str(path),
-                sha256=_sha256(path),
-                size_bytes=path.stat().st_size,
-                metrics=dict(result.metrics),
-            )
+        finish_ready(factory, artifact_id, exporter(ctx))
     except Exception as exc:
         log.info("family export %s of job %s failed: %s", artifact_id, job_id, exc)
         with factory() as session:
