@@ -41,6 +41,7 @@ from compression.apply import get_tensor
 from compression.family import Family
 from compression.mixed_precision import export_policy_onnx, float_graph
 from compression.onnx_export import OnnxModel, export_onnx, max_relative_error
+from compression.quantize_onnx import full_range_weights
 
 __all__ = ["WEIGHTS_FILE", "BundleFiles", "PointFiles", "write_bundle"]
 
@@ -473,7 +474,8 @@ def write_bundle(
                 fp32 = export_onnx(float_graph(point.cm.gm), example, Path(tmp) / f"fp32_{k}.onnx")
                 alone = Path(tmp) / f"point_{k}.onnx"
                 if point.cm.bits:
-                    export_policy_onnx(point.cm, fp32, calibration, alone)
+                    with full_range_weights():  # the master grid is 8-bit (see full_range_weights)
+                        export_policy_onnx(point.cm, fp32, calibration, alone)
                 else:
                     shutil.copyfile(fp32, alone)
                 model, shared_layers, private_layers = _rewrite_point(family, k, alone, store)

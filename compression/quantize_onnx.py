@@ -16,6 +16,7 @@ MobileNetV2 1.53x vs 1.56x over dense); u8 x u8 does not saturate either but ran
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import itertools
 import logging
@@ -39,6 +40,7 @@ from compression.mixed_precision import supports_int4_matmul
 
 __all__ = [
     "QuantizeError",
+    "full_range_weights",
     "prepare",
     "quantize_int8",
     "quantize_qdq",
@@ -63,6 +65,24 @@ def saturating_u8s8() -> bool:
     except OSError:
         return False
     return not flags & {"avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"}
+
+
+_FULL_RANGE = contextvars.ContextVar("full_range_weights", default=False)
+
+
+@contextlib.contextmanager
+def full_range_weights() -> Iterator[None]:
+    """Quantize int8 weights on the full 8-bit grid inside this block, saturating CPU or not.
+
+    For the family bundle (``compression.family_export``), whose shared master weights are on
+    the 8-bit grid and must match each point's standalone file.
+    TODO(issue 15): put the bundle's master on the 7-bit grid where ``saturating_u8s8()``.
+    """
+    token = _FULL_RANGE.set(True)
+    try:
+        yield
+    finally:
+        _FULL_RANGE.reset(token)
 
 
 class QuantizeError(RuntimeError):
@@ -205,7 +225,7 @@ def quantize_qdq(
                 reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                reduce_range=saturating_u8s8(),  # 7-bit weights where u8 x s8 saturates
+                reduce_range=saturating_u8s8() and not _FULL_RANGE.get(),  # 7-bit where u8 x s8 saturates
                 weight_type=QuantType.QInt8,
                 activation_type=activation_type,
                 calibrate_method=CalibrationMethod.MinMax,
