@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from agents import Score
 from compression.apply import CompressedModel
 from compression.data import Dataset, calibration_batches
 from compression.model_io import CompressibleModel
@@ -29,30 +28,17 @@ from compression.space import SpaceOptions
 from engine.family import FamilySearchResult, bundle_family, search_family
 from engine.family_job import FAMILY_KEY, FamilyExportContext
 from engine.job import ExportResult, JobContext, JobLatency
-from engine.run import _score_fields, device_of, load_job_dataset, load_job_model, report_remeasured
+from engine.run import (
+    _score_fields,
+    device_of,
+    load_job_dataset,
+    load_job_model,
+    report_remeasured,
+    stored_candidates,
+)
 from engine.search import Candidate
 
 __all__ = ["export_family", "family_extra", "run_family"]
-
-
-def _previous(ctx: JobContext) -> list[Candidate]:
-    """The job's stored candidates as the family search's cache (scored already)."""
-    return [
-        Candidate(
-            d.index,
-            Policy.from_dict(d.policy),
-            Score(
-                accuracy=d.scores.accuracy or 0.0,
-                latency_ms=d.scores.latency_ms or 0.0,
-                size_bytes=float(d.scores.size_bytes or 0),
-                macs=float(d.scores.macs or 0),
-                eval_seconds=d.scores.eval_seconds or 0.0,
-                error=(d.scores.extra or {}).get("error"),
-            ),
-            feasible=True,
-        )
-        for d in sorted(ctx.done, key=lambda d: d.index)
-    ]
 
 
 def family_extra(job_id: int, result: FamilySearchResult) -> dict[str, dict[str, Any]]:
@@ -100,7 +86,7 @@ def run_family(
     """
     spec = ctx.spec
     assert spec.family is not None
-    previous = _previous(ctx)
+    previous = stored_candidates(ctx, feasible=True)  # the family search's cache
 
     def on_candidate(c: Candidate) -> None:
         ctx.persist_candidate(c.policy.to_dict(), c.policy.hash, _score_fields(c, version, kind))

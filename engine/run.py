@@ -196,22 +196,7 @@ def _search(
     kind: str | None,
     labels: JobLabels | None = None,
 ) -> SearchResult:
-    previous = [
-        Candidate(
-            d.index,
-            Policy.from_dict(d.policy),
-            Score(
-                accuracy=d.scores.accuracy or 0.0,
-                latency_ms=d.scores.latency_ms or 0.0,
-                size_bytes=float(d.scores.size_bytes or 0),
-                macs=float(d.scores.macs or 0),
-                eval_seconds=d.scores.eval_seconds or 0.0,
-                error=(d.scores.extra or {}).get("error"),
-            ),
-            feasible=False,  # run_search re-derives it against this run's dense score
-        )
-        for d in sorted(ctx.done, key=lambda d: d.index)
-    ]
+    previous = stored_candidates(ctx, feasible=False)  # run_search re-derives it against this run's dense
     if labels is not None:
         versions = [d.scores.predictor_version for d in sorted(ctx.done, key=lambda d: d.index)]
         previous = labels.previous(previous, versions)
@@ -279,6 +264,27 @@ def _finish_latency(
         if measured is not None:
             ctx.set_baseline(dataclasses.replace(baseline, measured_latency_ms=measured))
     report_remeasured(ctx, points)
+
+
+def stored_candidates(ctx: JobContext, *, feasible: bool) -> list[Candidate]:
+    """The job's stored candidates, in index order, as the search's ``Candidate``s (a resume's
+    cache: scored already), each marked ``feasible``."""
+    return [
+        Candidate(
+            d.index,
+            Policy.from_dict(d.policy),
+            Score(
+                accuracy=d.scores.accuracy or 0.0,
+                latency_ms=d.scores.latency_ms or 0.0,
+                size_bytes=float(d.scores.size_bytes or 0),
+                macs=float(d.scores.macs or 0),
+                eval_seconds=d.scores.eval_seconds or 0.0,
+                error=(d.scores.extra or {}).get("error"),
+            ),
+            feasible=feasible,
+        )
+        for d in sorted(ctx.done, key=lambda d: d.index)
+    ]
 
 
 def report_remeasured(ctx: JobContext, points: Sequence[Any]) -> None:
