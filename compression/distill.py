@@ -314,6 +314,39 @@ def _schedule(steps: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
+def guarded_step(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    params: Sequence[torch.Tensor],
+    clip_norm: float,
+    *,
+    before_clip: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> bool:
+    """One optimizer step on ``loss`` unless it or its gradient norm is not finite; the
+    schedule advances either way. Returns whether the step was taken.
+
+    ``before_clip`` runs after ``backward`` (e.g. routing gradients), ``after_step`` after the
+    optimizer's step (e.g. re-applying masks and grids).
+    """
+    took = False
+    if math.isfinite(float(loss.detach())):
+        loss.backward()
+        if before_clip is not None:
+            before_clip()
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        if torch.isfinite(norm):
+            opt.step()
+            if after_step is not None:
+                after_step()
+            took = True
+    with warnings.catch_warnings():  # a skipped step still advances the schedule
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()
+    return took
+
+
 def distill(
     cm: CompressedModel,
     teacher: nn.Module | None,
@@ -370,20 +403,16 @@ def distill(
             for p in held.params:
                 p.grad = None
             value = float(loss.detach())
-            if math.isfinite(value):
-                loss.backward()
-                held.route_grads()
-                norm = torch.nn.utils.clip_grad_norm_(held.trained, cfg.clip_norm)
-                if torch.isfinite(norm):
-                    opt.step()
-                    held.hold()
-                else:
-                    skipped += 1
-            else:
+            if not guarded_step(
+                loss,
+                opt,
+                sched,
+                held.trained,
+                cfg.clip_norm,
+                before_clip=held.route_grads,
+                after_step=held.hold,
+            ):
                 skipped += 1
-            with warnings.catch_warnings():  # a skipped step still advances the schedule
-                warnings.simplefilter("ignore", UserWarning)
-                sched.step()
             taken += 1
             losses.append(value)
             if not held.finite():  # nothing good can follow: back to the start, and say so

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch.func import functional_call
 
-from compression.distill import DistillConfig, DistillResult, KDBatches, StepProgress, kd_loss
+from compression.distill import DistillConfig, DistillResult, KDBatches, StepProgress, guarded_step, kd_loss
 from compression.family import Family
 from compression.masks import fake_quantize
 
@@ -126,18 +125,8 @@ def distill_family(
                 loss = loss + weights[k] * kd_loss(logits, t_logits, y, cfg.temperature, cfg.alpha)
             opt.zero_grad(set_to_none=True)
             value = float(loss.detach())
-            if math.isfinite(value):
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(trained, cfg.clip_norm)
-                if torch.isfinite(norm):
-                    opt.step()
-                else:
-                    skipped += 1
-            else:
+            if not guarded_step(loss, opt, sched, trained, cfg.clip_norm):
                 skipped += 1
-            with warnings.catch_warnings():  # a skipped step still advances the schedule
-                warnings.simplefilter("ignore", UserWarning)
-                sched.step()
             taken += 1
             losses.append(value / sum(weights))
             if not all(bool(torch.isfinite(tensor).all()) for tensor in trained):
