@@ -242,7 +242,9 @@ class GraphGNN(Predictor):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # small graphs: extra threads only add contention on a shared CPU
         try:
-            self._train(*_training_targets(records, y, self.target))
+            # A refit can run inside a caller's no_grad (a search scores under it): training needs grad.
+            with torch.enable_grad():
+                self._train(*_training_targets(records, y, self.target))
         finally:
             torch.set_num_threads(threads)
 

@@ -84,6 +84,24 @@ def test_contract(factory, records) -> None:
     check_predictor(factory, records)
 
 
+@pytest.mark.parametrize(
+    "factory",
+    [functools.partial(GraphGNN, epochs=10), functools.partial(KernelGBDT, n_estimators=30), MacsLinear],
+    ids=["gnn", "kernel_gbdt", "macs"],
+)
+def test_refit_inside_a_no_grad_search_fits_the_same_predictor(factory, records) -> None:
+    # A job's active measurement refits while the search scores under torch.no_grad().
+    from latency_models.incremental import refit
+
+    base = factory().fit(records[:60])
+    free = refit(records[:60], base, seed=4)
+    with torch.no_grad():
+        inside = refit(records[:60], base, seed=4)
+    space = records[0].space
+    pols = [Policy.dense(), uniform_policy(space, bits=8)]
+    assert np.allclose(inside.predict(space, pols), free.predict(space, pols), rtol=1e-5)
+
+
 def test_kernel_gbdt_learns_what_the_device_does(records) -> None:
     model = KernelGBDT(n_estimators=200).fit(records)
     space = records[0].space

@@ -195,6 +195,11 @@ def test_switch_follows_a_real_slowdown_down_and_back(bundle: Path) -> None:
         burners = []
         time.sleep(0.2)
         after = _run(s, x, 200, min_s=2.0)  # up needs headroom for up_hold_s (0.25 s)
+        # Other processes of a shared machine (a parallel test worker) may hold this core a
+        # while longer: back up once the core is free again, within 20 s.
+        deadline = time.monotonic() + 20.0
+        while sum(rank[p] <= rank[home] for p in after[-50:]) < 40 and time.monotonic() < deadline:
+            after += _run(s, x, 50, min_s=0.5)
         assert sum(rank[p] <= rank[home] for p in after[-50:]) >= 40, (home, after)
     finally:
         for b in burners:
