@@ -60,14 +60,15 @@ def test_maximised_objectives_are_negated() -> None:
     assert order.tolist() == [2, 0, 1]  # most accurate first; 0.7 @ 1.5 ms is dominated by 0.8 @ 1 ms
 
 
-def test_fifty_thousand_points_take_milliseconds() -> None:
-    import time
-
+def test_fifty_thousand_points_give_the_nondominated_set() -> None:
     rng = np.random.default_rng(0)
     points = rng.random((50_000, 2))
-    t0 = time.perf_counter()
     front = front_order(points, np.arange(50_000))
-    assert time.perf_counter() - t0 < 0.5 and 1 <= len(front) < 100
+    assert 1 <= len(front) < 100
+    # exactly the points no other point dominates (both minimised here)
+    best_y = np.minimum.accumulate(points[np.argsort(points[:, 0]), 1])
+    expected = np.argsort(points[:, 0])[np.r_[True, best_y[1:] < best_y[:-1]]]
+    assert set(front.tolist()) == set(expected.tolist())
     three = front_order(rng.random((50_000, 3)), np.arange(50_000))
     assert len(three) > len(front)
 

@@ -1,7 +1,7 @@
 """100 concurrent job submissions on PostgreSQL: all stored, all run to completion.
 
 The scale-out layout, each part a separate process on 127.0.0.1: one API server with no
-runner and two workers of four slots each, on one PostgreSQL database. Submission,
+runner and two workers of two slots each, on one PostgreSQL database. Submission,
 storage, lease claims across processes, progress and completion are the real code, and
 so is the search the workers run: LeNet-5 on digits, the device calibrated once by the first
 job while the others wait for its predictor, then a tiny random search per job.
@@ -101,7 +101,9 @@ def test_100_concurrent_submissions_on_postgresql_are_stored_and_all_complete(tm
     from tests.live import child_process, server_process, service_env
 
     data_dir = tmp_path / "data"
-    settings = {"lease_s": 10.0, "poll_s": 0.1, "runner_slots": 4}
+    # two slots per worker: still jobs in flight on both workers at once, without eight
+    # searches thrashing two cores (and slowing every other test running beside this one)
+    settings = {"lease_s": 10.0, "poll_s": 0.1, "runner_slots": 2}
     with ExitStack() as stack:
         db_url = stack.enter_context(fresh_database("postgresql", tmp_path))
         api = stack.enter_context(
@@ -129,12 +131,21 @@ def test_100_concurrent_submissions_on_postgresql_are_stored_and_all_complete(tm
         data = c.post("/datasets", json={"builtin": "digits"}).json()
         model = c.post("/models", json={"zoo": "lenet5", "dataset_id": data["id"]}).json()
         device = next(d for d in c.get("/devices").json()["data"] if d["name"] == "cpu-ort-1t")
-        body = {"model_id": model["id"], "dataset_id": data["id"], "device_id": device["id"],
-                "algorithm": "random", "budget": {"candidates": BUDGET},
-                "space": {"schemes": ["unstructured", "nm"], "bits": [None], "depth": False},
-                "calibration_samples": 16, "remeasure_top_k": 0,
-                "finetune": {"top_k": 0},  # this test is about submissions, not fine-tuning,
-                "calibrate": "auto", "active_measurement": {"share": 0.0}}  # fmt: skip  (nor measuring)
+        body = {
+            "model_id": model["id"],
+            "dataset_id": data["id"],
+            "device_id": device["id"],
+            "algorithm": "random",
+            "budget": {"candidates": BUDGET},
+            "space": {"schemes": ["unstructured", "nm"], "bits": [None], "depth": False},
+            "calibration_samples": 16,
+            "remeasure_top_k": 0,
+            "finetune": {"top_k": 0},  # this test is about submissions, not fine-tuning,
+            "recovery": "magnitude",
+            "reconstruct": False,  # nor recovery,
+            "calibrate": "auto",
+            "active_measurement": {"share": 0.0},
+        }  # nor measuring
         barrier = threading.Barrier(JOBS)
 
         def submit(i: int) -> tuple[int, int]:

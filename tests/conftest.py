@@ -1,0 +1,16 @@
+"""Suite-wide collection order: files with slow tests run first.
+
+``pytest -n 2 --dist loadfile`` hands whole files to the two workers in collection order. The
+slow files (real servers, training, kill -9, 100 jobs) sit late alphabetically; run last, the
+longest of them decide the suite's wall time alone on one worker. Started first, the quick
+files fill in beside them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order kept within each part
