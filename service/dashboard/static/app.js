@@ -11,9 +11,10 @@
 const KEY_STORE = "modeltailor.apiKey";
 const FRONT_NAME = "Pareto front";
 const FOLDED_NAME = "equal within resolution";
+const FAMILY_NAME = "family (one weight set)";
 const COLORS = {
   accent: "#4f46e5", faint: "rgba(100,116,139,0.28)", infeasible: "rgba(220,38,38,0.22)",
-  baseline: "#0f172a", constraint: "#dc2626", ok: "#059669",
+  baseline: "#0f172a", constraint: "#dc2626", ok: "#059669", family: "#d97706",
   schemes: { dense: "#94a3b8", unstructured: "#f59e0b", nm: "#4f46e5", block: "#0891b2" },
 };
 const PLOT_CONFIG = { displaylogo: false, responsive: true,
@@ -263,7 +264,23 @@ function pick(points, indices) {
   return out;
 }
 
-function scatterTraces(scatter, metric) {
+/* A family job's K nested points, linked in budget order (k = 0 first). Latency and accuracy come
+ * from the family itself; a size is looked up among the points the scatter carries (every
+ * front point is always sent), and a point without one leaves the line out of the size view. */
+function familyLine(scatter, family, metric, folded) {
+  const points = family ? family.points.filter((p) => p.candidate_id != null) : [];
+  if (points.length < 2) return null;
+  const sizes = {};
+  for (const pts of [scatter.front, folded, scatter.others]) (pts.id || []).forEach((id, i) => { sizes[id] = pts.size_bytes[i]; });
+  const x = points.map((p) => (metric === "latency_ms" ? p.latency_ms : sizes[p.candidate_id]));
+  if (x.some((v) => v == null)) return null;
+  return {
+    x, y: points.map((p) => p.accuracy), id: points.map((p) => p.candidate_id),
+    text: points.map((p) => `family point ${p.k + 1} of ${points.length} · budget ${pctInt(p.budget)} of dense`),
+  };
+}
+
+function scatterTraces(scatter, metric, family = null) {
   const others = scatter.others;
   const xTitle = metric === "latency_ms" ? "predicted latency" : "size";
   const xFmt = metric === "latency_ms" ? "%{x:.3f} ms" : "%{x:,.0f} B";
@@ -302,6 +319,12 @@ function scatterTraces(scatter, metric) {
       customdata: folded.id, text: folded.duplicate_of.map((r, i) => `same as #${r} within resolution · ${folded.summary[i]}`),
       hovertemplate: hover, marker: { size: 7, color: "rgba(0,0,0,0)", line: { color: COLORS.accent, width: 1 } } });
   }
+  const fam = familyLine(scatter, family, metric, folded);
+  if (fam) {
+    traces.push({ type: "scatter", mode: "lines+markers", name: FAMILY_NAME, x: fam.x, y: fam.y, customdata: fam.id,
+      text: fam.text, hovertemplate: hover, line: { color: COLORS.family, width: 2, dash: "dot" },
+      marker: { size: 11, symbol: "diamond", color: COLORS.family, line: { color: "#fff", width: 1 } } });
+  }
   const base = scatter.baseline || {};
   if (base.accuracy != null && base[metric] != null) {
     traces.push({ type: "scatter", mode: "markers", name: "dense model", x: [base[metric]], y: [base.accuracy],
@@ -311,7 +334,7 @@ function scatterTraces(scatter, metric) {
   return traces;
 }
 
-async function drawScatter(div, scatter, metric) {
+async function drawScatter(div, scatter, metric, family = null) {
   await plotlyReady();
   const started = performance.now();
   const { shapes, annotations } = constraintShapes(scatter, metric);
@@ -321,8 +344,10 @@ async function drawScatter(div, scatter, metric) {
       gridcolor: "#f1f5f9", zeroline: false, ...(metric === "size_bytes" ? { tickformat: "~s", ticksuffix: "B" } : {}) },
     yaxis: { title: { text: "accuracy", standoff: 8 }, tickformat: ".1%", gridcolor: "#f1f5f9", zeroline: false },
   };
-  await Plotly.react(div, scatterTraces(scatter, metric), layout, PLOT_CONFIG);
+  await Plotly.react(div, scatterTraces(scatter, metric, family), layout, PLOT_CONFIG);
   const front = div.data.find((t) => t.name && t.name.startsWith(FRONT_NAME));
+  const familyTrace = div.data.find((t) => t.name === FAMILY_NAME);
+  div.dataset.familyCount = String(familyTrace ? familyTrace.x.length : 0);
   div.dataset.frontCount = String(front ? front.x.length : 0);
   div.dataset.total = String(scatter.total);
   div.dataset.shown = String(scatter.shown);
@@ -419,6 +444,7 @@ async function pageJob(token, jobId) {
           <button data-metric="size_bytes" type="button">Size</button></div></div>
       <div id="scatter" class="plot"></div>
       <div class="note" id="scatter-note"></div>
+      <div class="note" id="family-note" hidden></div>
     </div>
     <div class="card table-card"><h2>Pareto front</h2><div id="front-card">${frontTable(scatter, scatter.baseline || {})}</div></div>
     <div class="card"><div class="plot-head"><h2>Per-layer choices</h2><span class="spacer"></span>
@@ -449,14 +475,28 @@ async function pageJob(token, jobId) {
   bindRows();
   note(scatter);
   let latest = scatter;
-  await drawScatter(div, scatter, metric);
+  // A family job's points appear in its progress when its search finishes: fetched then, drawn
+  // linked on the front.
+  let family = null;
+  const loadFamily = async (j) => {
+    if (!(j.progress || {}).family || (family && family.points.length)) return;
+    try { family = await api(`/v1/jobs/${jobId}/family`); } catch (err) { if (err.status === 401) throw err; }
+    if (family && family.points.length && current(token)) {
+      $("#family-note").hidden = false;
+      $("#family-note").textContent = `Dotted diamonds: the family's ${family.points.length} nested operating points `
+        + `(budgets ${family.points.map((p) => pctInt(p.budget)).join(", ")} of dense latency), one weight set for all.`;
+    }
+  };
+  await loadFamily(job);
+  if (!current(token)) return;
+  await drawScatter(div, scatter, metric, family);
   if (!current(token)) return;
   for (const button of document.querySelectorAll(".tabs button")) {
     button.addEventListener("click", async () => {
       metric = button.dataset.metric;
       for (const b of document.querySelectorAll(".tabs button")) b.classList.toggle("active", b === button);
       $("#plot-title").textContent = metric === "latency_ms" ? "Accuracy vs predicted latency" : "Accuracy vs model size";
-      await drawScatter(div, latest, metric);
+      await drawScatter(div, latest, metric, family);
     });
   }
   $("#choices-button").addEventListener("click", async () => {
@@ -486,7 +526,9 @@ async function pageJob(token, jobId) {
       $("#front-card").innerHTML = frontTable(s, s.baseline || {});
       bindRows();
       note(s);
-      await drawScatter(div, s, metric);
+      await loadFamily(j);
+      if (!current(token)) return j;
+      await drawScatter(div, s, metric, family);
       if (j.status !== "running" && j.status !== "queued") {
         document.querySelector(".page-head .badge").outerHTML = badge(j.status);
       }
@@ -678,12 +720,32 @@ function artifactBox(a) {
   </div>`;
 }
 
+/* A family point's siblings: every point of its family in budget order, this one unlinked. */
+function familyCard(family, candidateId) {
+  const points = family ? family.points : [];
+  const me = points.find((p) => p.candidate_id === candidateId);
+  if (!me) return "";
+  const item = (p) => {
+    const label = `point ${p.k + 1} · budget ${pctInt(p.budget)} · ${fmt.pct(p.accuracy)} @ ${fmt.ms(p.latency_ms)}`;
+    if (p.candidate_id === candidateId) return `<li class="current"><b>${label}</b> (this candidate)</li>`;
+    if (p.candidate_id == null) return `<li class="muted">${label} (not stored)</li>`;
+    return `<li><a href="#/candidates/${p.candidate_id}" data-sibling="${p.candidate_id}">${label}</a> <span class="muted">#${p.candidate_id}</span></li>`;
+  };
+  return `<div class="card" id="family-card"><h2>Family point ${me.k + 1} of ${points.length}</h2>
+    <div class="note">One weight set serves every point: each keeps a subset of the previous point's channels and weights. Its bundle (all points, one weight set) comes from the family export: SDK <code>export_family</code>, REST <code>POST /v1/jobs/{id}/family-export</code>.</div>
+    <ol class="family-points">${points.map(item).join("")}</ol></div>`;
+}
+
 async function pageCandidate(token, candidateId) {
   setPage("candidate");
   const candidate = await api(`/v1/candidates/${candidateId}`);
   const job = await api(`/v1/jobs/${candidate.job_id}`);
   let model = null;
   try { model = await api(`/v1/models/${job.model_id}`); } catch (err) { if (err.status === 401) throw err; }
+  let family = null;
+  if (job.spec && job.spec.family) {
+    try { family = await api(`/v1/jobs/${job.id}/family`); } catch (err) { if (err.status === 401) throw err; }
+  }
   if (!current(token)) return;
   const base = job.baseline || {};
   const drop = base.accuracy != null && candidate.accuracy != null ? candidate.accuracy - base.accuracy : null;
@@ -710,6 +772,7 @@ async function pageCandidate(token, candidateId) {
       <div class="card stat"><div class="label">Size</div><div class="value">${fmt.bytes(candidate.size_bytes)}</div>
         <div class="sub">${candidate.macs != null ? `${fmt.macs(candidate.macs)}MACs` : ""}</div></div>
     </div>
+    ${familyCard(family, candidate.id)}
     <div class="card"><h2>Per-layer policy</h2>
       <div id="layer-chart" class="plot small"></div>
       <div class="note">Bars: kept fraction of output channels, coloured by sparsity scheme; diamonds: weight bits; hatched: blocks replaced by identity.</div></div>
