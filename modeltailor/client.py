@@ -342,6 +342,12 @@ class Client:
         }
         return dict(self.request("GET", "/compare", params=params))
 
+    def sensitivity(self, job_id: int) -> dict[str, Any]:
+        """Per-layer sensitivity where the rule agent measured it (``GET /v1/jobs/{id}/sensitivity``):
+        each single move from its anchor with the accuracy it cost and the latency it saved,
+        cheapest first; other agents' jobs answer with no moves and a note."""
+        return dict(self.request("GET", f"/jobs/{job_id}/sensitivity"))
+
     def family(self, job_id: int) -> dict[str, Any]:
         """A family job's points in budget order (``GET /v1/jobs/{id}/family``): each one's budget,
         candidate, accuracy, predicted and measured latency, and its bundle figures once exported."""
@@ -485,6 +491,10 @@ class Job:
         resolution carry ``duplicates`` / ``duplicate_of``; ``fold=True`` keeps one of each."""
         rows = self.client.request("GET", f"/jobs/{self.id}/pareto", params={"fold": str(fold).lower()})
         return [Candidate(self.client, r) for r in rows["data"]]
+
+    def sensitivity(self) -> dict[str, Any]:
+        """This job's measured single moves (:meth:`Client.sensitivity`)."""
+        return self.client.sensitivity(self.id)
 
     def family(self) -> dict[str, Any]:
         """This job's family points (:meth:`Client.family`)."""

@@ -15,6 +15,7 @@ from service import queries
 from service.dashboard.breakdown import BreakdownUnavailable, candidate_breakdown
 from service.dashboard.compare import BOUNDS, MAX_JOBS, Bound, compare
 from service.dashboard.data import DEFAULT_MAX_POINTS, device_measurements, job_choices, job_scatter
+from service.dashboard.sensitivity import job_sensitivity
 from service.deps import CurrentTenant, ReadSessionDep, SettingsDep
 from service.routers.models import ERRORS
 from service.schemas import EXAMPLE_JOB, examples
@@ -504,3 +505,80 @@ def get_choices(
     return JobChoices.model_validate(
         job_choices(session, job=job, layer_names=names, max_points=max_points, resolution=resolution)
     )
+
+
+class SensitivityMove(_Out):
+    target: str = Field(description="the layer (or block, for a skip) the move changes")
+    kind: str = Field(description="skip, width, bits or sparse")
+    move: str = Field(description="the move in words, e.g. 'width ×0.5', '8-bit weights'")
+    accuracy_delta: float = Field(description="accuracy after the move minus the anchor's (negative: lost)")
+    resource_delta: float = Field(description="resource after the move minus the anchor's (negative: saved)")
+    saves: bool = Field(description="the move saved at least 0.5 % of the anchor's resource on this device")
+    cost: float | None = Field(
+        description="accuracy points lost per unit of resource saved (ms or bytes); null: saves nothing"
+    )
+
+
+class JobSensitivity(_Out):
+    model_config = examples(
+        {
+            "job_id": 4,
+            "algorithm": "rule",
+            "resource": "latency_ms",
+            "anchor": {"accuracy": 0.9911, "resource": 0.412},
+            "moves": [
+                {
+                    "target": "layer3.2",
+                    "kind": "skip",
+                    "move": "skip the block",
+                    "accuracy_delta": -0.0012,
+                    "resource_delta": -0.041,
+                    "saves": True,
+                    "cost": 2.93,
+                },
+                {
+                    "target": "layer1.0.conv1",
+                    "kind": "sparse",
+                    "move": "unstructured sparsity (sparsity 0.5)",
+                    "accuracy_delta": -0.0003,
+                    "resource_delta": 0.0004,
+                    "saves": False,
+                    "cost": None,
+                },
+            ],
+            "note": "",
+        },
+        {
+            "job_id": 5,
+            "algorithm": "optuna-tpe",
+            "resource": "latency_ms",
+            "anchor": None,
+            "moves": [],
+            "note": (
+                "no sensitivity measured: only the rule agent measures single moves, after its first sweep"
+            ),
+        },
+    )
+
+    job_id: int
+    algorithm: str
+    resource: str | None = Field(description="what the moves saved: the job's first minimised metric")
+    anchor: dict[str, Any] | None = Field(
+        description="the policy every move started from: its accuracy and resource (null: none yet)"
+    )
+    moves: list[SensitivityMove] = Field(
+        description="moves that saved something, cheapest first, then those that saved nothing"
+    )
+    note: str
+
+
+@router.get("/jobs/{job_id}/sensitivity", response_model=JobSensitivity, responses=ERRORS)
+def get_sensitivity(job_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> JobSensitivity:
+    """Per-layer sensitivity where the rule agent measured it: each single move from its anchor
+    policy (skip a block, narrow a layer, change its bits, sparsify it) with the accuracy it cost
+    and the latency (or size) it saved on the job's device. Other agents answer with no moves and
+    a note."""
+    job = queries.get_job(session, tenant_id=tenant.id, job_id=job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return JobSensitivity.model_validate(job_sensitivity(job))

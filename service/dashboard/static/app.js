@@ -450,7 +450,11 @@ async function pageJob(token, jobId) {
     <div class="card"><div class="plot-head"><h2>Per-layer choices</h2><span class="spacer"></span>
       <button class="btn" id="choices-button" type="button">Show parallel coordinates</button></div>
       <div class="note" id="choices-note">Each line is a candidate: its kept width at every layer the search varied (0: block skipped), coloured by accuracy; thick lines are front points.</div>
-      <div id="choices-chart" class="plot" hidden></div></div>`;
+      <div id="choices-chart" class="plot" hidden></div></div>
+    ${job.algorithm === "rule" ? `<div class="card" id="sensitivity-card" data-state="loading"><h2>Per-layer sensitivity</h2>
+      <div class="note" id="sensitivity-note">Reading the single moves the rule agent measured…</div>
+      <div id="sensitivity-chart" class="plot small"></div>
+      <ul id="sensitivity-none" class="flags"></ul></div>` : ""}`;
   fillBars(app());
   const div = $("#scatter");
   purgeOnLeave(div);
@@ -515,6 +519,7 @@ async function pageJob(token, jobId) {
     }
   });
   ready(token);
+  if (job.algorithm === "rule") loadSensitivity(token, jobId);
   if (job.status === "running" || job.status === "queued") {
     liveJob(token, jobId, async () => {
       const s = await api(`/v1/jobs/${jobId}/scatter?max_points=4000`);
@@ -538,6 +543,47 @@ async function pageJob(token, jobId) {
 }
 
 const VIRIDIS = ["#440154", "#46327e", "#365c8d", "#277f8e", "#1fa187", "#4ac16d", "#a0da39", "#fde725"];
+
+/* The rule agent's measured single moves: accuracy lost per resource saved, cheapest at the top;
+ * moves that saved nothing on this device listed below the chart. */
+async function loadSensitivity(token, jobId) {
+  const card = $("#sensitivity-card");
+  let body;
+  try {
+    body = await api(`/v1/jobs/${jobId}/sensitivity`);
+  } catch (err) {
+    if (current(token) && err.status !== 401) { card.dataset.state = "error"; $("#sensitivity-note").textContent = err.message; }
+    return;
+  }
+  if (!current(token)) return;
+  const saving = body.moves.filter((m) => m.saves);
+  const none = body.moves.filter((m) => !m.saves);
+  const unit = body.resource === "size_bytes" ? "kB" : "ms";
+  const scale = body.resource === "size_bytes" ? 1e-3 : 1;   // bytes shown per kB
+  card.dataset.state = "ready";
+  card.dataset.moves = String(body.moves.length);
+  card.dataset.saving = String(saving.length);
+  $("#sensitivity-note").textContent = body.moves.length
+    ? `${body.moves.length} single moves from the anchor (accuracy ${fmt.pct(body.anchor.accuracy)}), each scored once on this device. `
+      + `Bars: accuracy points lost per ${unit} saved, cheapest first — the layers to compress first.`
+    : body.note;
+  $("#sensitivity-none").innerHTML = none.map((m) => `<li><b>${esc(m.target)}</b>: ${esc(m.move)} saves nothing here `
+    + `(${(m.resource_delta * scale) >= 0 ? "+" : ""}${(m.resource_delta * scale).toFixed(3)} ${unit})</li>`).join("");
+  if (!saving.length) return;
+  await plotlyReady();
+  if (!current(token)) return;
+  const shown = saving.slice(0, 30).reverse();   // plotly draws the first bar at the bottom
+  const div = $("#sensitivity-chart");
+  purgeOnLeave(div);
+  await Plotly.react(div, [{
+    type: "bar", orientation: "h", y: shown.map((m) => `${m.target} · ${m.move}`), x: shown.map((m) => m.cost / scale),
+    marker: { color: shown.map((m) => ({ skip: "#0f172a", width: COLORS.accent, bits: "#059669", sparse: "#f59e0b" })[m.kind] || COLORS.faint) },
+    customdata: shown.map((m) => [100 * m.accuracy_delta, m.resource_delta * scale]),
+    hovertemplate: `%{y}<br>%{customdata[0]:+.2f} pts · %{customdata[1]:+.3f} ${unit}<br>%{x:.2f} pts per ${unit}<extra></extra>`,
+  }], { ...BASE_LAYOUT, height: Math.max(220, 22 * shown.length + 80), margin: { l: 260, r: 20, t: 10, b: 40 },
+    xaxis: { title: { text: `accuracy points lost per ${unit} saved` }, rangemode: "tozero", gridcolor: "#f1f5f9" } }, PLOT_CONFIG);
+  div.dataset.bars = String(shown.length);
+}
 
 /* Parallel coordinates from plain scatter lines (the bundled plotly "basic" has no parcoords):
  * one trace per accuracy band (and front / not), candidates separated by gaps. */
