@@ -7,4 +7,4 @@ bash scripts/ensure_postgres.sh
 bash scripts/ensure_test_tools.sh
 .venv/bin/ruff check .
 .venv/bin/mypy compression latency_models agents engine service db modeltailor
-.venv/bin/pytest -n 2 --dist loadfile -p no:cacheprovider --durations=40 "$@"
+.venv/bin/pytest -n 2 --dist loadfile --no-loadscope-reorder -p no:cacheprovider --durations=40 "$@"
