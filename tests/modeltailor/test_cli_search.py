@@ -138,20 +138,24 @@ def test_search_tops_up_and_measures_on_the_device_then_refits(
     result = CliRunner().invoke(app, [*args, "--topup", "4", "--active-max", "2", "--finetune-top-k", "0"])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert "topped up: 4 policies" in result.output and "round 1/1" in result.output
+    # On a loaded machine the load guard may refuse a timing: it is counted as skipped, never stored.
+    topped = doc["topup"]["measured"]
+    assert topped + doc["topup"]["skipped"] == 4 and topped >= 2
+    assert f"topped up: {topped} policies" in result.output and "round 1/1" in result.output
 
     # top-up: v2; one round of 2 (15 % of 12), then a refit: v3, the version the search ended on
-    assert doc["topup"]["measured"] == 4 and doc["topup"]["version"] == 2
+    assert doc["topup"]["version"] == 2
     active = doc["active_measurement"]
-    assert active["measured"] == 2 and active["refits"] == 1 and doc["predictor_version"] == 3
+    assert 1 <= active["measured"] <= 2 and active["refits"] == 1 and doc["predictor_version"] == 3
     assert store.versions() == [1, 2, 3] and "refitted to v3" in doc["latency_source"]
-    assert len(store.records()) == 8 + 4 + 1 + 2 + 1  # each round also times the dense model
+    # each round also times the dense model
+    assert len(store.records()) == 8 + topped + 1 + active["measured"] + 1
     refit, _version, _kind = store.load()
     for entry in doc["candidates"]:
         expected = refit.predict(space, [Policy.from_dict(entry["policy"])])[0]
         assert entry["latency_ms"] == pytest.approx(expected, rel=1e-5)
     measured = [e for e in doc["candidates"] if "active" in e]
-    assert len(measured) == 2 and all(
+    assert len(measured) == active["measured"] and all(
         e["measured_latency_ms"] > 0 and e["active"]["speedup"] > 0 for e in measured
     )
     assert doc["dense"]["latency_ms"] == pytest.approx(refit.predict(space, [Policy.dense()])[0], rel=1e-5)

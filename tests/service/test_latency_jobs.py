@@ -175,7 +175,10 @@ def test_remote_device_is_calibrated_and_remeasured_by_its_agent(
         assert cal["progress"]["done"] == 8
         rows = client.measurements("board-1")
         done = [r for r in rows if r["purpose"] == "calibration" and r["status"] == "done"]
-        assert len(done) == 8 - cal["progress"].get("skipped", 0) and len(done) >= 6
+        # one row per timing the agent did: a sample re-timed under load (the load guard) has two
+        retimed = int((cal["metrics"].get("noise") or {}).get("retimings", 0))
+        kept = 8 - cal["progress"].get("skipped", 0)
+        assert kept <= len(done) <= kept + retimed and kept >= 6, (len(done), cal["metrics"].get("noise"))
         agent_info = done[0]["latency_stats"]["agent"]
         assert agent_info["onnxruntime"] and agent_info["host"]["cpu_count"]
         assert all(r["latency_stats"]["speedup"] > 0 for r in done)  # timed against the dense model

@@ -36,7 +36,7 @@ def zoo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _client(srv: ServerProcess) -> httpx.Client:
-    return httpx.Client(base_url=f"{srv.url}/v1", headers={"Authorization": f"Bearer {srv.key}"}, timeout=30)
+    return httpx.Client(base_url=f"{srv.url}/v1", headers={"Authorization": f"Bearer {srv.key}"}, timeout=120)
 
 
 def _wait(srv: ServerProcess, what: str, done: Any, timeout_s: float = WAIT_S) -> Any:
