@@ -50,6 +50,7 @@ def classic_agmc(space: SearchSpace, objective: Objective, seed: int = 0, **kw: 
     """The model-free AGMC agent (GCN over prunable layers only), for comparisons."""
     return AGMCAgent(space, objective, seed, **_amc_budget(space, objective, kw))
 
+
 #: Agents that take the device's latency function (``latency_fn``: a batch of policies ->
 #: latencies); the search loop passes its predictor to these.
 TAKES_LATENCY_FN = frozenset({"ddpg", "agmc"})

@@ -591,9 +591,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for seed in seeds:
             misses = table.misses
             opts = {"latency_fn": latency_of} if name in TAKES_LATENCY_FN and latency_of else {}
-            run = replay(
-                name, space, objective, table, seed, max(budgets), opts, progress=not args.synthetic
-            )
+            run = replay(name, space, objective, table, seed, max(budgets), opts, progress=not args.synthetic)
             if not run.scores:
                 print(f"{name} seed {seed}: not in the table (run without --report-only)", flush=True)
                 continue
