@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from engine.job import ExportContext, ExportResult
-from tests.dashboard.harness import REPO, Live, launch_browser, live_server
+from tests.dashboard.harness import REPO, Live, live_server
 
 ARTIFACTS = REPO / "test-artifacts"
 KEY_STORE = "modeltailor.apiKey"
@@ -48,17 +48,6 @@ def live_exporting(tmp_path: Path) -> Iterator[Live]:
     """A server whose exports succeed (fake model file, known metrics)."""
     with live_server(tmp_path / "data", exporter=fake_exporter) as server:
         yield server
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """One headless Chromium for the session (installed by scripts/ensure_chromium.sh if missing)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch_browser(playwright)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

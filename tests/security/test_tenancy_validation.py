@@ -435,19 +435,16 @@ def test_every_answer_carries_the_security_headers(server: LiveServer) -> None:
         assert http.get("/redoc").headers["content-security-policy"].startswith("default-src 'self'")
 
 
-def test_the_dashboard_runs_under_its_policy(tmp_path: Path) -> None:
+def test_the_dashboard_runs_under_its_policy(tmp_path: Path, browser: Any) -> None:
     """Every page in Chromium: drawn, progress bars sized, and not one policy violation."""
-    from playwright.sync_api import sync_playwright
+    from tests.dashboard.harness import live_server, seed_device_data, seed_job, seed_refs
 
-    from tests.dashboard.harness import launch_browser, live_server, seed_device_data, seed_job, seed_refs
-
-    with live_server(tmp_path / "dash") as live, sync_playwright() as playwright:
+    with live_server(tmp_path / "dash") as live:
         refs = seed_refs(live.factory, live.tenant_id)
         job = seed_job(live.factory, live.tenant_id, n=60, status="running", refs=refs)
         seed_device_data(live.factory, live.tenant_id, refs[2])
-        browser = launch_browser(playwright)
+        context = browser.new_context()
         try:
-            context = browser.new_context()
             context.add_init_script(
                 f"sessionStorage.setItem('modeltailor.apiKey', {live.key!r});"
                 "window.__violations = [];"
@@ -471,4 +468,4 @@ def test_the_dashboard_runs_under_its_policy(tmp_path: Path) -> None:
                 assert page.evaluate("() => window.__violations") == [], route
             assert errors == []
         finally:
-            browser.close()
+            context.close()
