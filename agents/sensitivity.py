@@ -41,6 +41,11 @@ WIDTH_FACTOR = 0.5
 SPARSITY = 0.5
 
 
+def saves(d_resource: float, anchor_resource: float) -> bool:
+    """A move "saves" when it cuts the anchor's resource by at least ``MIN_SAVING`` of it."""
+    return d_resource <= -MIN_SAVING * max(anchor_resource, 1e-12)
+
+
 def move_key(move: Move) -> str:
     return json.dumps(move, sort_keys=True)
 
@@ -169,8 +174,8 @@ class Sensitivity:
             a = self.anchor[1]
             d_res = self.objective.resource_of(score) - self.objective.resource_of(a)
             self.effects[move_key(move)] = (score.accuracy - a.accuracy, d_res)
-            saves = d_res <= -MIN_SAVING * max(self.objective.resource_of(a), 1e-12)
-            self.kind_probes.setdefault(kind_of(move, self.space), []).append(saves)
+            saved = saves(d_res, self.objective.resource_of(a))
+            self.kind_probes.setdefault(kind_of(move, self.space), []).append(saved)
 
     def _kind_alive(self, move: Move) -> bool:
         history = self.kind_probes.get(kind_of(move, self.space), [])

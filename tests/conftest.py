@@ -4,10 +4,9 @@
 the two workers in collection order (without the flag, xdist puts files with many tests first,
 and the few-test, long files last). The slow files (real servers, training, kill -9, 100 jobs)
 sit late alphabetically too; run last, the longest of them decide the suite's wall time alone
-on one worker. Started first, the quick
-files fill in beside them. The longest file of all (100 real jobs on two worker processes, the
-heaviest load the suite puts on the machine) starts first, so it is over before the load-
-sensitive kill -9 file starts.
+on one worker. Started first, the quick files fill in beside them. The longest file of all
+(100 real jobs on two worker processes, the heaviest load the suite puts on the machine)
+starts first, so it is over before the load-sensitive kill -9 file starts.
 """
 
 from __future__ import annotations

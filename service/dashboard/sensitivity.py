@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agents.sensitivity import MIN_SAVING
+from agents.sensitivity import saves
 from db.models import Job
 from engine.spec import JobSpec
 
@@ -83,7 +83,7 @@ def job_sensitivity(job: Job) -> dict[str, Any]:
         except (ValueError, TypeError, IndexError):
             continue  # a malformed entry: skipped, the rest still shown
         kind, target, words = _describe(move)
-        saves = d_res <= -MIN_SAVING * max(anchor_resource, 1e-12)
+        saved = saves(d_res, anchor_resource)
         rows.append(
             {
                 "target": target,
@@ -91,9 +91,9 @@ def job_sensitivity(job: Job) -> dict[str, Any]:
                 "move": words,
                 "accuracy_delta": d_acc,
                 "resource_delta": d_res,
-                "saves": saves,
+                "saves": saved,
                 # accuracy points lost per unit of resource saved (ms or bytes): lower is cheaper
-                "cost": max(0.0, -d_acc) * 100 / -d_res if saves else None,
+                "cost": max(0.0, -d_acc) * 100 / -d_res if saved else None,
             }
         )
     rows.sort(key=lambda r: (not r["saves"], r["cost"] if r["cost"] is not None else 0.0, r["target"]))

@@ -17,6 +17,7 @@ from service.dashboard.compare import BOUNDS, MAX_JOBS, Bound, compare
 from service.dashboard.data import DEFAULT_MAX_POINTS, device_measurements, job_choices, job_scatter
 from service.dashboard.sensitivity import job_sensitivity
 from service.deps import CurrentTenant, ReadSessionDep, SettingsDep
+from service.routers.jobs import job_or_404
 from service.routers.models import ERRORS
 from service.schemas import EXAMPLE_JOB, examples
 
@@ -180,9 +181,7 @@ def get_scatter(
     max_points: Annotated[int, Query(ge=100, le=100_000)] = DEFAULT_MAX_POINTS,
 ) -> JobScatter:
     """Every Pareto point plus the dominated candidates thinned on a grid to about ``max_points``."""
-    job = queries.get_job(session, tenant_id=tenant.id, job_id=job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    job = job_or_404(session, tenant.id, job_id)
     resolution = queries.job_resolution(session, job=job)
     return JobScatter.model_validate(
         job_scatter(session, job=job, max_points=max_points, resolution=resolution)
@@ -327,10 +326,7 @@ def get_compare(
     bound = Bound(*next(iter(given.items()))) if given else None
     found = []
     for job_id in ids:
-        job = queries.get_job(session, tenant_id=tenant.id, job_id=job_id)
-        if job is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
-        found.append(job)
+        found.append(job_or_404(session, tenant.id, job_id))
     return Comparison.model_validate(compare(session, jobs=found, bound=bound))
 
 
@@ -494,9 +490,7 @@ def get_choices(
 ) -> JobChoices:
     """Per-layer choices of the job's candidates (every front point and up to ``max_points`` others,
     spread over the search), for parallel coordinates coloured by accuracy."""
-    job = queries.get_job(session, tenant_id=tenant.id, job_id=job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    job = job_or_404(session, tenant.id, job_id)
     model = queries.get_model(session, tenant_id=tenant.id, model_id=job.model_id)
     names = [
         str(layer.get("name")) for layer in (model.layers if model is not None else []) if layer.get("name")
@@ -578,7 +572,5 @@ def get_sensitivity(job_id: int, session: ReadSessionDep, tenant: CurrentTenant)
     policy (skip a block, narrow a layer, change its bits, sparsify it) with the accuracy it cost
     and the latency (or size) it saved on the job's device. Other agents answer with no moves and
     a note."""
-    job = queries.get_job(session, tenant_id=tenant.id, job_id=job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    job = job_or_404(session, tenant.id, job_id)
     return JobSensitivity.model_validate(job_sensitivity(job))

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, status
 
-from db.models import Artifact, Candidate, Job
+from db.models import Artifact, Candidate
 from db.models import Device as DeviceRow
 from engine.family_job import FAMILY_FORMAT, FAMILY_KEY
 from engine.spec import JobSpec
@@ -14,6 +14,7 @@ from service import queries
 from service.deps import CurrentTenant, ReadSessionDep, SessionDep
 from service.family_exports import family_artifacts, family_points, run_family_export
 from service.family_schemas import FamilyExportCreate, FamilyExportPublic, FamilyPointPublic, FamilyPublic
+from service.routers.jobs import job_or_404
 from service.routers.models import ERRORS
 from service.schemas import ExportAccepted, Message
 
@@ -22,13 +23,6 @@ CONFLICT: dict[int | str, dict[str, object]] = {
     **ERRORS,
     409: {"model": Message, "description": "not a family job, not finished, or an export is running"},
 }
-
-
-def _job_or_404(session: Any, tenant_id: int, job_id: int) -> Job:
-    job = queries.get_job(session, tenant_id=tenant_id, job_id=job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
-    return job
 
 
 def _bundle_points(artifact: Artifact | None) -> dict[int, dict[str, Any]]:
@@ -79,7 +73,7 @@ def get_family(job_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> F
     A job without ``family`` answers with no points and a note saying so; a family job's points
     appear once its search has marked them (when it finishes).
     """
-    job = _job_or_404(session, tenant.id, job_id)
+    job = job_or_404(session, tenant.id, job_id)
     spec = JobSpec.model_validate(job.spec)
     if spec.family is None:
         return FamilyPublic(
@@ -128,7 +122,7 @@ def export_family(
     /v1/artifacts/{id}`` until ready, then download the zip; ``GET /v1/jobs/{id}/family`` shows
     each point's measured figures.
     """
-    job = _job_or_404(session, tenant.id, job_id)
+    job = job_or_404(session, tenant.id, job_id)
     spec = JobSpec.model_validate(job.spec)
     if spec.family is None:
         raise HTTPException(

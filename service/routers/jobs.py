@@ -86,7 +86,8 @@ def to_public(session: Session, job: Job, *, with_best: bool = True) -> JobPubli
     )
 
 
-def _job_or_404(session: Session, tenant_id: int, job_id: int) -> Job:
+def job_or_404(session: Session, tenant_id: int, job_id: int) -> Job:
+    """The tenant's job ``job_id``; HTTP 404 when it does not exist or is another tenant's."""
     job = queries.get_job(session, tenant_id=tenant_id, job_id=job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
@@ -126,13 +127,13 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
 def get_job(job_id: int, session: ReadSessionDep, tenant: CurrentTenant) -> JobPublic:
     """Status, progress (done / total, best so far, ETA), the best front points and any error."""
-    return to_public(session, _job_or_404(session, tenant.id, job_id))
+    return to_public(session, job_or_404(session, tenant.id, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS)
 def cancel_job(job_id: int, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
     """Stop a job; its candidates are kept. A running job stops within seconds."""
-    job = queries.request_cancel(session, job=_job_or_404(session, tenant.id, job_id))
+    job = queries.request_cancel(session, job=job_or_404(session, tenant.id, job_id))
     return to_public(session, job)
 
 
@@ -145,7 +146,7 @@ def list_candidates(
     offset: Annotated[int, Query(ge=0, le=queries.MAX_ID)] = 0,
 ) -> CandidatesPublic:
     """Evaluated candidates in evaluation order, with policy and every score."""
-    job = _job_or_404(session, tenant.id, job_id)
+    job = job_or_404(session, tenant.id, job_id)
     rows = queries.list_candidates(session, job_id=job.id, limit=limit, offset=offset)
     return CandidatesPublic(
         data=[to_candidate(c) for c in rows], count=queries.count_candidates(session, job_id=job.id)
@@ -169,7 +170,7 @@ def get_pareto(
     ``duplicates`` and each names it in ``duplicate_of``; ``fold=true`` returns the
     representatives alone.
     """
-    job = _job_or_404(session, tenant.id, job_id)
+    job = job_or_404(session, tenant.id, job_id)
     front = queries.pareto(session, job=job)
     resolution = queries.job_resolution(session, job=job)
     groups = queries.front_groups(session, job=job, front=front, resolution=resolution)
@@ -272,6 +273,6 @@ def job_events(
     """
     factory: sessionmaker[Session] = request.app.state.session_factory
     with read_session(factory) as session:  # no request session: nothing is held while streaming
-        _job_or_404(session, tenant.id, job_id)
+        job_or_404(session, tenant.id, job_id)
     release = quotas.stream_slots(request.app.state).acquire(tenant.id, settings.streams_per_tenant)
     return _EventStream(_sse(factory, job_id, last_event_id or 0), release)

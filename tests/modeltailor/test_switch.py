@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +163,21 @@ def _run(s: FamilySwitch, x: np.ndarray, n: int, min_s: float = 0.0) -> list[int
     return points
 
 
+def _settle(
+    s: FamilySwitch,
+    x: np.ndarray,
+    points: list[int],
+    settled: Callable[[list[int]], bool],
+    min_s: float = 0.0,
+) -> list[int]:
+    """Run on in batches of 50 until ``settled(last 50 points)`` or 20 s pass: other processes of a
+    shared machine (a parallel test worker) may hold this core for a while."""
+    deadline = time.monotonic() + 20.0
+    while not settled(points[-50:]) and time.monotonic() < deadline:
+        points += _run(s, x, 50, min_s=min_s)
+    return points
+
+
 def test_switch_follows_a_real_slowdown_down_and_back(bundle: Path) -> None:
     cpu = min(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
@@ -188,23 +203,24 @@ def test_switch_follows_a_real_slowdown_down_and_back(bundle: Path) -> None:
         # when another test process also runs there; "home" was then measured under that load).
         burners = [subprocess.Popen([sys.executable, "-c", BURN, str(cpu), "60"]) for _ in range(3)]
         time.sleep(0.2)
-        busy = _run(s, x, 150)
-        deadline = time.monotonic() + 20.0
-        while sum(rank[p] > rank[home] for p in busy[-50:]) < 35 and time.monotonic() < deadline:
-            busy += _run(s, x, 50)
-        assert sum(rank[p] > rank[home] for p in busy[-50:]) >= 35, (home, busy)
+
+        def down(last: list[int]) -> bool:
+            return sum(rank[p] > rank[home] for p in last) >= 35
+
+        busy = _settle(s, x, _run(s, x, 150), down)
+        assert down(busy[-50:]), (home, busy)
         for b in burners:
             b.kill()
             b.wait()
         burners = []
         time.sleep(0.2)
+
+        def back(last: list[int]) -> bool:
+            return sum(rank[p] <= rank[home] for p in last) >= 40
+
         after = _run(s, x, 200, min_s=2.0)  # up needs headroom for up_hold_s (0.25 s)
-        # Other processes of a shared machine (a parallel test worker) may hold this core a
-        # while longer: back up once the core is free again, within 20 s.
-        deadline = time.monotonic() + 20.0
-        while sum(rank[p] <= rank[home] for p in after[-50:]) < 40 and time.monotonic() < deadline:
-            after += _run(s, x, 50, min_s=0.5)
-        assert sum(rank[p] <= rank[home] for p in after[-50:]) >= 40, (home, after)
+        after = _settle(s, x, after, back, min_s=0.5)  # back up once the core is free again
+        assert back(after[-50:]), (home, after)
     finally:
         for b in burners:
             b.kill()

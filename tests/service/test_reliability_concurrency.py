@@ -131,6 +131,7 @@ def test_100_concurrent_submissions_on_postgresql_are_stored_and_all_complete(tm
         data = c.post("/datasets", json={"builtin": "digits"}).json()
         model = c.post("/models", json={"zoo": "lenet5", "dataset_id": data["id"]}).json()
         device = next(d for d in c.get("/devices").json()["data"] if d["name"] == "cpu-ort-1t")
+        # This test is about submissions: no fine-tuning, recovery or measuring during the search.
         body = {
             "model_id": model["id"],
             "dataset_id": data["id"],
@@ -140,12 +141,12 @@ def test_100_concurrent_submissions_on_postgresql_are_stored_and_all_complete(tm
             "space": {"schemes": ["unstructured", "nm"], "bits": [None], "depth": False},
             "calibration_samples": 16,
             "remeasure_top_k": 0,
-            "finetune": {"top_k": 0},  # this test is about submissions, not fine-tuning,
+            "finetune": {"top_k": 0},
             "recovery": "magnitude",
-            "reconstruct": False,  # nor recovery,
+            "reconstruct": False,
             "calibrate": "auto",
             "active_measurement": {"share": 0.0},
-        }  # nor measuring
+        }
         barrier = threading.Barrier(JOBS)
 
         def submit(i: int) -> tuple[int, int]:

@@ -17,6 +17,8 @@ const COLORS = {
   baseline: "#0f172a", constraint: "#dc2626", ok: "#059669", family: "#d97706",
   schemes: { dense: "#94a3b8", unstructured: "#f59e0b", nm: "#4f46e5", block: "#0891b2" },
 };
+// the sensitivity chart's move kinds, in the colours the page already uses for them
+COLORS.moves = { skip: COLORS.baseline, width: COLORS.accent, bits: COLORS.ok, sparse: COLORS.schemes.unstructured };
 const PLOT_CONFIG = { displaylogo: false, responsive: true,
   modeBarButtonsToRemove: ["lasso2d", "select2d", "autoScale2d", "toggleSpikelines"] };
 const BASE_LAYOUT = {
@@ -94,6 +96,11 @@ async function api(path, options = {}) {
     throw new ApiError(res.status, `${res.status}: ${detail}`);
   }
   return options.raw ? res : res.json();
+}
+
+/* A GET the page can do without: its body, or null on any error but 401 (which signs out). */
+async function optionalApi(path) {
+  try { return await api(path); } catch (err) { if (err.status === 401) throw err; return null; }
 }
 
 function setPage(name) {
@@ -484,7 +491,7 @@ async function pageJob(token, jobId) {
   let family = null;
   const loadFamily = async (j) => {
     if (!(j.progress || {}).family || (family && family.points.length)) return;
-    try { family = await api(`/v1/jobs/${jobId}/family`); } catch (err) { if (err.status === 401) throw err; }
+    family = await optionalApi(`/v1/jobs/${jobId}/family`);
     if (family && family.points.length && current(token)) {
       $("#family-note").hidden = false;
       $("#family-note").textContent = `Dotted diamonds: the family's ${family.points.length} nested operating points `
@@ -577,7 +584,7 @@ async function loadSensitivity(token, jobId) {
   purgeOnLeave(div);
   await Plotly.react(div, [{
     type: "bar", orientation: "h", y: shown.map((m) => `${m.target} · ${m.move}`), x: shown.map((m) => m.cost / scale),
-    marker: { color: shown.map((m) => ({ skip: "#0f172a", width: COLORS.accent, bits: "#059669", sparse: "#f59e0b" })[m.kind] || COLORS.faint) },
+    marker: { color: shown.map((m) => COLORS.moves[m.kind] || COLORS.faint) },
     customdata: shown.map((m) => [100 * m.accuracy_delta, m.resource_delta * scale]),
     hovertemplate: `%{y}<br>%{customdata[0]:+.2f} pts · %{customdata[1]:+.3f} ${unit}<br>%{x:.2f} pts per ${unit}<extra></extra>`,
   }], { ...BASE_LAYOUT, height: Math.max(220, 22 * shown.length + 80), margin: { l: 260, r: 20, t: 10, b: 40 },
@@ -786,12 +793,8 @@ async function pageCandidate(token, candidateId) {
   setPage("candidate");
   const candidate = await api(`/v1/candidates/${candidateId}`);
   const job = await api(`/v1/jobs/${candidate.job_id}`);
-  let model = null;
-  try { model = await api(`/v1/models/${job.model_id}`); } catch (err) { if (err.status === 401) throw err; }
-  let family = null;
-  if (job.spec && job.spec.family) {
-    try { family = await api(`/v1/jobs/${job.id}/family`); } catch (err) { if (err.status === 401) throw err; }
-  }
+  const model = await optionalApi(`/v1/models/${job.model_id}`);
+  const family = job.spec && job.spec.family ? await optionalApi(`/v1/jobs/${job.id}/family`) : null;
   if (!current(token)) return;
   const base = job.baseline || {};
   const drop = base.accuracy != null && candidate.accuracy != null ? candidate.accuracy - base.accuracy : null;
